@@ -1,0 +1,82 @@
+"""The `lmforge` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import lmforge
+from lmforge.config import PRESETS
+
+app = typer.Typer(
+    help="lmforge: a from-scratch, hackable LLM stack. Run `lmforge COMMAND --help` for details.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"lmforge {lmforge.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """lmforge: a from-scratch, hackable LLM stack."""
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A Hugging Face model directory (config.json + safetensors).")],
+) -> None:
+    """Show a model's architecture, configuration, parameter count, dtype and size on disk."""
+    from lmforge.inspect import describe
+
+    try:
+        summary = describe(path)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"{path}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def init(
+    out: Annotated[Path, typer.Argument(help="Directory to write (config.json + model.safetensors).")],
+    preset: Annotated[str, typer.Option(help="Named ModelConfig preset: " + ", ".join(sorted(PRESETS)))] = "tiny",
+    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+) -> None:
+    """Write a randomly initialised model as a Hugging Face directory (a starting point for training)."""
+    import torch
+
+    from lmforge.config import ConfigError, ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    try:
+        cfg = ModelConfig.preset(preset)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    torch.manual_seed(seed)
+    lmforge.save(Transformer(cfg), out)
+    console.print(f"wrote {cfg.arch} model ({preset}) to {out}")
+
+
+if __name__ == "__main__":
+    app()

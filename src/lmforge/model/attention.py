@@ -1,0 +1,143 @@
+"""Causal self-attention: MHA, GQA and MQA, with the variants modern models use.
+
+    Attention(Q, K, V) = softmax(s · Q K^T + B + M) V
+
+s is the softmax scale (1/sqrt(d) by default), B an optional additive bias
+(ALiBi), M the mask (0 where allowed, -inf elsewhere). With n_kv < n_heads key/value
+heads, each group of n_heads / n_kv query heads shares one K/V head: GQA
+(Ainslie et al., 2023), with MQA the case n_kv = 1 (Shazeer, 2019).
+
+Variants:
+  - q/k/v biases (Qwen 2, GPT-2) and an output bias;
+  - QK-norm: RMSNorm over each head of q and k before RoPE (Qwen 3);
+  - sliding window: query i sees keys j with i - W < j <= i (Mistral; Gemma 2 on every other layer);
+  - logit soft-capping: logits <- c · tanh(logits / c) (Gemma 2).
+
+Two backends compute the same thing: "eager" writes the equation out (the
+reference, and the only one that soft-caps) and "sdpa" calls
+torch.nn.functional.scaled_dot_product_attention (fused kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.infer.kv_cache import KVCache
+from lmforge.model.norm import RMSNorm
+from lmforge.model.position import apply_rope
+
+
+@dataclass
+class AttentionInputs:
+    """Everything a layer's attention needs besides its input, shared by all layers of one forward."""
+
+    cos: torch.Tensor | None = None  # RoPE tables (B, 1, T, rot/2)
+    sin: torch.Tensor | None = None
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per layer type; None: plain causal
+    alibi: torch.Tensor | None = None  # (1, H, Tq, Tk) additive bias
+    cache: KVCache | None = None
+
+
+def build_mask(
+    q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None, window: int | None
+) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, Tq, Tk), True where query slot i may attend key slot j:
+    j <= i, i - j < window, and j holds a real token. The diagonal is always allowed so a
+    padding query never sees an empty row (its output is ignored)."""
+    i, j = q_slots[:, None], k_slots[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    return allowed | (i == j)[None, None]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) -> (B, H, Tq, Dv).
+
+    `mask` None means causal with Tq == Tk, or a single query that sees every key."""
+    causal = mask is None and q.shape[-2] > 1
+    if backend == "sdpa" and softcap is None:
+        attn_mask = mask
+        if bias is not None:
+            attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+            if causal:
+                attn_mask = attn_mask + _causal_bias(q.shape[-2], k.shape[-2], q.device)
+                causal = False
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if bias is not None:
+        logits = logits + bias
+    if causal:
+        logits = logits + _causal_bias(q.shape[-2], k.shape[-2], q.device)
+    elif mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
+
+
+def _causal_bias(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """0 on and below the (lower-right aligned) diagonal, -inf above."""
+    return torch.full((tq, tk), float("-inf"), device=device).triu(tk - tq + 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head
+        self.q_proj = nn.Linear(d, h * hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, kv * hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, kv * hd, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=cfg.attn_out_bias)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.layer_type = cfg.layer_type(layer_idx)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.dim_head).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, cfg.kv_heads, cfg.dim_head).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, cfg.kv_heads, cfg.dim_head).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if inputs.cos is not None:
+            q = apply_rope(q, inputs.cos, inputs.sin, cfg.rope_layout)
+            k = apply_rope(k, inputs.cos, inputs.sin, cfg.rope_layout)
+        if inputs.cache is not None:
+            k, v = inputs.cache.update(self.layer_idx, k, v)
+        out = attend(
+            q,
+            k,
+            v,
+            inputs.masks.get(self.layer_type),
+            cfg.softmax_scale,
+            cfg.attn_softcap,
+            inputs.alibi,
+            cfg.attn_backend,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

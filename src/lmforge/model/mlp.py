@@ -1,0 +1,42 @@
+"""Position-wise feed-forward networks.
+
+Plain (GPT-2):        y = W_down · act(W_up · x + b_up) + b_down,   act = GELU (exact or tanh)
+Gated (Shazeer 2020): y = W_down · (act(W_gate · x) ⊙ W_up · x)
+    SwiGLU: act = SiLU (Llama, Mistral, Qwen, DeepSeek)
+    GeGLU:  act = GELU-tanh (Gemma)
+
+GELU-tanh is the approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "swiglu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def is_gated(kind: str) -> bool:
+    return kind in ("swiglu", "geglu")
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu", bias: bool = False) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[kind]
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias) if is_gated(kind) else None
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
