@@ -63,7 +63,7 @@ def test_left_padded_batch_equals_unpadded_runs(pair):
     with torch.no_grad():
         out = model(padded, attention_mask=mask)
         alone_a, alone_b = model(a[None])[0], model(b[None])[0]
-        # and through the cache: padded prefill, then two decode steps with no mask passed
+        # and through the cache: padded prefill, then a decode step with no mask passed
         cache = KVCache(max_len=14)
         model(padded, attention_mask=mask, cache=cache)
         nxt = torch.tensor([[3], [4]])

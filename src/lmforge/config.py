@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "geglu", "gelu", "gelu_tanh")
+MLPS = ("swiglu", "geglu", "geglu_exact", "gelu", "gelu_tanh")
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
 ROPE_LAYOUTS = ("half", "interleaved")
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
@@ -201,6 +201,8 @@ class ModelConfig:
                 None,
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim",
             )
+        if self.head_dim is None and self.mla is None:  # normalise, so equal shapes compare equal
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.head_dim is not None:
             _positive("head_dim", self.head_dim)
         _choice("norm", self.norm, NORMS)

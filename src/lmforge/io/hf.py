@@ -25,6 +25,7 @@ from lmforge.io.safetensors_mmap import SafetensorsFile
 from lmforge.model.transformer import Transformer
 
 SHARD_BYTES = 4 * 1024**3
+KEEP_FP32 = ("score_bias",)  # routing-critical buffers that stay float32 whatever dtype is asked for
 
 
 class CheckpointError(ValueError):
@@ -56,6 +57,15 @@ def _open_weights(path: Path) -> dict[str, SafetensorsFile]:
     return dict.fromkeys(f.keys(), f)
 
 
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    """Checkpoint tensors that are not weights of the model: derived buffers, a tied head's copy, and
+    DeepSeek-V3's multi-token-prediction layers (numbered from n_layers on; used only for training)."""
+    if any(re.search(p, name) for p in IGNORED) or (cfg.tie_embeddings and name == "lm_head.weight"):
+        return True
+    layer = re.match(r"model\.layers\.(\d+)\.", name)
+    return cfg.arch == "deepseek_v3" and layer is not None and int(layer.group(1)) >= cfg.n_layers
+
+
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> Transformer:
     """Load a Hugging Face model directory as a `Transformer` (eval mode)."""
     path = Path(path)
@@ -63,7 +73,6 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
-    tied = cfg.tie_embeddings
     sources = _open_weights(path)
     if cfg.arch == "gpt2":  # the original GPT-2 checkpoints have no "transformer." prefix
         sources = {
@@ -82,12 +91,9 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
                     f"{path}: tensor {m.theirs[0]!r} has shape {tuple(t.shape)}; "
                     f"the config needs {tuple(expected[name].shape)} for {name}"
                 )
-            state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    extra = [
-        n
-        for n in sources
-        if n not in used and not any(re.search(p, n) for p in IGNORED) and not (tied and n == "lm_head.weight")
-    ]
+            keep = not t.is_floating_point() or name.endswith(KEEP_FP32)
+            state[name] = t.to(dtype) if dtype is not None and not keep else t
+    extra = [n for n in sources if n not in used and not _ignored(n, cfg)]
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} unused in all)")
     model.load_state_dict(state, assign=True, strict=True)

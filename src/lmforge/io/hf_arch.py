@@ -31,7 +31,7 @@ HF_CLASSES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 SUPPORTED = tuple(HF_CLASSES)
-_MLP_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu": "geglu", "gelu_new": "gelu_tanh"}
+_MLP_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu", "gelu": "geglu_exact"}
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "gelu_fast": "gelu_tanh"}
 
 
@@ -57,7 +57,9 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if factor is None and orig:
         factor = d["max_position_embeddings"] / orig
     fields = {k: params[k] for k in ("low_freq_factor", "high_freq_factor", "mscale", "mscale_all_dim") if k in params}
-    fields.update({k: params[k] for k in ("beta_fast", "beta_slow", "attention_factor", "truncate") if params.get(k)})
+    fields.update(
+        {k: params[k] for k in ("beta_fast", "beta_slow", "attention_factor", "truncate") if params.get(k) is not None}
+    )
     return theta, RopeScaling(kind=kind, factor=float(factor or 1.0), original_max_seq_len=orig, **fields)
 
 
@@ -75,6 +77,8 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         out.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, mscale=s.mscale, mscale_all_dim=s.mscale_all_dim)
         if s.attention_factor is not None:
             out["attention_factor"] = s.attention_factor
+        if not s.truncate:
+            out["truncate"] = False
     return out
 
 
@@ -156,7 +160,7 @@ _CONSUMED = {
     "torch_dtype",
     "dtype",
     "transformers_version",
-    "moe_layer_freq",
+    "pad_token_id",
 }
 
 
@@ -241,10 +245,10 @@ def _deepseek_from_hf(d: dict[str, Any], arch: str, scaling: RopeScaling | None)
         n_group=d.get("n_group") or 1 if group_limited else 1,
         topk_group=d.get("topk_group") or 1 if group_limited else 1,
         score_correction_bias=arch == "deepseek_v3", n_shared_experts=d.get("n_shared_experts") or 0,
-        first_k_dense=d.get("first_k_dense_replace", 0), layer_step=d.get("moe_layer_freq", 1),
+        first_k_dense=d.get("first_k_dense_replace", 0),  # transformers ignores moe_layer_freq: kept in extra
         aux_loss_coef=d.get("router_aux_loss_coef", 0.0) or 0.0,
     )  # fmt: skip
-    interleaved = d.get("rope_interleave", True)
+    interleaved = arch == "deepseek_v2" or d.get("rope_interleave", True)  # V2 always rotates pairs
     return dict(mla=mla, moe=moe, attn_scale=scale, rope_layout="interleaved" if interleaved else "half", head_dim=None)
 
 
@@ -274,7 +278,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )  # fmt: skip
     if cfg.mla is None:
         d["head_dim"] = cfg.dim_head
-    act = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}.get(cfg.mlp, cfg.mlp)
+    act = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh", "geglu_exact": "gelu"}.get(cfg.mlp, cfg.mlp)
     d["hidden_activation" if arch == "gemma2" else "hidden_act"] = act
     if arch == "llama":
         d["mlp_bias"] = cfg.mlp_bias
@@ -314,11 +318,12 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         num_experts_per_tok=m.top_k, moe_intermediate_size=m.d_expert, n_shared_experts=m.n_shared_experts,
         routed_scaling_factor=m.routed_scaling_factor, n_group=m.n_group, topk_group=m.topk_group,
         first_k_dense_replace=m.first_k_dense, norm_topk_prob=m.norm_topk_prob,
-        rope_interleave=cfg.rope_layout == "interleaved", head_dim=a.qk_rope_head_dim,
+        head_dim=a.qk_rope_head_dim,
     )  # fmt: skip
+    if cfg.arch == "deepseek_v3":
+        d["rope_interleave"] = cfg.rope_layout == "interleaved"
     if cfg.arch == "deepseek_v2":
         d["topk_method"] = "group_limited_greedy" if m.n_group > 1 else "greedy"
-        d["moe_layer_freq"] = m.layer_step
     return d
 
 

@@ -3,7 +3,7 @@
 Plain (GPT-2):        y = W_down · act(W_up · x + b_up) + b_down,   act = GELU (exact or tanh)
 Gated (Shazeer 2020): y = W_down · (act(W_gate · x) ⊙ W_up · x)
     SwiGLU: act = SiLU (Llama, Mistral, Qwen, DeepSeek)
-    GeGLU:  act = GELU-tanh (Gemma)
+    GeGLU:  act = GELU-tanh (Gemma), or exact GELU ("geglu_exact")
 
 GELU-tanh is the approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 """
@@ -19,13 +19,14 @@ from torch.nn import functional as F
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swiglu": F.silu,
     "geglu": lambda x: F.gelu(x, approximate="tanh"),
+    "geglu_exact": F.gelu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
 def is_gated(kind: str) -> bool:
-    return kind in ("swiglu", "geglu")
+    return kind in ("swiglu", "geglu", "geglu_exact")
 
 
 class MLP(nn.Module):

@@ -4,8 +4,8 @@ LayerNorm (Ba et al., 2016):  y = (x - mean(x)) / sqrt(var(x) + eps) * w + b
 RMSNorm (Zhang & Sennrich, 2019):  y = x / sqrt(mean(x^2) + eps) * w
 Gemma's RMSNorm stores w as an offset from one:  y = x / sqrt(mean(x^2) + eps) * (1 + w)
 
-The statistics are computed in float32 whatever the input dtype, and the result
-is cast back, as the reference implementations do.
+RMSNorm computes its statistics in float32 whatever the input dtype and casts the
+result back, as the reference implementations do; LayerNorm uses torch's fused kernel.
 """
 
 from __future__ import annotations

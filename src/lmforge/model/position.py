@@ -93,7 +93,9 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torc
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of p·θ_i for positions (B, T): each (B, 1, T, rotary_dim/2), float32."""
-    inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1 if positions.numel() else None)
+    dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic"
+    seq_len = int(positions.max()) + 1 if dynamic and positions.numel() else None  # a host sync: only when needed
+    inv_freq, scale = rope_frequencies(cfg, seq_len)
     angles = positions.float()[:, None, :, None] * inv_freq.to(positions.device)
     return angles.cos() * scale, angles.sin() * scale
 

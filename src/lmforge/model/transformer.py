@@ -82,6 +82,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, out_std if residual_out else 0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+        if self.config.pad_token_id is not None:
+            with torch.no_grad():
+                self.embed.weight[self.config.pad_token_id].zero_()
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""ModelConfig: validation names the field; HF translation round-trips; presets have known sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_reference import hf_config
+from lmforge.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from lmforge.io.hf_arch import SUPPORTED, UnsupportedArchitectureError, config_from_hf
+from lmforge.model.transformer import Transformer
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"d_model": 0}, "d_model"),
+        ({"n_heads": 3}, "head_dim"),  # 512 / 3 is not whole
+        ({"n_kv_heads": 3}, "n_kv_heads"),  # does not divide 8 heads
+        ({"norm": "batchnorm"}, "norm"),
+        ({"mlp": "relu2"}, "mlp"),
+        ({"position": "xpos"}, "position"),
+        ({"rope_layout": "spiral"}, "rope_layout"),
+        ({"rotary_fraction": 1.5}, "rotary_fraction"),
+        ({"layer_types": ("full",)}, "layer_types"),
+        ({"layer_types": ("sliding",) * 8}, "layer_types"),  # no sliding_window
+        ({"attn_softcap": -1.0}, "attn_softcap"),
+        ({"attn_backend": "flash9"}, "attn_backend"),
+        ({"pad_token_id": 10**6}, "pad_token_id"),
+        ({"vocab_size": "many"}, "vocab_size"),
+    ],
+)
+def test_bad_value_names_the_field(changes, field):
+    with pytest.raises(ConfigError, match=rf"\b{field}\b"):
+        ModelConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: RopeScaling(kind="ntk-by-parts"), "rope_scaling.kind"),
+        (lambda: RopeScaling(kind="llama3", factor=8.0), "rope_scaling.original_max_seq_len"),
+        (lambda: MLAConfig(kv_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8), "mla.kv_lora_rank"),
+        (lambda: MoEConfig(n_experts=4, top_k=5, d_expert=8), "moe.top_k"),
+    ],
+)
+def test_nested_bad_value_names_the_field(make, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        make()
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_hf_config_round_trip(arch):
+    cfg = config_from_hf(hf_config(arch).to_dict())
+    assert cfg.arch == arch
+    again = ModelConfig.from_hf(cfg.to_hf())
+    assert again == cfg
+    assert again.extra == cfg.extra
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_to_hf_is_accepted_by_transformers(arch):
+    import transformers
+
+    cfg = config_from_hf(hf_config(arch).to_dict())
+    hf = transformers.AutoConfig.for_model(**cfg.to_hf())
+    assert config_from_hf(hf.to_dict()) == cfg
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(UnsupportedArchitectureError, match="'bert'"):
+        ModelConfig.from_hf({"model_type": "bert"})
+
+
+def test_unsupported_rope_type_is_named():
+    d = hf_config("llama").to_dict()
+    d["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4}
+    with pytest.raises(UnsupportedArchitectureError, match="longrope"):
+        ModelConfig.from_hf(d)
+
+
+def test_presets_have_known_sizes():
+    with torch.device("meta"):
+        # GPT-2 small has 124,439,808 parameters (tied head), as published
+        assert Transformer(ModelConfig.preset("gpt2-124m")).num_parameters() == 124_439_808
+        n = Transformer(ModelConfig.preset("llama-20m")).num_parameters()
+        assert 15e6 < n < 25e6
+        assert Transformer(ModelConfig.preset("smollm2-135m")).num_parameters() == 134_515_008
+    with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):
+        ModelConfig.preset("gpt5")
+
+
+def test_layer_helpers():
+    cfg = ModelConfig(n_layers=4, sliding_window=8, layer_types=("sliding", "full", "sliding", "full"))
+    assert [cfg.layer_type(i) for i in range(4)] == ["sliding", "full", "sliding", "full"]
+    moe = ModelConfig(n_layers=4, moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, first_k_dense=1, layer_step=1))
+    assert [moe.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
