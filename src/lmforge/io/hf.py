@@ -74,18 +74,17 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
         model = Transformer(cfg)
     expected = dict(model.state_dict())
     sources = _open_weights(path)
+    stored = {n: n for n in sources}  # canonical name -> name in the file
     if cfg.arch == "gpt2":  # the original GPT-2 checkpoints have no "transformer." prefix
-        sources = {
-            (n if n.startswith(("transformer.", "lm_head")) else f"transformer.{n}"): f for n, f in sources.items()
-        }
+        stored = {(n if n.startswith(("transformer.", "lm_head")) else f"transformer.{n}"): n for n in sources}
     used: set[str] = set()
     state: dict[str, torch.Tensor] = {}
     for m in tensor_maps(cfg, list(expected)):
-        missing = [n for n in m.theirs if n not in sources]
+        missing = [n for n in m.theirs if n not in stored]
         if missing:
             raise CheckpointError(f"{path}: missing tensor {missing[0]!r} (needed for {m.ours[0]})")
         used.update(m.theirs)
-        for name, t in zip(m.ours, m.load([sources[n].get(n) for n in m.theirs]), strict=True):
+        for name, t in zip(m.ours, m.load([sources[stored[n]].get(stored[n]) for n in m.theirs]), strict=True):
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise CheckpointError(
                     f"{path}: tensor {m.theirs[0]!r} has shape {tuple(t.shape)}; "
@@ -93,7 +92,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
                 )
             keep = not t.is_floating_point() or name.endswith(KEEP_FP32)
             state[name] = t.to(dtype) if dtype is not None and not keep else t
-    extra = [n for n in sources if n not in used and not _ignored(n, cfg)]
+    extra = [n for n in stored if n not in used and not _ignored(n, cfg)]
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} unused in all)")
     model.load_state_dict(state, assign=True, strict=True)
