@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 import torch
-from hf_reference import hf_model
 from safetensors.torch import load_file, save_file
 
 import lmforge
+from hf_reference import hf_model
 from lmforge.config import ModelConfig
 from lmforge.io.hf import CheckpointError, save_hf
 from lmforge.io.hf_arch import UnsupportedArchitectureError
@@ -77,7 +77,7 @@ def test_missing_tensor_is_named(tmp_path, llama_dir):
 
 def test_extra_tensor_is_named(tmp_path, llama_dir):
     bad = _rewrite(llama_dir, tmp_path / "m", lambda sd: {**sd, "model.layers.0.surprise": torch.zeros(3)})
-    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.surprise'"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.surprise'"):
         lmforge.load(bad)
 
 
@@ -99,13 +99,13 @@ def test_unsupported_architecture_is_named(tmp_path, llama_dir):
 def test_missing_files_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         lmforge.load(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         lmforge.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         lmforge.load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json: invalid JSON"):
+    with pytest.raises(CheckpointError, match=r"config\.json: invalid JSON"):
         lmforge.load(tmp_path)
 
 
