@@ -139,6 +139,9 @@ def test_save_is_atomic_and_overwrites(tmp_path, llama_dir):
 PEAK_SCRIPT = textwrap.dedent(
     """
     import os, resource, sys, torch, lmforge
+    from lmforge.config import ModelConfig
+    warm = lmforge.Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=32))
+    warm(torch.zeros(1, 4, dtype=torch.long))  # lazy imports and kernel setup happen before the baseline
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now
     model, _ = lmforge.load(sys.argv[1])
     with torch.no_grad():
@@ -159,6 +162,5 @@ def test_peak_memory_stays_near_one_copy(tmp_path):
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     before, peak = map(int, out.stdout.split())
-    assert (
-        peak - before < 1.3 * weights
-    )  # measured 1.18x: the weights once, plus activations and imports, f"peak grew by {(peak - before) / weights:.2f}x the weights"
+    # measured 1.18x: the weights once, plus activations and imports
+    assert peak - before < 1.3 * weights, f"peak grew by {(peak - before) / weights:.2f}x the weights"
