@@ -15,6 +15,7 @@ The logits are checked to agree before anything is timed. Each measurement is th
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -94,7 +95,9 @@ def main() -> None:
         raise SystemExit(f"ABORT: lmforge and transformers logits differ by {diff:.3g} (> 1e-4); not timing")
 
     n_params = lm_model.num_parameters()
+    load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print(f"1-min load average at start: {load:.2f} (a busy machine makes the medians noisy)")
     print(f"model: lmforge preset llama-20m ({n_params / 1e6:.1f}M parameters), fp32, sdpa attention")
     print(f"batch {args.batch} x seq {args.seq}; median of {args.iters} iters after {args.warmup} warmup")
     print(f"logits max |lmforge - transformers| = {diff:.2e}\n")

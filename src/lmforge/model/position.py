@@ -26,6 +26,7 @@ with head slopes m_h = 2^(-8h/n) (n a power of two; otherwise interleaved from 2
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -71,10 +72,12 @@ def _llama3(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+@functools.lru_cache(maxsize=64)
 def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies θ_i (float32, shape rotary_dim/2) and the cos/sin scale.
 
-    `seq_len` (the longest position + 1 in use) only matters for dynamic NTK.
+    `seq_len` (the longest position + 1 in use) only matters for dynamic NTK. Cached: configs are
+    immutable, and callers must not modify the returned tensor.
     """
     dim, base, s = cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling
     if s is not None and s.kind == "dynamic":
