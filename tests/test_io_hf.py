@@ -138,16 +138,24 @@ def test_save_is_atomic_and_overwrites(tmp_path, llama_dir):
 
 PEAK_SCRIPT = textwrap.dedent(
     """
-    import os, resource, sys, torch, lmforge
-    from lmforge.config import ModelConfig
-    warm = lmforge.Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=32))
-    warm(torch.zeros(1, 4, dtype=torch.long))  # lazy imports and kernel setup happen before the baseline
-    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now
-    model, _ = lmforge.load(sys.argv[1])
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long))   # touch every weight
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(before, peak)
+    import gc, sys, torch, lmforge
+
+    def status(field):  # kB figures from /proc/self/status
+        line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    def load_and_run():
+        model, _ = lmforge.load(sys.argv[1])
+        with torch.no_grad():
+            model(torch.zeros(1, 4, dtype=torch.long))  # touch every weight
+        return model
+
+    load_and_run()  # first pass: library code and kernels are paged in, then the model is freed
+    gc.collect()
+    before = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    model = load_and_run()
+    print(before, status("VmHWM"))
     """
 )
 
@@ -162,5 +170,5 @@ def test_peak_memory_stays_near_one_copy(tmp_path):
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     before, peak = map(int, out.stdout.split())
-    # measured 1.18x: the weights once, plus activations and imports
-    assert peak - before < 1.3 * weights, f"peak grew by {(peak - before) / weights:.2f}x the weights"
+    # measured 0.94x: one copy of the weights, less the embedding rows the forward never looked up
+    assert peak - before < 1.1 * weights, f"peak grew by {(peak - before) / weights:.2f}x the weights"
