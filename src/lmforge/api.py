@@ -3,37 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge.model.transformer import Transformer
 
+if TYPE_CHECKING:
+    from lmforge.tokenizer import Tokenizer
 
-def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> tuple[Transformer, Any]:
+
+def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> tuple[Transformer, Tokenizer | None]:
     """Load a model directory and return `(model, tokenizer)`.
 
-    `path` is a Hugging Face model directory (config.json + safetensors). `dtype`
-    casts floating-point weights; `overrides` replace `ModelConfig` fields (e.g.
-    `attn_backend="eager"`). The tokenizer is None until tokenizer loading lands.
+    `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
+    it has them; the tokenizer is None when it has none). `dtype` casts floating-point weights;
+    `overrides` replace `ModelConfig` fields (e.g. `attn_backend="eager"`).
     """
     from lmforge.io.hf import load_hf
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    return load_hf(path, dtype=dtype, **overrides), load_tokenizer(path)
+    model = load_hf(path, dtype=dtype, **overrides)
+    try:
+        tokenizer = load_tokenizer(path)
+    except FileNotFoundError:
+        tokenizer = None
+    return model, tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer stored with a model, or None when there is none (tokenizers arrive in a later release)."""
-    return None
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from a directory (tokenizer.json, or vocab.json + merges.txt) or a `.tiktoken` file."""
+    from lmforge.tokenizer.formats import load_tokenizer as load_any
+
+    return load_any(path)
 
 
-def save(model: Transformer, path: str | Path, tokenizer: Any = None) -> None:
-    """Write `model` as a Hugging Face directory that `transformers` loads."""
+def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    """Write `model` (and `tokenizer`, if given) as a Hugging Face directory that `transformers` loads."""
     from lmforge.io.hf import save_hf
 
     save_hf(model, path)
-    if tokenizer is not None and hasattr(tokenizer, "save"):
+    if tokenizer is not None:
         tokenizer.save(path)

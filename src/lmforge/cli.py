@@ -11,6 +11,7 @@ from rich.table import Table
 
 import lmforge
 from lmforge.config import PRESETS
+from lmforge.tokenizer_cli import app as tokenizer_app
 
 app = typer.Typer(
     help="lmforge: a from-scratch, hackable LLM stack. Run `lmforge COMMAND --help` for details.",
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+app.add_typer(tokenizer_app, name="tokenizer")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,17 @@
+"""Byte-level BPE tokenizers: training, encoding, decoding (see ``bpe.py`` and ``pretokenize.py``),
+file formats (``formats.py``) and chat templates (``chat.py``)."""
+
+from lmforge.tokenizer.bpe import IncrementalDecoder, Tokenizer, train_bpe
+from lmforge.tokenizer.formats import load_tokenizer, save_tokenizer
+from lmforge.tokenizer.pretokenize import CL100K_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN
+
+__all__ = [
+    "CL100K_PATTERN",
+    "GPT2_PATTERN",
+    "LLAMA3_PATTERN",
+    "IncrementalDecoder",
+    "Tokenizer",
+    "load_tokenizer",
+    "save_tokenizer",
+    "train_bpe",
+]

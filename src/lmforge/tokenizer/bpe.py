@@ -1,0 +1,431 @@
+"""Byte-level BPE: training, encoding and decoding (the GPT-2 / GPT-4 / Llama-3 family).
+
+Vocabulary. Token ids 0..255 are the single bytes; every merge adds one token. A *merge* ``(a, b)`` of
+rank ``r`` says: wherever token ``a`` is followed by token ``b`` inside one pre-token, they may be
+replaced by the token whose bytes are ``bytes(a) + bytes(b)``; a lower rank merges first. A trained
+vocabulary of size V with S special tokens holds 256 bytes, V - 256 - S merges (ids 256..) and the
+special tokens after them (ids V - S..V - 1).
+
+Training (Sennrich et al. 2016, byte-level as in GPT-2). Pre-tokenize the corpus and count each
+distinct pre-token w (its count is c(w)); each word starts as its UTF-8 bytes. The count of a pair is
+
+    count(a, b) = sum over words w of c(w) * (number of adjacent (a, b) in w).
+
+Repeat: take the pair with the largest count (ties: the lexicographically greatest
+``(bytes(a), bytes(b))``), give ``bytes(a) + bytes(b)`` the next id z, and replace each occurrence of
+``a b`` in each word, left to right, by z. A pair whose bytes already form a token is skipped: it
+would give a second id to the same bytes (a guard; real corpora have not been seen to need it).
+
+Incremental update. A full recount costs O(corpus) per merge. But replacing ``x a b y`` by ``x z y``
+in a word of count c only changes the pairs that touch the occurrence:
+
+    count(x, a) -= c   count(b, y) -= c   count(x, z) += c   count(z, y) += c
+
+(with x the *already merged* left neighbour, so that ``a b a b`` -> ``z z`` is counted right), and
+``count(a, b)`` drops to zero. We keep ``pair -> count`` and ``pair -> set of words that contain it``,
+so a merge touches only the words in its set. The best pair comes from a max-heap with lazy
+deletion: counts only grow when a pair is born (it contains the new token z), so an entry is pushed
+then; when a popped entry's count is stale (too high) it is pushed back with the current count.
+
+Encoding. Split the text at the allowed special tokens, pre-tokenize each part, and encode each
+pre-token through a cache (most pre-tokens repeat). A cache miss runs BPE on the pre-token's bytes:
+its parts form a doubly linked list and a heap holds candidate merges ``(rank, position)``; pop the
+lowest rank (the leftmost on ties), skip it if either part has changed since it was pushed (lazy
+invalidation), merge, and push the two new pairs with the neighbours: O(n log n) for n bytes. This is
+the same result as "repeatedly merge the lowest-ranked adjacent pair".
+
+Decoding concatenates token bytes and decodes UTF-8, replacing invalid sequences; ``IncrementalDecoder``
+does the same one token at a time without ever splitting a character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from lmforge.tokenizer import pretokenize as pt
+
+
+def _descending(token: bytes) -> bytes:
+    """A key that sorts byte strings in reverse: s < t exactly when key(s) > key(t).
+
+    Byte c becomes (1, 255 - c) and the string ends with 2, which beats any (1, ...) so that a prefix
+    sorts after the longer string. Keys are self-delimiting, so key(a) + key(b) orders pairs too.
+    """
+    return bytes(v for c in token for v in (1, 255 - c)) + b"\x02"
+
+
+def _learn_merges(counts: dict[str, int], n_merges: int, progress: bool) -> list[tuple[int, int]]:
+    """The merges of BPE training on pre-token counts, with incremental pair counts (module docstring).
+
+    A word is kept as a str with one character per token (``chr(id)``), and a pair as a 2-character
+    str: ``str.replace`` then merges every occurrence of a pair, left to right, at C speed. The heap
+    holds ``(-count, descending bytes key, pair)``: a min-heap pops the largest count, ties going to
+    the greatest ``(bytes(a), bytes(b))``.
+    """
+    vocab = [bytes([i]) for i in range(256)]
+    keys = [_descending(t) for t in vocab]
+    known = set(vocab)
+    words, freqs = [], []
+    for piece, c in counts.items():
+        try:
+            data = piece.encode("utf-8")
+        except UnicodeEncodeError:
+            data = pt.fix_surrogates(piece).encode("utf-8")
+        if len(data) > 1:
+            words.append(data.decode("latin-1"))  # byte i -> chr(i)
+            freqs.append(c)
+    pair_counts: dict[str, int] = defaultdict(int)
+    where: dict[str, set[int]] = defaultdict(set)
+    for wi, word in enumerate(words):
+        c = freqs[wi]
+        for pair in map(str.__add__, word, word[1:]):
+            pair_counts[pair] += c
+            where[pair].add(wi)
+    heap = [(-c, keys[ord(p[0])] + keys[ord(p[1])], p) for p, c in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[int, int]] = []
+    bar = tqdm(total=n_merges, desc="BPE merges", unit="merge", disable=not progress)
+    while heap and len(merges) < n_merges:
+        neg, key, ab = heapq.heappop(heap)
+        count = pair_counts.get(ab, 0)
+        if count != -neg:  # stale entry: the count went down since it was pushed
+            if count > 0:
+                heapq.heappush(heap, (-count, key, ab))
+            continue
+        a, b = ord(ab[0]), ord(ab[1])
+        if (merged := vocab[a] + vocab[b]) in known:
+            continue
+        z = chr(len(vocab))
+        vocab.append(merged)
+        keys.append(_descending(merged))
+        known.add(merged)
+        merges.append((a, b))
+        bar.update()
+        del pair_counts[ab]
+        delta: dict[str, int] = defaultdict(int)
+        for wi in where.pop(ab):
+            old = words[wi]
+            words[wi] = new = old.replace(ab, z)
+            if len(new) == len(old):  # the word no longer holds the pair (sets are cleaned lazily)
+                continue
+            c = freqs[wi]
+            j = new.find(z)
+            while j >= 0:  # each z replaced "a b"; x z y was x a b y (x may be a z itself: "a b a b")
+                if j > 0:
+                    x = new[j - 1]
+                    delta[x + z] += c
+                    delta[ab[1] + ab[0] if x == z else x + ab[0]] -= c
+                    where[x + z].add(wi)
+                if j + 1 < len(new) and (y := new[j + 1]) != z:
+                    delta[z + y] += c
+                    delta[ab[1] + y] -= c
+                    where[z + y].add(wi)
+                j = new.find(z, j + 1)
+        for pair, d in delta.items():
+            if d == 0 or pair == ab:
+                continue
+            count = pair_counts[pair] = pair_counts[pair] + d
+            if not count:
+                del pair_counts[pair]
+            elif z in pair:  # a new pair: the only kind whose count grows
+                heapq.heappush(heap, (-count, keys[ord(pair[0])] + keys[ord(pair[1])], pair))
+    bar.close()
+    return merges
+
+
+def train_bpe(
+    texts: Iterable[str] | None = None,
+    files: Sequence[str | Path] | None = None,
+    vocab_size: int = 8192,
+    pattern: str = pt.GPT2_PATTERN,
+    special_tokens: Sequence[str] = (),
+    progress: bool = True,
+    workers: int | None = None,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``files`` and/or ``texts`` (each one document).
+
+    ``vocab_size`` counts the 256 bytes, the merges and the special tokens. Training stops early
+    (a smaller vocabulary) if no pair is left to merge. ``workers`` processes count pre-tokens
+    (default: all cores).
+    """
+    specials = list(dict.fromkeys(special_tokens))
+    if "" in specials:
+        raise ValueError("special tokens must not be empty")
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than 256 byte tokens + {len(specials)} special tokens")
+    if texts is None and not files:
+        raise ValueError("train_bpe needs texts or files")
+    counts = pt.count_pretokens(pattern, texts, files, specials, workers)
+    merges = _learn_merges(counts, vocab_size - 256 - len(specials), progress)
+    vocab = {i: bytes([i]) for i in range(256)}
+    for z, (a, b) in enumerate(merges, start=256):
+        vocab[z] = vocab[a] + vocab[b]
+    n = 256 + len(merges)
+    return Tokenizer(vocab, merges, pattern, {s: n + i for i, s in enumerate(specials)})
+
+
+class _PieceCache(dict):
+    """pre-token str -> ids; a miss runs BPE. Bounded: emptied when it reaches ``size`` entries."""
+
+    def __init__(self, bpe, size: int) -> None:
+        super().__init__()
+        self.bpe, self.size = bpe, size
+
+    def __missing__(self, piece: str) -> list[int]:
+        ids = self.bpe(piece.encode("utf-8"))  # a lone surrogate raises UnicodeEncodeError here
+        if len(self) >= self.size:
+            self.clear()
+        self[piece] = ids
+        return ids
+
+
+METADATA = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
+
+
+def _rebuild(vocab, merges, pattern, special_tokens, ignore_merges, meta) -> Tokenizer:
+    tok = Tokenizer(vocab, merges, pattern, special_tokens, ignore_merges=ignore_merges)
+    for key, value in meta.items():
+        setattr(tok, key, value)
+    return tok
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: ``vocab`` (id -> bytes), ranked ``merges``, a ``pattern``, specials.
+
+    ``vocab`` ids need not be contiguous nor follow merge order (imported vocabularies); the merge
+    ``(left, right)`` produces the id whose bytes are ``vocab[left] + vocab[right]``. ``special_tokens``
+    maps text to id. With ``ignore_merges`` (Llama-3), a pre-token that is itself in the vocabulary
+    is emitted as that one token. Treat the attributes as read-only: lookups are built from them here.
+    """
+
+    cache_size = 1 << 16  # pre-tokens kept in the encode cache
+    # metadata from tokenizer_config.json (set by lmforge.tokenizer.formats; None when unknown)
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    model_max_length: int | None = None
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: list[tuple[int, int]],
+        pattern: str,
+        special_tokens: dict[str, int] | None = None,
+        *,
+        ignore_merges: bool = False,
+    ) -> None:
+        self.vocab, self.merges, self.pattern = dict(vocab), [tuple(m) for m in merges], pattern
+        self.special_tokens, self.ignore_merges = dict(special_tokens or {}), ignore_merges
+        self._bytes_to_id = {b: i for i, b in sorted(self.vocab.items(), reverse=True)}  # shared bytes: lowest id
+        self._byte_ids = [self._bytes_to_id.get(bytes([i])) for i in range(256)]
+        self._ranks: dict[tuple[int, int], int] = {}
+        self._merged: list[int] = []
+        for rank, (a, b) in enumerate(self.merges):
+            if a not in self.vocab or b not in self.vocab:
+                raise ValueError(f"merge {rank} ({a}, {b}) uses an id that is not in the vocabulary")
+            z = self._bytes_to_id.get(self.vocab[a] + self.vocab[b])
+            if z is None:
+                raise ValueError(f"merge {rank} ({a}, {b}): {self.vocab[a] + self.vocab[b]!r} is not in the vocabulary")
+            self._ranks.setdefault((a, b), rank)
+            self._merged.append(z)
+        self._pat = pt.compile_pattern(pattern)
+        self._decoder = dict(self.vocab) | {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        self._special_by_id = {i: s for s, i in self.special_tokens.items()}
+        self._cache = _PieceCache(self._bpe, self.cache_size)
+
+    def __reduce__(self):  # pickle the definition and metadata, not the cache
+        meta = {k: getattr(self, k) for k in METADATA if getattr(self, k) is not None}
+        return _rebuild, (self.vocab, self.merges, self.pattern, self.special_tokens, self.ignore_merges, meta)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        return_assistant_mask: bool = False,
+        **kwargs,
+    ):
+        """Render a conversation with ``self.chat_template`` (see ``lmforge.tokenizer.chat``)."""
+        from lmforge.tokenizer.chat import apply_chat_template
+
+        return apply_chat_template(self, messages, add_generation_prompt, tokenize, return_assistant_mask, **kwargs)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and tokenizer.tiktoken into ``directory``."""
+        from lmforge.tokenizer.formats import save_tokenizer
+
+        save_tokenizer(self, directory)
+
+    def __repr__(self) -> str:
+        n, specials = len(self.merges), len(self.special_tokens)
+        return f"Tokenizer(vocab_size={self.vocab_size}, merges={n}, special_tokens={specials})"
+
+    @property
+    def vocab_size(self) -> int:
+        """1 + the largest id (ordinary or special)."""
+        return 1 + max(max(self.vocab, default=-1), max(self.special_tokens.values(), default=-1))
+
+    def get_vocab(self) -> dict[bytes | str, int]:
+        """Token -> id: ``bytes`` keys for ordinary tokens, ``str`` keys for special tokens."""
+        return dict(self._bytes_to_id) | self.special_tokens
+
+    def token_to_bytes(self, id: int) -> bytes:
+        return self._decoder[id]
+
+    def id_to_token(self, id: int) -> bytes | str:
+        """The token's bytes, or its text for a special token."""
+        return self._special_by_id[id] if id in self._special_by_id else self.vocab[id]
+
+    def token_to_id(self, token: bytes | str) -> int | None:
+        return self.special_tokens.get(token) if isinstance(token, str) else self._bytes_to_id.get(token)
+
+    def _bpe(self, data: bytes) -> list[int]:
+        """BPE on one pre-token: heap of candidate merges over a linked list of parts (module docstring)."""
+        if self.ignore_merges and data in self._bytes_to_id:
+            return [self._bytes_to_id[data]]
+        ids = [self._byte_ids[b] for b in data]
+        if None in ids:
+            raise ValueError(f"byte {data[ids.index(None)]:#04x} has no token in this vocabulary")
+        n, ranks = len(ids), self._ranks
+        heap = [(r, i, ids[i], ids[i + 1]) for i in range(n - 1) if (r := ranks.get((ids[i], ids[i + 1]))) is not None]
+        if not heap:
+            return ids
+        heapq.heapify(heap)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        while heap:
+            rank, i, a, b = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] != a or j >= n or ids[j] != b:  # a part changed since the entry was pushed
+                continue
+            z = ids[i] = self._merged[rank]
+            ids[j] = None
+            k = nxt[i] = nxt[j]
+            if k < n:
+                prv[k] = i
+                if (r := ranks.get((z, ids[k]))) is not None:
+                    heapq.heappush(heap, (r, i, z, ids[k]))
+            if (p := prv[i]) >= 0 and (r := ranks.get((ids[p], z))) is not None:
+                heapq.heappush(heap, (r, p, ids[p], z))
+        return [t for t in ids if t is not None]
+
+    def _encode_ordinary_into(self, text: str, out: list[int]) -> None:
+        """Append the ids of ``text`` (no special tokens) to ``out``: pre-tokenize, then look up the cache."""
+        start, extend = len(out), out.extend
+        try:
+            for ids in map(self._cache.__getitem__, self._pat.findall(text)):
+                extend(ids)
+        except UnicodeEncodeError:  # lone surrogates: fix the text as tiktoken does, then start over
+            del out[start:]
+            for ids in map(self._cache.__getitem__, self._pat.findall(pt.fix_surrogates(text))):
+                extend(ids)
+
+    def _specials(self, allowed_special, disallowed_special) -> tuple[frozenset[str], frozenset[str]]:
+        """tiktoken's arguments -> (allowed specials, strings that must not occur in the text)."""
+        specials = self.special_tokens.keys()
+        allowed = specials if allowed_special == "all" else specials & allowed_special
+        disallowed = specials - allowed if disallowed_special == "all" else disallowed_special
+        return frozenset(allowed), frozenset(disallowed)
+
+    @staticmethod
+    def _check(text: str, disallowed: frozenset[str]) -> None:
+        if disallowed and (m := pt.special_regex(disallowed).search(text)):
+            raise ValueError(
+                f"Encountered text corresponding to disallowed special token {m.group()!r}. Pass it in "
+                "allowed_special (or allowed_special='all') to encode it as a special token, or "
+                "disallowed_special=() to encode it as ordinary text."
+            )
+
+    def encode(
+        self,
+        text: str,
+        allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> list[int]:
+        """Text -> ids, with tiktoken's rules: specials in ``allowed_special`` become their ids, those in
+        ``disallowed_special`` (default: every other special) raise ValueError, the rest are plain text."""
+        allowed, disallowed = self._specials(allowed_special, disallowed_special)
+        self._check(text, disallowed)
+        out: list[int] = []
+        for part, special in pt.split_on_specials(text, pt.special_regex(allowed)):
+            self._encode_ordinary_into(part, out)
+            if special is not None:
+                out.append(self.special_tokens[special])
+        return out
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text -> ids, special tokens treated as plain text."""
+        out: list[int] = []
+        self._encode_ordinary_into(text, out)
+        return out
+
+    def encode_batch(
+        self, texts: Sequence[str], *, workers: int | None = None, num_threads: int | None = None, **kw
+    ) -> list[list[int]]:
+        """``[encode(t, **kw) for t in texts]``; ``workers`` processes (default: all cores when over 1 MB)."""
+        workers = workers or num_threads
+        if workers is None:
+            workers = pt.cpu_count() if len(texts) > 1 and sum(map(len, texts)) > 1 << 20 else 1
+        if workers <= 1 or len(texts) <= 1:
+            return [self.encode(t, **kw) for t in texts]
+        return pt.map_in_pool(_encode_one, texts, workers, self, kw)
+
+    def encode_iterable(
+        self,
+        chunks: Iterable[str],
+        allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> Iterator[int]:
+        """Stream ids of ``"".join(chunks)``, identical to ``encode`` of the joined text, in bounded memory
+        (the chunks are cut only where the pre-tokens cannot change: see ``pretokenize.iter_pieces``).
+        A disallowed special token raises when it is reached, after the ids before it were yielded."""
+        allowed, disallowed = self._specials(allowed_special, disallowed_special)
+        check = (lambda buf: self._check(buf, disallowed)) if disallowed else None
+        longest = max(map(len, allowed | disallowed), default=0)
+        for piece, special in pt.iter_pieces(pt.valid_unicode(chunks), pt.special_regex(allowed), longest, check):
+            out: list[int] = []
+            self._encode_ordinary_into(piece, out)
+            yield from out
+            if special is not None:
+                yield self.special_tokens[special]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return b"".join(map(self._decoder.__getitem__, ids))
+
+    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
+        """Ids -> text; bytes that are not valid UTF-8 become U+FFFD (with ``errors="replace"``)."""
+        return self.decode_bytes(ids).decode("utf-8", errors)
+
+
+def _encode_one(text: str, tokenizer: Tokenizer, kw: dict) -> list[int]:
+    return tokenizer.encode(text, **kw)
+
+
+class IncrementalDecoder:
+    """Decode ids one at a time for streaming generation; never splits a UTF-8 character.
+
+    The concatenation of everything ``add`` and ``flush`` return equals ``tokenizer.decode(ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, id: int) -> str:
+        """The text completed by this token (incomplete trailing bytes are kept for the next call)."""
+        return self._utf8.decode(self.tokenizer.token_to_bytes(id))
+
+    def flush(self) -> str:
+        """Whatever bytes are left, invalid ones replaced; the decoder is then ready for a new stream."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text

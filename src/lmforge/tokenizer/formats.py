@@ -1,0 +1,672 @@
+"""Tokenizer files in and out: tiktoken rank files, Hugging Face tokenizer.json, GPT-2 vocab.json + merges.txt.
+
+A byte-level BPE tokenizer is four things: a vocabulary (id -> token bytes), a merge list (pairs of ids in priority
+order), a pre-tokenization regex, and special tokens (text -> id). Each format stores a different subset of them.
+
+**tiktoken rank file** (``*.tiktoken``, as ``cl100k_base.tiktoken``)::
+
+    IQ== 0            one line per token: base64(token bytes), a space, its rank
+    Ig== 1            the rank is both the token id and the merge priority
+    ...
+    IHRoZQ== 1169     b" the" has rank 1169
+
+  There is no merge list: tiktoken merges the adjacent pair whose concatenation has the lowest rank. The merges are
+  recovered (the standard tiktoken -> Hugging Face conversion) by running BPE on each token's bytes with only the
+  tokens of lower rank: the two parts left at the end are the token's merge, with priority = its rank. Neither the
+  regex nor the special tokens are in the file; the loader takes them as arguments (cl100k's regex by default).
+  tiktoken looks a whole pre-token up in the ranks before merging, i.e. it behaves like ``ignore_merges=True``.
+
+**Hugging Face tokenizer.json** (the ``tokenizers`` library's serialization; only byte-level BPE is supported)::
+
+    {"version": "1.0",
+     "added_tokens": [{"id": 1000, "content": "<|endoftext|>", "special": true,
+                       "single_word": false, "lstrip": false, "rstrip": false, "normalized": false}],
+     "normalizer": null,
+     "pre_tokenizer": {"type": "Sequence", "pretokenizers": [          # GPT-4 / Llama-3 style
+         {"type": "Split", "pattern": {"Regex": "<regex>"}, "behavior": "Isolated", "invert": false},
+         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+       # or {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}: the built-in GPT-2 regex
+     "post_processor": ..., "decoder": {"type": "ByteLevel", ...},
+     "model": {"type": "BPE", "ignore_merges": false, "byte_fallback": false, ...,
+               "vocab": {"Ġthe": 262, ...},                 # token (byte-level unicode) -> id
+               "merges": [["Ġ", "t"], ...]}}                  # or "Ġ t" strings (older files)
+
+  Tokens are written in the GPT-2 byte-level alphabet: each byte maps to one printable unicode character (printable
+  Latin-1 bytes map to themselves, the 68 others to U+0100..U+0143, e.g. space -> "Ġ", newline -> "Ċ"); see
+  `bytes_to_unicode`. Added tokens are matched before pre-tokenization; lmforge keeps all of them as special tokens.
+  ``tokenizer_config.json`` next to it carries what transformers adds on top: ``chat_template``, ``bos_token``,
+  ``eos_token``, ``pad_token``, ``model_max_length`` (a ``chat_template.jinja`` file, if present, wins).
+
+**GPT-2 vocab.json + merges.txt**: ``vocab.json`` is the ``model.vocab`` object above; ``merges.txt`` starts with a
+``#version: 0.2`` line, then one merge per line, ``"Ġ t"``. The regex is GPT-2's; special tokens come from a
+``tokenizer_config.json`` beside them, if any.
+
+`save_tokenizer` writes tokenizer.json + tokenizer_config.json + tokenizer.tiktoken; `load_tokenizer` reads a
+directory or a ``.tiktoken`` file. All writers are atomic (a temporary file, then `os.replace`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from lmforge.tokenizer.bpe import Tokenizer
+from lmforge.tokenizer.pretokenize import CL100K_PATTERN, GPT2_PATTERN
+
+__all__ = [
+    "CL100K_SPECIAL_TOKENS",
+    "bytes_to_unicode",
+    "load_hf_tokenizer",
+    "load_tiktoken",
+    "load_tokenizer",
+    "load_vocab_merges",
+    "save_hf_tokenizer",
+    "save_tiktoken",
+    "save_tokenizer",
+    "save_vocab_merges",
+]
+
+# The special tokens of tiktoken's cl100k_base (100,256 ranks); used when such a file is loaded without specials.
+CL100K_SPECIAL_TOKENS = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+
+# tokenizer_config.json keys copied onto the Tokenizer as attributes (None when absent).
+_CONFIG_ATTRS = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GPT-2 byte <-> unicode table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters.
+
+    The 188 bytes that are printable Latin-1 ('!'..'~', '¡'..'¬', '®'..'ÿ') map to themselves; the other 68 (control
+    characters, space, DEL, NBSP, soft hyphen) map, in byte order, to chr(256), chr(257), ..., so b" " -> "Ġ" (U+0120)
+    and b"\\n" -> "Ċ" (U+010A). Every token then is a string without spaces or control characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@cache
+def _unicode_to_bytes() -> dict[str, int]:
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+def _token_to_str(token: bytes) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def _str_to_token(text: str, where: str) -> bytes:
+    table = _unicode_to_bytes()
+    try:
+        return bytes(table[ch] for ch in text)
+    except KeyError as e:
+        raise ValueError(
+            f"{where}: token {text!r} is not in the byte-level alphabet (character {e.args[0]!r})"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small file helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
+
+
+def _special_ids(tok: Tokenizer) -> set[int]:
+    return set((tok.special_tokens or {}).values())
+
+
+def _merged_ids(tok: Tokenizer) -> list[int]:
+    """The id each merge produces, in merge order (the id whose bytes are vocab[l] + vocab[r])."""
+    inverse = {b: i for i, b in tok.vocab.items() if i not in _special_ids(tok)}
+    out = []
+    for left, right in tok.merges:
+        merged = tok.vocab[left] + tok.vocab[right]
+        if merged not in inverse:
+            raise ValueError(f"merge ({left}, {right}) makes {merged!r}, which is not in the vocabulary")
+        out.append(inverse[merged])
+    return out
+
+
+def _config_attrs(tok: Tokenizer) -> dict[str, Any]:
+    return {name: getattr(tok, name, None) for name in _CONFIG_ATTRS}
+
+
+def _set_config_attrs(tok: Tokenizer, attrs: dict[str, Any]) -> Tokenizer:
+    for name in _CONFIG_ATTRS:
+        setattr(tok, name, attrs.get(name))
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiktoken rank files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """tiktoken's BPE on `token`, using only the tokens of rank < max_rank: merge the lowest-ranked pair until none."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best_rank, best_i = max_rank, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best_rank, best_i = rank, i
+        if best_i < 0:
+            break
+        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
+
+
+def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Parse a ``.tiktoken`` file into {token bytes: rank}, with errors naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a tiktoken rank file (non-ASCII byte at offset {e.start})") from None
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError("expected 'base64 rank'")
+            token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+        except (ValueError, binascii.Error) as e:
+            raise ValueError(f"{path}:{lineno}: not a tiktoken rank line ({e}): {line[:80]!r}") from None
+        if token in ranks:
+            raise ValueError(f"{path}:{lineno}: token {token!r} appears twice")
+        ranks[token] = rank
+    if not ranks:
+        raise ValueError(f"{path}: empty tiktoken rank file")
+    return ranks
+
+
+def tokenizer_from_ranks(
+    ranks: dict[bytes, int], pattern: str = CL100K_PATTERN, special_tokens: dict[str, int] | None = None
+) -> Tokenizer:
+    """Build a Tokenizer from tiktoken mergeable ranks: ids = ranks; merges recovered by BPE with lower ranks."""
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError("tiktoken ranks are not unique")
+    vocab = {rank: token for token, rank in ranks.items()}
+    merges: list[tuple[int, int]] = []
+    for rank in sorted(vocab):
+        token = vocab[rank]
+        if len(token) < 2:
+            continue
+        parts = _bpe_parts(ranks, token, max_rank=rank)
+        if len(parts) == 2:  # else the token cannot be reached by merges (tiktoken only reaches it as a whole piece)
+            merges.append((ranks[parts[0]], ranks[parts[1]]))
+    # tiktoken looks a whole pre-token up in the ranks first, which is the HF BPE option ignore_merges.
+    return Tokenizer(vocab, merges, pattern, dict(special_tokens or {}), ignore_merges=True)
+
+
+def load_tiktoken(
+    path: str | Path, pattern: str = CL100K_PATTERN, special_tokens: dict[str, int] | None = None
+) -> Tokenizer:
+    """Load a ``.tiktoken`` rank file. The file has neither regex nor specials: pass them (cl100k's regex by default;
+    cl100k's special tokens by default when the file has cl100k's 100,256 ranks, else none)."""
+    ranks = read_tiktoken_ranks(path)
+    if special_tokens is None:
+        special_tokens = dict(CL100K_SPECIAL_TOKENS) if len(ranks) == 100256 else {}
+    return tokenizer_from_ranks(ranks, pattern, special_tokens)
+
+
+def tiktoken_ranks(tok: Tokenizer) -> dict[bytes, int]:
+    """The mergeable ranks of `tok` (ids as ranks), checking that tiktoken's rule reproduces its merges.
+
+    tiktoken merges by the rank of the merged token, so the ids made by the merges must increase in merge order;
+    and tiktoken emits a pre-token found whole in the ranks, so unless `tok.ignore_merges`, every multi-byte token
+    must be the product of a merge.
+    """
+    specials = _special_ids(tok)
+    merged = _merged_ids(tok)
+    for i in range(1, len(merged)):
+        if merged[i] <= merged[i - 1]:
+            raise ValueError(
+                "this vocabulary cannot be written as tiktoken ranks: merge "
+                f"{i} makes id {merged[i]} after merge {i - 1} made id {merged[i - 1]} (ranks must follow merge order)"
+            )
+    made = set(merged)
+    ranks: dict[bytes, int] = {}
+    for i in sorted(tok.vocab):
+        if i in specials:
+            continue
+        token = tok.vocab[i]
+        if len(token) > 1 and i not in made and not getattr(tok, "ignore_merges", False):
+            # tiktoken would emit it for a pre-token equal to it; BPE without ignore_merges never does.
+            raise ValueError(f"this vocabulary cannot be written as tiktoken ranks: token {i} {token!r} has no merge")
+        if token in ranks:
+            raise ValueError(f"token bytes {token!r} appear twice in the vocabulary (ids {ranks[token]} and {i})")
+        ranks[token] = i
+    return ranks
+
+
+def save_tiktoken(tok: Tokenizer, path: str | Path) -> None:
+    """Write `tok` as a tiktoken rank file (special tokens and the regex are not part of the format)."""
+    ranks = tiktoken_ranks(tok)
+    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in ranks.items()]
+    _atomic_write(Path(path), "".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (+ tokenizer_config.json)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kind(obj: Any) -> str:
+    return obj.get("type", "?") if isinstance(obj, dict) else repr(obj)
+
+
+def _pattern_from_pre_tokenizer(pre: Any, where: str) -> str:
+    """The regex of a byte-level pre-tokenizer: ByteLevel(use_regex=True), or Sequence[Split, ByteLevel(no regex)]."""
+
+    def byte_level(node: dict, use_regex: bool) -> None:
+        if node.get("add_prefix_space", False):
+            raise ValueError(f"{where}: ByteLevel pre-tokenizer with add_prefix_space=true is not supported")
+        if node.get("use_regex", True) != use_regex:
+            raise ValueError(f"{where}: ByteLevel pre-tokenizer with use_regex={not use_regex} is not supported here")
+
+    if isinstance(pre, dict) and pre.get("type") == "ByteLevel":
+        byte_level(pre, use_regex=True)
+        return GPT2_PATTERN
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        kinds = [_kind(s) for s in steps]
+        if kinds == ["ByteLevel"]:
+            return _pattern_from_pre_tokenizer(steps[0], where)
+        if kinds == ["Split", "ByteLevel"]:
+            split, level = steps
+            byte_level(level, use_regex=False)
+            if split.get("behavior") != "Isolated" or split.get("invert", False):
+                raise ValueError(
+                    f"{where}: Split pre-tokenizer with behavior={split.get('behavior')!r}, "
+                    f"invert={split.get('invert')} is not supported (only Isolated, not inverted)"
+                )
+            pattern = split.get("pattern", {})
+            if "Regex" in pattern:
+                return pattern["Regex"]
+            if "String" in pattern:
+                return re.escape(pattern["String"])
+            raise ValueError(f"{where}: Split pre-tokenizer without a pattern")
+        raise ValueError(
+            f"{where}: unsupported pre-tokenizer Sequence[{', '.join(kinds)}] (lmforge reads ByteLevel "
+            "or Sequence[Split, ByteLevel])"
+        )
+    raise ValueError(f"{where}: unsupported pre-tokenizer type {_kind(pre)} (lmforge reads byte-level BPE only)")
+
+
+def _check_tokenizer_json(data: Any, where: str) -> dict:
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{where}: not a tokenizer.json (no 'model' object)")
+    model = data["model"]
+    kind = model.get("type")
+    if kind is None and "merges" in model:
+        kind = "BPE"  # very old files leave the type out
+    if kind != "BPE":
+        raise ValueError(f"{where}: model type {kind} is not supported (lmforge reads byte-level BPE tokenizers only)")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise ValueError(f"{where}: BPE option {key}={model[key]!r} is not supported")
+    if model.get("byte_fallback"):
+        raise ValueError(
+            f"{where}: BPE with byte_fallback (SentencePiece style) is not supported; lmforge is byte-level"
+        )
+    if model.get("dropout"):
+        raise ValueError(f"{where}: BPE dropout={model['dropout']} is not supported")
+    normalizer = data.get("normalizer")
+    if normalizer is not None and not (_kind(normalizer) == "Sequence" and not normalizer.get("normalizers")):
+        raise ValueError(f"{where}: unsupported normalizer type {_kind(normalizer)} (lmforge applies no normalization)")
+    decoder = data.get("decoder")
+    if decoder is not None and _kind(decoder) != "ByteLevel":
+        raise ValueError(f"{where}: unsupported decoder type {_kind(decoder)} (lmforge decodes byte-level tokens)")
+    return model
+
+
+def tokenizer_from_hf(data: dict, config: dict | None = None, where: str = "tokenizer.json") -> Tokenizer:
+    """Build a Tokenizer from a parsed tokenizer.json (and tokenizer_config.json) object."""
+    model = _check_tokenizer_json(data, where)
+    pattern = _pattern_from_pre_tokenizer(data.get("pre_tokenizer"), where)
+
+    specials: dict[str, int] = {}
+    for entry in data.get("added_tokens") or []:
+        content, tid = entry["content"], int(entry["id"])
+        if any(entry.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
+            warnings.warn(
+                f"{where}: added token {content!r} has lstrip/rstrip/single_word set; lmforge matches it exactly",
+                stacklevel=3,
+            )
+        specials[content] = tid
+    special_ids = set(specials.values())
+
+    vocab: dict[int, bytes] = {}
+    seen: dict[bytes, int] = {}
+    for text, tid in model.get("vocab", {}).items():
+        tid = int(tid)
+        if tid in special_ids:  # added tokens are often repeated in the model vocab; they are specials here
+            continue
+        token = _str_to_token(text, where)
+        if token in seen:
+            raise ValueError(f"{where}: token {text!r} appears twice in the vocab (ids {seen[token]} and {tid})")
+        vocab[tid], seen[token] = token, tid
+    if len(set(vocab)) != len(vocab):
+        raise ValueError(f"{where}: duplicate ids in the vocab")
+
+    merges: list[tuple[int, int]] = []
+    for n, merge in enumerate(model.get("merges", [])):
+        pair = merge.split(" ") if isinstance(merge, str) else list(merge)
+        if len(pair) != 2:
+            raise ValueError(f"{where}: merge {n} {merge!r} is not a pair of tokens")
+        left, right = (_str_to_token(p, where) for p in pair)
+        if left not in seen or right not in seen or left + right not in seen:
+            raise ValueError(f"{where}: merge {n} {merge!r} uses or makes a token that is not in the vocab")
+        merges.append((seen[left], seen[right]))
+
+    tok = Tokenizer(vocab, merges, pattern, specials, ignore_merges=bool(model.get("ignore_merges", False)))
+    return _set_config_attrs(tok, _attrs_from_config(config or {}))
+
+
+def _token_content(value: Any) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string, or an AddedToken dict {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _attrs_from_config(config: dict) -> dict[str, Any]:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    max_len = config.get("model_max_length")
+    if isinstance(max_len, (int, float)) and max_len >= 1e20:  # transformers' "unlimited" sentinel
+        max_len = None
+    return {
+        "chat_template": template,
+        "bos_token": _token_content(config.get("bos_token")),
+        "eos_token": _token_content(config.get("eos_token")),
+        "pad_token": _token_content(config.get("pad_token")),
+        "unk_token": _token_content(config.get("unk_token")),
+        "model_max_length": int(max_len) if max_len is not None else None,
+    }
+
+
+def _read_config(directory: Path) -> dict:
+    """tokenizer_config.json (if any), with the template from chat_template.jinja (if any) taking precedence."""
+    config = {}
+    if (directory / "tokenizer_config.json").exists():
+        config = _read_json(directory / "tokenizer_config.json")
+        if not isinstance(config, dict):
+            raise ValueError(f"{directory / 'tokenizer_config.json'}: expected a JSON object")
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        config = {**config, "chat_template": jinja.read_text(encoding="utf-8")}
+    return config
+
+
+def load_hf_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a Hugging Face tokenizer.json (a file, or a directory holding one plus tokenizer_config.json)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    data = _read_json(file)
+    return tokenizer_from_hf(data, _read_config(file.parent), where=str(file))
+
+
+def hf_tokenizer_json(tok: Tokenizer) -> dict:
+    """The tokenizer.json object for `tok`: BPE model, regex Split + ByteLevel, ByteLevel decoder, added tokens."""
+    specials = tok.special_tokens or {}
+    special_ids = set(specials.values())
+    vocab = {_token_to_str(tok.vocab[i]): i for i in sorted(tok.vocab) if i not in special_ids}
+    # Special tokens go in the model vocab too (as GPT-2's <|endoftext|>): `tokenizers` keeps an added token's id
+    # only when the model knows it, and otherwise renumbers it after the vocab.
+    for content, i in sorted(specials.items(), key=lambda kv: kv[1]):
+        vocab.setdefault(content, i)
+    merges = [[_token_to_str(tok.vocab[a]), _token_to_str(tok.vocab[b])] for a, b in tok.merges]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    if tok.pattern == GPT2_PATTERN:
+        pre_tokenizer = {**byte_level, "use_regex": True}
+    else:
+        split = {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False}
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [split, byte_level]}
+    added = [
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for s, i in sorted(specials.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {**byte_level, "trim_offsets": False},
+        "decoder": {**byte_level, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": bool(getattr(tok, "ignore_merges", False)),
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+
+
+def hf_tokenizer_config(tok: Tokenizer) -> dict:
+    """The tokenizer_config.json object: special tokens, chat template, max length, for transformers' AutoTokenizer."""
+    from lmforge.tokenizer.chat import default_chat_template_for
+
+    attrs = _config_attrs(tok)
+    specials = tok.special_tokens or {}
+    config: dict[str, Any] = {
+        "added_tokens_decoder": {
+            str(i): {
+                "content": s,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for s, i in sorted(specials.items(), key=lambda kv: kv[1])
+        },
+        "bos_token": attrs["bos_token"],
+        "eos_token": attrs["eos_token"],
+        "pad_token": attrs["pad_token"],
+        "unk_token": attrs["unk_token"],
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    template = attrs["chat_template"] or default_chat_template_for(tok)
+    if template is not None:
+        config["chat_template"] = template
+    if attrs["model_max_length"] is not None:
+        config["model_max_length"] = attrs["model_max_length"]
+    return config
+
+
+def save_hf_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` into `directory`."""
+    directory = Path(directory)
+    _write_json(directory / "tokenizer.json", hf_tokenizer_json(tok))
+    _write_json(directory / "tokenizer_config.json", hf_tokenizer_config(tok))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT-2 vocab.json + merges.txt
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_vocab_merges(directory: str | Path, pattern: str = GPT2_PATTERN) -> Tokenizer:
+    """Load GPT-2 style ``vocab.json`` + ``merges.txt`` from `directory` (special tokens from a tokenizer_config.json
+    beside them: its added_tokens_decoder entries marked special, and bos/eos/unk/pad tokens found in the vocab)."""
+    directory = Path(directory)
+    vocab_json = _read_json(directory / "vocab.json")
+    if not isinstance(vocab_json, dict):
+        raise ValueError(f"{directory / 'vocab.json'}: expected a JSON object {{token: id}}")
+    merges_path = directory / "merges.txt"
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{merges_path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{merges_path}: not UTF-8 text ({e})") from None
+    merges = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip() or (lineno == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise ValueError(f"{merges_path}:{lineno}: expected two tokens separated by a space, got {line!r}")
+        merges.append(pair)
+
+    config = _read_config(directory)
+    added: list[dict] = []
+    for tid, entry in (config.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and entry.get("special", True):
+            added.append({**entry, "id": int(tid)})
+    known = {e["content"] for e in added}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        content = _token_content(config.get(key))
+        if content is not None and content not in known and content in vocab_json:
+            added.append({"id": vocab_json[content], "content": content, "special": True})
+            known.add(content)
+    data: dict[str, Any] = {"added_tokens": added, "model": {"type": "BPE", "vocab": vocab_json, "merges": merges}}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False}
+    if pattern == GPT2_PATTERN:
+        data["pre_tokenizer"] = {**byte_level, "use_regex": True}
+    else:
+        split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+        data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    return tokenizer_from_hf(data, config, where=f"{directory / 'vocab.json'} + merges.txt")
+
+
+def save_vocab_merges(tok: Tokenizer, directory: str | Path) -> None:
+    """Write GPT-2 style ``vocab.json`` (special tokens included, as GPT-2's <|endoftext|>) and ``merges.txt``.
+
+    The format has no place for the regex: readers assume GPT-2's.
+    """
+    directory = Path(directory)
+    if tok.pattern != GPT2_PATTERN:
+        warnings.warn("vocab.json + merges.txt imply GPT-2's regex; this tokenizer uses another one", stacklevel=2)
+    data = hf_tokenizer_json(tok)
+    vocab = data["model"]["vocab"]
+    merges = "".join(f"{a} {b}\n" for a, b in data["model"]["merges"])
+    _write_json(directory / "vocab.json", vocab)
+    _atomic_write(directory / "merges.txt", "#version: 0.2\n" + merges)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Directory-level entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
+    """Write tokenizer.json + tokenizer_config.json + tokenizer.tiktoken into `directory`.
+
+    The rank file is skipped, with a warning, when the vocabulary cannot be expressed as tiktoken ranks.
+    """
+    directory = Path(directory)
+    save_hf_tokenizer(tok, directory)
+    try:
+        save_tiktoken(tok, directory / "tokenizer.tiktoken")
+    except ValueError as e:
+        warnings.warn(f"tokenizer.tiktoken not written: {e}", stacklevel=2)
+
+
+def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
+    """Load a tokenizer from a directory (tokenizer.json preferred, else vocab.json + merges.txt, else a single
+    ``*.tiktoken`` file) or from a ``tokenizer.json`` / ``.tiktoken`` file. `kwargs` go to `load_tiktoken`
+    (pattern, special_tokens) for rank files."""
+    path = Path(path)
+    if kwargs and not (path.suffix == ".tiktoken" or (path.is_dir() and not (path / "tokenizer.json").exists())):
+        raise TypeError(f"load_tokenizer: {', '.join(kwargs)} only apply to .tiktoken rank files")
+    if path.is_dir():
+        if (path / "tokenizer.json").exists():
+            return load_hf_tokenizer(path)
+        if (path / "vocab.json").exists() or (path / "merges.txt").exists():
+            return load_vocab_merges(path)
+        ranks = sorted(path.glob("*.tiktoken"))
+        if len(ranks) == 1:
+            return _set_config_attrs(load_tiktoken(ranks[0], **kwargs), _attrs_from_config(_read_config(path)))
+        raise FileNotFoundError(
+            f"{path}: no tokenizer found (looked for tokenizer.json, vocab.json + merges.txt, one *.tiktoken file)"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.suffix == ".tiktoken":
+        return _set_config_attrs(load_tiktoken(path, **kwargs), {})
+    if path.suffix == ".json":
+        return load_hf_tokenizer(path)
+    raise ValueError(f"{path}: unknown tokenizer file (expected a directory, a tokenizer.json or a .tiktoken file)")

@@ -1,0 +1,136 @@
+"""`lmforge tokenizer ...`: train, encode to shards, inspect."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Train, apply and inspect byte-level BPE tokenizers.", no_args_is_help=True)
+console = Console()
+PATTERNS = {"gpt2": "GPT2_PATTERN", "cl100k": "CL100K_PATTERN", "llama3": "LLAMA3_PATTERN"}
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(1)
+
+
+def _files(option: list[Path] | None, extra: list[Path] | None) -> list[Path]:
+    """`--input a b c` parses as --input a plus extra arguments; directories expand to their *.txt."""
+    files: list[Path] = []
+    for p in [*(option or []), *(extra or [])]:
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.txt")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise _fail(f"{p}: no such file or directory")
+    if not files:
+        raise _fail("no input files (give --input FILE...)")
+    return files
+
+
+def _check_utf8(files: list[Path]) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _fail(f"{f}: line {n} is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def compression(tokenizer, text: str) -> float:
+    """Bytes of UTF-8 text per token."""
+    ids = tokenizer.encode_ordinary(text)
+    return len(text.encode("utf-8")) / max(len(ids), 1)
+
+
+@app.command()
+def train(
+    out: Annotated[
+        Path, typer.Option("--out", help="Output directory (tokenizer.json, tokenizer_config.json, .tiktoken).")
+    ],
+    input: Annotated[list[Path] | None, typer.Option("--input", help="Text files or directories of *.txt.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Total vocabulary: 256 bytes + merges + special tokens.")] = 8192,
+    special_token: Annotated[list[str] | None, typer.Option(help="A special token (repeatable).")] = None,
+    pattern: Annotated[str, typer.Option(help="Pre-tokenizer: gpt2, cl100k, llama3, or a regex.")] = "gpt2",
+    held_out: Annotated[Path | None, typer.Option(help="A file to report compression on.")] = None,
+    files: Annotated[list[Path] | None, typer.Argument(help="More input files.", show_default=False)] = None,
+) -> None:
+    """Train a byte-level BPE tokenizer on text files."""
+    import lmforge.tokenizer as tk
+    from lmforge.tokenizer.formats import save_tokenizer
+
+    inputs = _files(input, files)
+    _check_utf8(inputs)
+    specials = list(special_token or [])
+    if vocab_size < 256 + len(specials):
+        raise _fail(f"--vocab-size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens")
+    regex = getattr(tk, PATTERNS[pattern]) if pattern in PATTERNS else pattern
+    start = time.perf_counter()
+    tok = tk.train_bpe(files=inputs, vocab_size=vocab_size, pattern=regex, special_tokens=specials)
+    save_tokenizer(tok, out)
+    console.print(
+        f"trained vocab {tok.vocab_size} on {len(inputs)} files in {time.perf_counter() - start:.1f} s -> {out}"
+    )
+    if held_out is not None:
+        if not held_out.is_file():
+            raise _fail(f"{held_out}: no such file")
+        console.print(f"compression on {held_out.name}: {compression(tok, held_out.read_text()):.2f} bytes/token")
+
+
+@app.command()
+def encode(
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory or .tiktoken file.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for shards and manifest.json.")],
+    input: Annotated[list[Path] | None, typer.Option("--input", help="Text files or directories of *.txt.")] = None,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard.")] = 1 << 26,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: all cores).")] = None,
+    files: Annotated[list[Path] | None, typer.Argument(help="More input files.", show_default=False)] = None,
+) -> None:
+    """Encode text files into memory-mappable numpy token shards with a JSON manifest."""
+    from lmforge.data.shards import write_shards
+    from lmforge.tokenizer.formats import load_tokenizer
+
+    inputs = _files(input, files)
+    try:
+        tok = load_tokenizer(tokenizer)
+        manifest = write_shards(tok, inputs, out, shard_tokens=shard_tokens, workers=workers)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    console.print(
+        f"{manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards ({manifest['dtype']}) -> {out}"
+    )
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Tokenizer directory or .tiktoken file.")],
+    sample: Annotated[Path | None, typer.Option(help="Text file to measure compression on.")] = None,
+    longest: Annotated[int, typer.Option(help="How many of the longest tokens to show.")] = 10,
+) -> None:
+    """Vocabulary size, special tokens, longest tokens and compression."""
+    from lmforge.tokenizer.formats import load_tokenizer
+
+    try:
+        tok = load_tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    table = Table(title=str(path), show_header=False)
+    table.add_row("vocab size", f"{tok.vocab_size:,}")
+    table.add_row("merges", f"{len(tok.merges):,}")
+    table.add_row("special tokens", ", ".join(f"{s} ({i})" for s, i in tok.special_tokens.items()) or "none")
+    table.add_row("pattern", tok.pattern)
+    tokens = sorted(tok.vocab.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:longest]
+    table.add_row("longest tokens", "\n".join(f"{i}: {b.decode('utf-8', 'replace')!r}" for i, b in tokens))
+    if sample is not None:
+        if not sample.is_file():
+            raise _fail(f"{sample}: no such file")
+        table.add_row("compression", f"{compression(tok, sample.read_text()):.2f} bytes/token on {sample.name}")
+    console.print(table)
