@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.io.atomic import atomic_path, atomic_write
+
 PIECE_BYTES = 4 << 20
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
 
@@ -99,12 +101,8 @@ def write_shards(
         while len(data) >= shard_tokens or (final and len(data)):
             chunk, data = data[:shard_tokens], data[shard_tokens:]
             name = f"shard_{len(shards):05d}.npy"
-            tmp = out / f".{name}.tmp"
-            with open(tmp, "wb") as f:
+            with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
                 np.save(f, chunk.astype(dtype))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out / name)
             shards.append({"file": name, "tokens": len(chunk)})
         buffer, buffered = ([data] if len(data) else []), len(data)
 
@@ -132,7 +130,5 @@ def write_shards(
         "shards": shards,
         "inputs": [{"file": f, "tokens": n} for f, n in per_input.items()],
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -10,9 +10,7 @@ tensors directly, so peak memory stays near one copy of the weights.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
+from lmforge.io.atomic import atomic_path, atomic_write
 from lmforge.io.hf_arch import HF_CLASSES, IGNORED, tensor_maps
 from lmforge.io.safetensors_mmap import SafetensorsFile
 from lmforge.model.transformer import Transformer
@@ -99,24 +98,9 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
     return model.eval()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -157,5 +141,5 @@ def save_hf(model: Transformer, path: str | Path, shard_bytes: int = SHARD_BYTES
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
-    _atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+    atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -50,14 +50,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
-import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from lmforge.io.atomic import atomic_write
 from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.pretokenize import CL100K_PATTERN, GPT2_PATTERN
 
@@ -136,25 +135,8 @@ def _str_to_token(text: str, where: str) -> bytes:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -305,7 +287,7 @@ def save_tiktoken(tok: Tokenizer, path: str | Path) -> None:
     """Write `tok` as a tiktoken rank file (special tokens and the regex are not part of the format)."""
     ranks = tiktoken_ranks(tok)
     lines = [f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in ranks.items()]
-    _atomic_write(Path(path), "".join(lines))
+    atomic_write(Path(path), "".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,7 +606,7 @@ def save_vocab_merges(tok: Tokenizer, directory: str | Path) -> None:
     vocab = data["model"]["vocab"]
     merges = "".join(f"{a} {b}\n" for a, b in data["model"]["merges"])
     _write_json(directory / "vocab.json", vocab)
-    _atomic_write(directory / "merges.txt", "#version: 0.2\n" + merges)
+    atomic_write(directory / "merges.txt", "#version: 0.2\n" + merges)
 
 
 # ----------------------------------------------------------------------------------------------------------------
