@@ -133,6 +133,27 @@ def test_adversarial_matches_tiktoken(trained, tik, name):
         assert trained.encode(text) == tik.encode(text)
 
 
+@pytest.fixture(scope="module")
+def hf_exported(trained, tmp_path_factory):
+    """The trained tokenizer exported as tokenizer.json and loaded by the `tokenizers` library."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.tokenizer import save_tokenizer
+
+    path = tmp_path_factory.mktemp("exported")
+    save_tokenizer(trained, path)
+    return HFTokenizer.from_file(str(path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("name", [*HELD_OUT, *ADVERSARIAL])
+def test_exported_tokenizer_json_matches_tokenizers(trained, hf_exported, name):
+    text = read(DATA / name) if name in HELD_OUT else ADVERSARIAL[name]
+    if name == "lone_surrogates":  # a Python str with lone surrogates cannot cross into Rust
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    # `tokenizers` always recognises added special tokens: compare with allowed_special="all"
+    assert hf_exported.encode(text, add_special_tokens=False).ids == trained.encode(text, allowed_special="all")
+
+
 _TRICKY = st.sampled_from(
     [
         *"ab 'sdlmtTRVE\n\r\t0123,.!?(",
