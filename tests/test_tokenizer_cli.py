@@ -46,6 +46,7 @@ def test_train_inspect_encode(tmp_path, small_files):
     result = runner.invoke(app, ["tokenizer", "inspect", str(tok_dir), "--sample", str(held_out)])
     assert result.exit_code == 0, result.output
     assert "600" in result.output and "<|endoftext|> (599)" in flat(result.output)
+    assert "(?:[sdmt]" in result.output  # the regex is shown, not eaten as markup
 
     args = ["tokenizer", "encode", "--tokenizer", str(tok_dir), "--input", *map(str, small_files)]
     result = runner.invoke(app, [*args, "--out", str(shard_dir), "--shard-tokens", "5000"])

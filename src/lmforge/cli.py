@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import lmforge
@@ -50,11 +51,11 @@ def info(
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
-    table = Table(title=f"{path}", show_header=False)
+    table = Table(title=escape(str(path)), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in summary.items():
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     console.print(table)
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Train, apply and inspect byte-level BPE tokenizers.", no_args_is_help=True)
@@ -125,10 +126,10 @@ def inspect(
     table = Table(title=str(path), show_header=False)
     table.add_row("vocab size", f"{tok.vocab_size:,}")
     table.add_row("merges", f"{len(tok.merges):,}")
-    table.add_row("special tokens", ", ".join(f"{s} ({i})" for s, i in tok.special_tokens.items()) or "none")
-    table.add_row("pattern", tok.pattern)
+    table.add_row("special tokens", escape(", ".join(f"{s} ({i})" for s, i in tok.special_tokens.items()) or "none"))
+    table.add_row("pattern", escape(tok.pattern))
     tokens = sorted(tok.vocab.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:longest]
-    table.add_row("longest tokens", "\n".join(f"{i}: {b.decode('utf-8', 'replace')!r}" for i, b in tokens))
+    table.add_row("longest tokens", escape("\n".join(f"{i}: {b.decode('utf-8', 'replace')!r}" for i, b in tokens)))
     if sample is not None:
         if not sample.is_file():
             raise _fail(f"{sample}: no such file")
