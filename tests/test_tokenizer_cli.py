@@ -62,13 +62,21 @@ def test_train_inspect_encode(tmp_path, small_files):
     assert all(s["tokens"] <= 5000 for s in manifest["shards"]) and manifest["total_tokens"] == len(want)
 
 
-def test_shards_are_identical_for_any_worker_count(tmp_path, small_files):
-    tok = train_bpe(files=small_files, vocab_size=300, progress=False)
-    one = write_shards(tok, small_files, tmp_path / "a", workers=1, progress=False)
-    two = write_shards(tok, small_files, tmp_path / "b", workers=2, progress=False)
-    assert one["total_tokens"] == two["total_tokens"]
-    for a, b in zip(one["shards"], two["shards"], strict=True):
-        assert np.array_equal(np.load(tmp_path / "a" / a["file"]), np.load(tmp_path / "b" / b["file"]))
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k"])
+def test_shards_equal_whole_file_encoding_for_any_cut_and_worker_count(tmp_path, small_files, pattern):
+    from lmforge.tokenizer import CL100K_PATTERN, GPT2_PATTERN
+
+    tricky = tmp_path / "tricky.txt"  # blank-line runs, CRLF and spaces: cuts must not change pre-tokens
+    tricky.write_bytes(("word \r\n\n\n   \n\tx  don't 123456 " * 300).encode())
+    files = [*small_files, tricky]
+    regex = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}[pattern]
+    tok = train_bpe(files=small_files, vocab_size=300, pattern=regex, progress=False)
+    want = [tok.encode_ordinary(f.read_bytes().decode()) for f in files]
+    for workers, unit in ((1, 1 << 22), (2, 97)):
+        manifest = write_shards(tok, files, tmp_path / f"s{workers}", workers=workers, progress=False, unit_chars=unit)
+        got = np.concatenate([np.load(tmp_path / f"s{workers}" / s["file"]) for s in manifest["shards"]])
+        assert got.tolist() == [i for ids in want for i in ids]
+        assert [i["tokens"] for i in manifest["inputs"]] == [len(ids) for ids in want]
 
 
 def test_cli_errors_are_clear(tmp_path, small_files):

@@ -33,11 +33,14 @@ def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -
     return model, tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a directory (tokenizer.json, or vocab.json + merges.txt) or a `.tiktoken` file."""
+def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
+    """A tokenizer from a directory (tokenizer.json, or vocab.json + merges.txt) or a `.tiktoken` file.
+
+    A `.tiktoken` file holds only the ranks: pass `pattern=` and `special_tokens=` for it (the
+    defaults are cl100k's)."""
     from lmforge.tokenizer.formats import load_tokenizer as load_any
 
-    return load_any(path)
+    return load_any(path, **kwargs)
 
 
 def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None) -> None:

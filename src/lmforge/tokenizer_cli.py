@@ -83,7 +83,8 @@ def train(
     if held_out is not None:
         if not held_out.is_file():
             raise _fail(f"{held_out}: no such file")
-        console.print(f"compression on {held_out.name}: {compression(tok, held_out.read_text()):.2f} bytes/token")
+        ratio = compression(tok, held_out.read_bytes().decode("utf-8", "replace"))
+        console.print(f"compression on {held_out.name}: {ratio:.2f} bytes/token")
 
 
 @app.command()
@@ -133,5 +134,6 @@ def inspect(
     if sample is not None:
         if not sample.is_file():
             raise _fail(f"{sample}: no such file")
-        table.add_row("compression", f"{compression(tok, sample.read_text()):.2f} bytes/token on {sample.name}")
+        ratio = compression(tok, sample.read_bytes().decode("utf-8", "replace"))
+        table.add_row("compression", f"{ratio:.2f} bytes/token on {sample.name}")
     console.print(table)

@@ -6,42 +6,44 @@ Layout of an output directory:
                                              mmap_mode="r")` maps one without reading it
     manifest.json                            {"format": "lmforge-shards/1", "dtype", "vocab_size",
                                              "eot_id", "total_tokens", "shards": [{"file", "tokens"}],
-                                             "inputs": [{"file", "tokens"}], "tokenizer"}
+                                             "inputs": [{"file", "tokens"}]}
 
 Each input file is one document, followed by the end-of-text token when the tokenizer has one, so
-loaders can respect document boundaries. Files are split into pieces at line boundaries and the
-pieces are encoded in parallel on all cores; results are written in input order, so the output is
-identical whatever the number of workers.
+loaders can respect document boundaries. Files are cut into work units of about `unit_chars`
+characters at word ends (where pre-tokenization cannot change, see `lmforge.tokenizer.pretokenize`),
+so the ids equal `encode_ordinary(file text)` exactly; units are encoded in parallel with a bounded
+number in flight, and written in input order, so the output does not depend on the worker count.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmforge.io.atomic import atomic_path, atomic_write
+from lmforge.tokenizer.pretokenize import cpu_count, iter_pieces, read_chunks
 
-PIECE_BYTES = 4 << 20
+UNIT_CHARS = 1 << 22
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
 
 
-def _pieces(path: Path, piece_bytes: int) -> Iterator[tuple[str, int, int]]:
-    """(file, start, end) byte ranges that end at a newline (or the end of the file)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        start = 0
-        while start < size:
-            f.seek(min(start + piece_bytes, size))
-            f.readline()
-            end = min(f.tell(), size)
-            yield str(path), start, end
-            start = end
+def _units(path: Path, unit_chars: int) -> Iterator[tuple[str, bool]]:
+    """(text, is_last) work units of one file, cut at word ends."""
+    batch: list[str] = []
+    size = 0
+    for piece, _ in iter_pieces(read_chunks(path), None):
+        batch.append(piece)
+        size += len(piece)
+        if size >= unit_chars:
+            yield "".join(batch), False
+            batch, size = [], 0
+    yield "".join(batch), True
 
 
 _worker_tokenizer: Any = None
@@ -52,15 +54,7 @@ def _init_worker(tokenizer: Any) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _encode_piece(piece: tuple[str, int, int]) -> np.ndarray:
-    path, start, end = piece
-    with open(path, "rb") as f:
-        f.seek(start)
-        raw = f.read(end - start)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte offset {start + e.start})") from None
+def _encode(text: str) -> np.ndarray:
     return np.asarray(_worker_tokenizer.encode_ordinary(text), dtype=np.uint32)
 
 
@@ -70,6 +64,30 @@ def eot_id(tokenizer: Any) -> int | None:
     return next((specials[n] for n in EOT_NAMES if n in specials), None)
 
 
+class _ShardWriter:
+    def __init__(self, out: Path, shard_tokens: int, dtype: type) -> None:
+        self.out, self.shard_tokens, self.dtype = out, shard_tokens, dtype
+        self.shards: list[dict[str, Any]] = []
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self.buffer.append(ids)
+        self.buffered += len(ids)
+        if self.buffered >= self.shard_tokens:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        data = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
+        while len(data) >= self.shard_tokens or (final and len(data)):
+            chunk, data = data[: self.shard_tokens], data[self.shard_tokens :]
+            name = f"shard_{len(self.shards):05d}.npy"
+            with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f:
+                np.save(f, chunk.astype(self.dtype))
+            self.shards.append({"file": name, "tokens": len(chunk)})
+        self.buffer, self.buffered = ([data] if len(data) else []), len(data)
+
+
 def write_shards(
     tokenizer: Any,
     inputs: Sequence[str | Path],
@@ -77,6 +95,7 @@ def write_shards(
     shard_tokens: int = 1 << 26,
     workers: int | None = None,
     progress: bool = True,
+    unit_chars: int = UNIT_CHARS,
 ) -> dict[str, Any]:
     """Encode `inputs` into token shards under `out`; returns the manifest."""
     from tqdm import tqdm
@@ -87,48 +106,40 @@ def write_shards(
             raise FileNotFoundError(f"{p}: no such file")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    writer = _ShardWriter(out, shard_tokens, np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     eot = eot_id(tokenizer)
-    pieces = [piece for p in paths for piece in _pieces(p, PIECE_BYTES)]
-    shards: list[dict[str, Any]] = []
-    per_input: dict[str, int] = {str(p): 0 for p in paths}
-    buffer: list[np.ndarray] = []
-    buffered = 0
-
-    def flush(final: bool) -> None:
-        nonlocal buffer, buffered
-        data = np.concatenate(buffer) if buffer else np.zeros(0, dtype)
-        while len(data) >= shard_tokens or (final and len(data)):
-            chunk, data = data[:shard_tokens], data[shard_tokens:]
-            name = f"shard_{len(shards):05d}.npy"
-            with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
-                np.save(f, chunk.astype(dtype))
-            shards.append({"file": name, "tokens": len(chunk)})
-        buffer, buffered = ([data] if len(data) else []), len(data)
-
-    n_workers = workers or os.cpu_count() or 1
+    per_input = [{"file": str(p), "tokens": 0} for p in paths]
+    n_workers = workers or cpu_count()
     bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, disable=not progress)
+    pending: deque[tuple[int, int, bool, Future]] = deque()
+
+    def finish_one() -> None:
+        index, n_bytes, is_last, future = pending.popleft()
+        ids = future.result()
+        if is_last and eot is not None:
+            ids = np.append(ids, np.uint32(eot))
+        writer.add(ids)
+        per_input[index]["tokens"] += len(ids)
+        bar.update(n_bytes)
+
     with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        for (path, start, end), ids in zip(pieces, pool.map(_encode_piece, pieces), strict=True):
-            last_piece = end == Path(path).stat().st_size
-            if last_piece and eot is not None:
-                ids = np.append(ids, np.uint32(eot))
-            buffer.append(ids)
-            buffered += len(ids)
-            per_input[path] += len(ids)
-            bar.update(end - start)
-            if buffered >= shard_tokens:
-                flush(final=False)
-    flush(final=True)
+        for index, path in enumerate(paths):
+            for text, is_last in _units(path, unit_chars):
+                pending.append((index, len(text.encode("utf-8")), is_last, pool.submit(_encode, text)))
+                while len(pending) > 2 * n_workers:  # bounded memory: a few units in flight
+                    finish_one()
+        while pending:
+            finish_one()
+    writer.flush(final=True)
     bar.close()
     manifest = {
         "format": "lmforge-shards/1",
-        "dtype": np.dtype(dtype).name,
+        "dtype": np.dtype(writer.dtype).name,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": eot,
-        "total_tokens": sum(s["tokens"] for s in shards),
-        "shards": shards,
-        "inputs": [{"file": f, "tokens": n} for f, n in per_input.items()],
+        "total_tokens": sum(s["tokens"] for s in writer.shards),
+        "shards": writer.shards,
+        "inputs": per_input,
     }
     atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
