@@ -1,0 +1,200 @@
+"""Single-stream generation with a contiguous KV cache, streaming text as it is decided.
+
+    prefill:  one forward over the prompt fills the cache and gives the logits of token 1
+    decode:   token t -> forward of that one token (reading the cache) -> logits of token t + 1
+
+Each step the logits go through `sampling.process_logits` (penalties, temperature, top-k/p, min-p) and
+`sampling.next_token` (argmax or a seeded draw). `generate` yields one `GenerationEvent` per token with the
+text that token completed, so a caller can print as it goes. Text is held back in two places:
+
+* the `IncrementalDecoder` keeps the bytes of an unfinished UTF-8 character until the next token ends it;
+* the `StopStringBuffer` keeps the longest tail of the text that is a prefix of a stop string, so a stop
+  string spread over several tokens is cut out before any of it is shown.
+
+Generation ends at the first of: a stop token (the tokenizer's eos token, unless `ignore_eos`, and
+`params.stop_token_ids`; never shown as text), a stop string (the text ends just before it), `max_tokens`,
+or the model's `max_seq_len`. The last event carries `finish_reason` ("stop" or "length") and timings:
+prefill tokens/s (prompt tokens over the time to the first token) and decode tokens/s (the other tokens
+over the time after it; the caller's time between events is not counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.infer.kv_cache import KVCache
+from lmforge.infer.sampling import SamplingParams, next_token, process_logits
+from lmforge.tokenizer.bpe import IncrementalDecoder
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_s: float  # prompt forward + first token
+    decode_s: float  # every later token
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class GenerationEvent:
+    """One generated token and the text it released (possibly "" while text is held back)."""
+
+    text: str
+    token_id: int
+    finish_reason: str | None = None  # set on the last event: "stop" or "length"
+    stats: GenerationStats | None = None  # set on the last event
+
+
+class StopStringBuffer:
+    """Cut the text at the first stop string, holding back any tail that may still grow into one.
+
+    Invariant: text already released contains no stop string and no start of one (every released
+    position was checked against the text that followed it, or was not a possible start).
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add `text`; return (the text now safe to release, whether a stop string was found)."""
+        buf = self.held + text
+        found = [i for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:
+            self.held = ""
+            return buf[: min(found)], True
+        keep = max((self._partial(buf, s) for s in self.stops), default=0)
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    @staticmethod
+    def _partial(buf: str, stop: str) -> int:
+        """The length of the longest tail of `buf` that is a proper prefix of `stop`."""
+        for k in range(min(len(stop) - 1, len(buf)), 0, -1):
+            if stop.startswith(buf[-k:]):
+                return k
+        return 0
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def eos_token_id(tokenizer) -> int | None:
+    """The id of the tokenizer's eos token (`eos_token_id`, else `eos_token` looked up), or None."""
+    if (found := getattr(tokenizer, "eos_token_id", None)) is not None:
+        return found
+    if (eos := getattr(tokenizer, "eos_token", None)) is None:
+        return None
+    found = tokenizer.token_to_id(eos)
+    return found if found is not None else tokenizer.token_to_id(eos.encode("utf-8"))
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of `prompt`: ids pass through; text is encoded with special tokens recognised (as a
+    rendered chat template needs), after the bos token when the tokenizer says `add_bos_token`."""
+    if not isinstance(prompt, str):
+        return [int(i) for i in prompt]
+    ids = tokenizer.encode(prompt, allowed_special="all")
+    bos = getattr(tokenizer, "bos_token", None)
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None:
+        bos_id = tokenizer.token_to_id(bos)
+        if bos_id is not None and ids[:1] != [bos_id]:
+            ids.insert(0, bos_id)
+    return ids
+
+
+@torch.inference_mode()  # per call, not around the loop: a suspended generator must not leak the mode
+def _last_logits(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """(1, V) fp32 logits of the last position; the head runs on that position only."""
+    h = model.hidden_states(ids, cache=cache)
+    return model.logits(h[:, -1]).float()
+
+
+def generate(
+    model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, **overrides
+) -> Iterator[GenerationEvent]:
+    """Stream the continuation of `prompt` (text or token ids), one event per generated token.
+
+    `overrides` replace fields of `params` (e.g. `generate(model, tok, "Hi", max_tokens=8, temperature=0)`).
+    A bad prompt raises here, before the first step.
+    """
+    params = dataclasses.replace(params or SamplingParams(), **overrides)
+    ids = encode_prompt(tokenizer, prompt)
+    limit = model.config.max_seq_len
+    if not ids:
+        raise ValueError("the prompt is empty: generation needs at least one token")
+    if len(ids) >= limit:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model's max_seq_len is {limit}")
+    budget = min(params.max_tokens, limit - len(ids))
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos and (eos := eos_token_id(tokenizer)) is not None:
+        stop_ids.add(eos)
+    return _stream(model, tokenizer, ids, params, budget, stop_ids)  # errors above raise before any step
+
+
+def _stream(model, tokenizer, ids: list[int], params: SamplingParams, budget: int, stop_ids: set[int]):
+    device = next(model.parameters()).device
+    generator = torch.Generator(device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    n_prompt = n = len(ids)
+    tokens = torch.zeros(1, n_prompt + budget, dtype=torch.long, device=device)  # prompt, then generated
+    tokens[0, :n_prompt] = torch.tensor(ids)
+    cache = KVCache(n_prompt + budget)
+    decoder, stops = IncrementalDecoder(tokenizer), StopStringBuffer(params.stop)
+    prefill_s = decode_s = 0.0
+
+    start = time.perf_counter()
+    logits = _last_logits(model, tokens[:, :n_prompt], cache)
+    for step in range(budget):
+        with torch.inference_mode():
+            logits = process_logits(logits, params, tokens[:, :n], tokens[:, n_prompt:n])
+            token = int(next_token(logits, params, generator))
+        tokens[0, n] = token
+        n += 1
+        finish = "stop" if token in stop_ids else "length" if step == budget - 1 else None
+        text = "" if token in stop_ids else decoder.add(token)
+        if finish:
+            text += decoder.flush()
+        text, hit = stops.push(text)
+        if hit:
+            finish = "stop"
+        elif finish:
+            text += stops.flush()
+
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            prefill_s = elapsed
+        else:
+            decode_s += elapsed
+        if finish:
+            stats = GenerationStats(n_prompt, n - n_prompt, prefill_s, decode_s)
+            yield GenerationEvent(text, token, finish, stats)
+            return
+        yield GenerationEvent(text, token)
+        start = time.perf_counter()
+        logits = _last_logits(model, tokens[:, n - 1 : n], cache)
+
+
+def generate_text(
+    model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, **overrides
+) -> str:
+    """The whole continuation of `prompt` as one string (see `generate`)."""
+    return "".join(event.text for event in generate(model, tokenizer, prompt, params, **overrides))
