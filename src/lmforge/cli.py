@@ -12,6 +12,7 @@ from rich.table import Table
 
 import lmforge
 from lmforge.config import PRESETS
+from lmforge.generate_cli import chat_command, generate_command
 from lmforge.tokenizer_cli import app as tokenizer_app
 
 app = typer.Typer(
@@ -22,6 +23,8 @@ app = typer.Typer(
 )
 console = Console()
 app.add_typer(tokenizer_app, name="tokenizer")
+app.command("generate")(generate_command)
+app.command("chat")(chat_command)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,130 @@
+"""`lmforge generate` and `lmforge chat`: run a model from the command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+Model = Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")]
+MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
+TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set with this much probability.")]
+MinP = Annotated[float, typer.Option(help="Drop tokens below min_p times the top probability.")]
+RepetitionPenalty = Annotated[float, typer.Option(help="CTRL-style penalty on tokens already seen (1: off).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+
+
+def _load(path: Path, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    import lmforge
+
+    try:
+        model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype))
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    if tokenizer is None:
+        err.print(f"[red]error:[/red] {path}: has no tokenizer")
+        raise typer.Exit(1)
+    return model, tokenizer
+
+
+def _params(**values: Any) -> Any:
+    from lmforge.infer.sampling import SamplingParams
+
+    try:
+        return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+
+
+def _stream(model: Any, tokenizer: Any, prompt: str | list[int], params: Any) -> tuple[str, Any]:
+    """Print tokens as they come; return the text and the final stats."""
+    from lmforge.infer.generate import generate
+
+    pieces, stats = [], None
+    for event in generate(model, tokenizer, prompt, params):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        pieces.append(event.text)
+        stats = event.stats or stats
+    return "".join(pieces), stats
+
+
+def _report(stats: Any) -> None:
+    if stats is not None:
+        err.print(
+            f"[dim]prompt {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_s:.1f} tok/s prefill; "
+            f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode[/dim]"
+        )
+
+
+def generate_command(
+    model: Model,
+    prompt: Annotated[str, typer.Option(help="The text to continue.")],
+    max_tokens: MaxTokens = 128,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+) -> None:
+    """Continue a prompt, streaming to stdout; speeds go to stderr."""
+    m, tok = _load(model, dtype)
+    params = _params(
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
+    )  # fmt: skip
+    _, stats = _stream(m, tok, prompt, params)
+    sys.stdout.write("\n")
+    _report(stats)
+
+
+def chat_command(
+    model: Model,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+) -> None:
+    """Chat with a model (its chat template, history kept). Type /reset to start over, /exit to quit."""
+    m, tok = _load(model, dtype)
+    if not getattr(tok, "chat_template", None):
+        err.print(f"[red]error:[/red] {model}: the tokenizer has no chat template")
+        raise typer.Exit(1)
+    params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    err.print("[dim]/reset clears the conversation, /exit quits[/dim]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = list(start)
+            err.print("[dim](conversation reset)[/dim]")
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        reply, stats = _stream(m, tok, prompt, params)
+        sys.stdout.write("\n")
+        _report(stats)
+        history.append({"role": "assistant", "content": reply.strip()})

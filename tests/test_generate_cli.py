@@ -1,0 +1,59 @@
+"""`lmforge generate` and `lmforge chat` on a tiny model directory with a tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lmforge
+from lmforge.cli import app
+from lmforge.config import ModelConfig
+from lmforge.infer.generate import generate_text
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer import train_bpe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    text = "To be, or not to be, that is the question. " * 40
+    tok = train_bpe(texts=[text], vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], progress=False)
+    tok.eos_token = "<|im_end|>"
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=256))
+    path = tmp_path_factory.mktemp("model")
+    lmforge.save(model, path, tokenizer=tok)
+    return path
+
+
+def test_generate_streams_text_and_reports_speed(model_dir):
+    result = runner.invoke(app, ["generate", str(model_dir), "--prompt", "To be", "--max-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    model, tok = lmforge.load(model_dir)
+    want = generate_text(model, tok, "To be", SamplingParams(temperature=0, max_tokens=12))
+    assert result.stdout.startswith(want)
+    assert "tok/s decode" in result.stderr and "tok/s prefill" in result.stderr
+
+
+def test_chat_keeps_history_and_resets(model_dir):
+    script = "hello\n/reset\nhi there\n/exit\n"
+    args = ["chat", str(model_dir), "--max-tokens", "5", "--temperature", "0"]
+    result = runner.invoke(app, args, input=script)
+    assert result.exit_code == 0, result.output
+    assert "conversation reset" in result.stderr
+    prompts = result.stdout.split("> ")
+    assert len(prompts) == 5  # before hello, after hello, after /reset, after "hi there", after /exit
+    fresh = runner.invoke(app, args, input="hi there\n/exit\n")
+    assert prompts[3] == fresh.stdout.split("> ")[1]  # after /reset the model sees only the new turn
+    kept = runner.invoke(app, args, input="hello\nhi there\n/exit\n")
+    assert kept.stdout.split("> ")[1] == prompts[1]
+
+
+def test_errors_are_clear(tmp_path, model_dir):
+    result = runner.invoke(app, ["generate", str(tmp_path / "none"), "--prompt", "x"])
+    assert result.exit_code == 1 and "no such file" in " ".join(result.stderr.split())
+    result = runner.invoke(app, ["generate", str(model_dir), "--prompt", "x", "--top-p", "2"])
+    assert result.exit_code == 1 and "top_p" in result.stderr
