@@ -17,7 +17,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -
     """Load a model directory and return `(model, tokenizer)`.
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
-    it has them; the tokenizer is None when it has none). `dtype` casts floating-point weights;
+    it has them; the tokenizer is None when it has none) or a GGUF file (llama.cpp; weights are
+    dequantized to float32). `dtype` casts floating-point weights;
     `overrides` replace `ModelConfig` fields (e.g. `attn_backend="eager"`).
     """
     from lmforge.io.hf import load_hf
@@ -25,6 +26,10 @@ def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".gguf":
+        from lmforge.io.gguf_model import load_gguf_model
+
+        return load_gguf_model(path, dtype=dtype, **overrides), load_tokenizer(path)
     model = load_hf(path, dtype=dtype, **overrides)
     try:
         tokenizer = load_tokenizer(path)
@@ -34,12 +39,19 @@ def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
-    """A tokenizer from a directory (tokenizer.json, or vocab.json + merges.txt) or a `.tiktoken` file.
+    """A tokenizer from a directory (tokenizer.json, or vocab.json + merges.txt), a `.tiktoken` file or a
+    GGUF file.
 
     A `.tiktoken` file holds only the ranks: pass `pattern=` and `special_tokens=` for it (the
     defaults are cl100k's)."""
     from lmforge.tokenizer.formats import load_tokenizer as load_any
 
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        from lmforge.io.gguf import GGUFFile
+        from lmforge.tokenizer.gguf_vocab import tokenizer_from_gguf
+
+        with GGUFFile(path) as gguf:
+            return tokenizer_from_gguf(gguf.metadata, str(path))
     return load_any(path, **kwargs)
 
 

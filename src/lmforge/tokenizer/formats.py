@@ -58,7 +58,7 @@ from typing import Any
 
 from lmforge.io.atomic import atomic_write
 from lmforge.tokenizer.bpe import Tokenizer
-from lmforge.tokenizer.pretokenize import CL100K_PATTERN, GPT2_PATTERN
+from lmforge.tokenizer.pretokenize import CL100K_PATTERN, DIGITS_GPT2_PATTERN, GPT2_PATTERN
 
 __all__ = [
     "CL100K_SPECIAL_TOKENS",
@@ -316,6 +316,9 @@ def _pattern_from_pre_tokenizer(pre: Any, where: str) -> str:
         kinds = [_kind(s) for s in steps]
         if kinds == ["ByteLevel"]:
             return _pattern_from_pre_tokenizer(steps[0], where)
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+            byte_level(steps[1], use_regex=True)
+            return DIGITS_GPT2_PATTERN
         if kinds == ["Split", "ByteLevel"]:
             split, level = steps
             byte_level(level, use_regex=False)

@@ -54,6 +54,9 @@ LLAMA3_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
     r"""\s+(?!\S)|\s+"""
 )
+# tokenizers' Sequence[Digits(individual_digits=True), ByteLevel] (SmolLM, StarCoder) as one regex: every
+# digit alone, and a whitespace run that ends before a digit kept whole (there it ended its segment).
+DIGITS_GPT2_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++(?:$|(?=\p{N}))|\s+(?!\S)|\s"""
 
 # Reverse search ((?r)) for the last word end before a limit: m.end() is the cut position.
 _WORD_END = regex.compile(r"(?r)\p{L}(?=\P{L})|\p{N}(?=\P{N})")
