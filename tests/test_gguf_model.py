@@ -126,3 +126,16 @@ def test_chat_template_matches_transformers(ours, reference):
     for gen in (False, True):
         want = reference[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
         assert ours[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == want
+
+
+def test_info_shows_gguf_metadata_and_tensors():
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    result = CliRunner().invoke(app, ["info", str(smollm2_dir() / NAME), "--tensors"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for want in ("GGUF v3", "134,515,008", "Q4_1: 210", "Q8_0: 1", "F32: 61", "tokenizer.ggml.pre", "smollm"):
+        assert want in text
+    assert "blk.29.ffn_down.weight" in text and "576x1536" in text

@@ -44,15 +44,20 @@ def main(
 
 @app.command()
 def info(
-    path: Annotated[Path, typer.Argument(help="A Hugging Face model directory (config.json + safetensors).")],
+    path: Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")],
+    tensors: Annotated[
+        bool, typer.Option("--tensors", help="Also list every tensor (GGUF): type, shape, size.")
+    ] = False,
 ) -> None:
-    """Show a model's architecture, configuration, parameter count, dtype and size on disk."""
-    from lmforge.inspect import describe
+    """Show a model's architecture, configuration, parameter count, dtype and size on disk (GGUF: its metadata
+    and tensor types)."""
+    from lmforge.inspect import describe, gguf_tensor_rows
 
     try:
         summary = describe(path)
+        rows = gguf_tensor_rows(path) if tensors else []
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from None
     table = Table(title=escape(str(path)), show_header=False)
     table.add_column("field", style="bold")
@@ -60,6 +65,11 @@ def info(
     for key, value in summary.items():
         table.add_row(key, escape(str(value)))
     console.print(table)
+    if rows:
+        listing = Table("tensor", "type", "shape", "size")
+        for row in rows:
+            listing.add_row(*(escape(str(v)) for v in row))
+        console.print(listing)
 
 
 @app.command()

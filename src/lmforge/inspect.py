@@ -19,14 +19,16 @@ def _count_params(cfg: ModelConfig) -> int:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """Architecture, config fields, parameter count, dtype and file size of a model directory."""
+    """Architecture, config fields, parameter count, dtype and file size of a model directory or GGUF file."""
     from lmforge.io.hf import _open_weights, read_config
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".gguf":
+        return describe_gguf(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: expected a Hugging Face model directory")
+        raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     cfg = ModelConfig.from_hf(read_config(path))
     files = set(_open_weights(path).values())
     dtypes = sorted({str(f.get(k).dtype).removeprefix("torch.") for f in files for k in f.keys()})  # noqa: SIM118
@@ -36,12 +38,62 @@ def describe(path: str | Path) -> dict[str, Any]:
     summary["dtype"] = ", ".join(dtypes)
     size = sum(f.path.stat().st_size for f in files)
     summary["file size"] = _human_size(size)
+    return summary | _config_rows(cfg)
+
+
+def _config_rows(cfg: ModelConfig) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if field.name in ("arch", "extra", "attn_backend") or value is None or value is False:
             continue
         summary[field.name] = value
     return summary
+
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    """A GGUF file: its metadata (long arrays summarised), tensor types with their sizes, and the
+    lmforge config it loads as (when the architecture is supported)."""
+    from collections import Counter
+
+    from lmforge.io.gguf import GGUFFile
+    from lmforge.io.gguf_model import config_from_gguf
+
+    with GGUFFile(path) as gguf:
+        summary: dict[str, Any] = {"format": f"GGUF v{gguf.version}", "file size": _human_size(path.stat().st_size)}
+        counts: Counter[str] = Counter()
+        sizes: Counter[str] = Counter()
+        for info in gguf.tensors.values():
+            counts[info.type_name] += 1
+            sizes[info.type_name] += info.n_bytes
+        params = sum(info.n_elements for info in gguf.tensors.values())
+        summary["parameters"] = f"{params:,} ({params / 1e6:.1f}M) in {len(gguf.tensors)} tensors"
+        summary["tensor types"] = ", ".join(f"{t}: {counts[t]} ({_human_size(sizes[t])})" for t in sorted(counts))
+        for key, value in gguf.metadata.items():
+            if isinstance(value, list) and len(value) > 8:
+                value = f"[{len(value)} items] {', '.join(map(repr, value[:3]))}, ..."
+            elif isinstance(value, str) and len(value) > 200:
+                value = value[:200] + f"... ({len(value)} characters)"
+            summary[key] = value
+        try:
+            cfg = config_from_gguf(gguf)
+        except ValueError as e:
+            summary["lmforge"] = f"cannot load: {e}"
+            return summary
+    return summary | {f"lmforge {k}": v for k, v in _config_rows(cfg).items()}
+
+
+def gguf_tensor_rows(path: str | Path) -> list[tuple[str, str, str, str]]:
+    """(name, type, shape, size) of every tensor of a GGUF file, in file order."""
+    from lmforge.io.gguf import GGUFFile
+
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise ValueError(f"{path}: --tensors lists the tensors of a .gguf file")
+    with GGUFFile(path) as gguf:
+        return [
+            (t.name, t.type_name, "x".join(map(str, t.shape)), _human_size(t.n_bytes)) for t in gguf.tensors.values()
+        ]
 
 
 def _human_size(n: float) -> str:
