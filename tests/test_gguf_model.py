@@ -139,3 +139,17 @@ def test_info_shows_gguf_metadata_and_tensors():
     for want in ("GGUF v3", "134,515,008", "Q4_1: 210", "Q8_0: 1", "F32: 61", "tokenizer.ggml.pre", "smollm"):
         assert want in text
     assert "blk.29.ffn_down.weight" in text and "576x1536" in text
+
+
+@pytest.mark.slow
+def test_f32_export_of_the_real_model_is_lossless(ours, tmp_path):
+    """Q4_1 weights dequantize to float32 values, so an F32 export reloads bit-exactly with the same tokenizer."""
+    model, tok = ours
+    lmforge.save(model, tmp_path / "smollm2-f32.gguf", tok, qtype="f32")
+    back, tok2 = lmforge.load(tmp_path / "smollm2-f32.gguf")
+    assert back.config.replace(norm_eps=model.config.norm_eps) == model.config
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    text = (DATA / "hamlet_gut.txt").read_text()[:20_000] + " 12345 <|im_start|>"
+    assert tok2.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    assert (tok2.bos_token, tok2.eos_token, tok2.chat_template) == (tok.bos_token, tok.eos_token, tok.chat_template)

@@ -55,8 +55,15 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
     return load_any(path, **kwargs)
 
 
-def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
-    """Write `model` (and `tokenizer`, if given) as a Hugging Face directory that `transformers` loads."""
+def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None, qtype: str = "f16") -> None:
+    """Write `model` (and `tokenizer`, if given) as a Hugging Face directory that `transformers` loads,
+    or, when `path` ends in `.gguf`, as one GGUF file (`qtype`: f32, f16, q8_0 or q4_0; a tokenizer is
+    required) that llama.cpp, transformers and `lmforge.load` read."""
+    if str(path).endswith(".gguf"):
+        from lmforge.io.gguf_export import save_gguf
+
+        save_gguf(model, tokenizer, path, qtype)
+        return
     from lmforge.io.hf import save_hf
 
     save_hf(model, path)

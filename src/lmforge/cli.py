@@ -12,6 +12,7 @@ from rich.table import Table
 
 import lmforge
 from lmforge.config import PRESETS
+from lmforge.export_cli import export_command
 from lmforge.generate_cli import chat_command, generate_command
 from lmforge.tokenizer_cli import app as tokenizer_app
 
@@ -25,6 +26,7 @@ console = Console()
 app.add_typer(tokenizer_app, name="tokenizer")
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
+app.command("export")(export_command)
 
 
 def _version(value: bool) -> None:
