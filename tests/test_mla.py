@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
+import transformers
+from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 from lmforge.config import MLAConfig, ModelConfig, RopeScaling
 from lmforge.infer.kv_cache import KVCache
 from lmforge.model.attention import AttentionInputs, build_mask
 from lmforge.model.mla import LatentAttention
 from lmforge.model.position import rope_cos_sin
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2  # noqa: E402
-from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3  # noqa: E402
 
 D, H, KV_RANK, NOPE, ROPE, V = 64, 4, 16, 8, 4, 8
 B, T = 2, 9

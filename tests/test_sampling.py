@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers.generation.logits_process as T
 
 from lmforge.infer.sampling import (
     SamplingParams,
@@ -18,8 +19,6 @@ from lmforge.infer.sampling import (
     top_k_filter,
     top_p_filter,
 )
-
-T = pytest.importorskip("transformers.generation.logits_process")
 
 V = 50
 

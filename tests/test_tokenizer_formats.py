@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 import regex
+import tiktoken
+import tokenizers
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.tokenizer import CL100K_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer
 from lmforge.tokenizer.formats import (
@@ -30,14 +34,8 @@ from lmforge.tokenizer.formats import (
     save_vocab_merges,
 )
 
-tokenizers = pytest.importorskip("tokenizers")
-tiktoken = pytest.importorskip("tiktoken")
-from tiktoken.load import load_tiktoken_bpe  # noqa: E402
-from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
-
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
-if not DATA.is_dir():
-    pytest.skip(f"{DATA} not found", allow_module_level=True)
+assert DATA.is_dir(), f"{DATA} not found: the tests need the shared Shakespeare data"
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TRAIN_FILES = ["hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt"]  # tempest and the sonnets are held out

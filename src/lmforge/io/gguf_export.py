@@ -22,6 +22,9 @@ floats as f32, the types llama.cpp checks):
     tokenizer.ggml.merges        "left right" in rank order
     tokenizer.ggml.{bos,eos,unknown,padding}_token_id <- tokenizer.{bos,eos,unk,pad}_token
     tokenizer.ggml.add_bos_token = add_space_prefix = False (lmforge's encode adds neither)
+    A SentencePiece tokenizer (read from a "llama" GGUF vocabulary) is written back as read:
+    tokenizer.ggml.model = "llama", its pieces, tokenizer.ggml.scores, token types, add_bos_token and
+    add_space_prefix (and "[PAD{id}]" unused pieces for ids beyond them).
     tokenizer.chat_template      <- tokenizer.chat_template
 
 Tensors (lmforge parameter -> GGUF name; PyTorch's (out, in) row-major bytes are ggml's [in, out]):
@@ -60,13 +63,14 @@ from lmforge.config import ModelConfig
 from lmforge.io.gguf import GGUFValue, GGUFValueType, write_gguf
 from lmforge.io.gguf_model import _BLOCK_NAMES, _TOP_NAMES, ARCHES, config_from_gguf
 from lmforge.io.gguf_quants import QK, GGMLType
+from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.formats import bytes_to_unicode
 from lmforge.tokenizer.gguf_vocab import QWEN2_PATTERN
 from lmforge.tokenizer.pretokenize import DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN
+from lmforge.tokenizer.spm import SentencePieceTokenizer
 
 if TYPE_CHECKING:
     from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer.bpe import Tokenizer
 
 __all__ = ["FILE_TYPES", "PRE_NAMES", "QTYPES", "gguf_metadata", "gguf_tensors", "save_gguf"]
 
@@ -216,16 +220,42 @@ def gguf_tensors(model: Transformer, qtype: str | GGMLType = "f16") -> dict[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def _tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
-    if tok.pattern not in PRE_NAMES:
-        raise ValueError(
-            f"GGUF export: the tokenizer's pre-tokenizer regex {tok.pattern!r} has no llama.cpp name "
-            "(GGUF readers know GPT-2, Llama-3, SmolLM and Qwen2's patterns)"
-        )
+def _tokenizer_metadata(tok: Tokenizer | SentencePieceTokenizer, vocab_size: int) -> dict[str, Any]:
     if tok.vocab_size > vocab_size:
         raise ValueError(
             f"GGUF export: the tokenizer has {tok.vocab_size} token ids but the model's embedding has only "
             f"{vocab_size} rows"
+        )
+    if isinstance(tok, SentencePieceTokenizer):
+        meta = _sentencepiece_metadata(tok, vocab_size)
+    elif isinstance(tok, Tokenizer):
+        meta = _byte_level_metadata(tok, vocab_size)
+    else:
+        raise ValueError(f"GGUF export: cannot write a {type(tok).__name__} (byte-level BPE or SentencePiece only)")
+    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        s = getattr(tok, attr, None)
+        if s is None:
+            continue
+        tid = tok.special_tokens.get(s)
+        if tid is None:
+            tid = tok.token_to_id(s if isinstance(tok, SentencePieceTokenizer) else s.encode("utf-8"))
+        if tid is None:
+            raise ValueError(f"GGUF export: tokenizer.{attr}={s!r} is not a token of the tokenizer")
+        meta[f"tokenizer.ggml.{key}_token_id"] = _u32(tid)
+    if tok.chat_template:
+        meta["tokenizer.chat_template"] = tok.chat_template
+    return meta
+
+
+def _int32s(values: list[int]) -> GGUFValue:
+    return GGUFValue(values, GGUFValueType.ARRAY, GGUFValueType.INT32)
+
+
+def _byte_level_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    if tok.pattern not in PRE_NAMES:
+        raise ValueError(
+            f"GGUF export: the tokenizer's pre-tokenizer regex {tok.pattern!r} has no llama.cpp name "
+            "(GGUF readers know GPT-2, Llama-3, SmolLM and Qwen2's patterns)"
         )
     table = bytes_to_unicode()
     alphabet = set(table.values())
@@ -240,28 +270,29 @@ def _tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
             )
         tokens[i], types[i] = s, CONTROL
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    meta: dict[str, Any] = {
+    return {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": PRE_NAMES[tok.pattern],
         "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": GGUFValue(types, GGUFValueType.ARRAY, GGUFValueType.INT32),
+        "tokenizer.ggml.token_type": _int32s(types),
         "tokenizer.ggml.merges": [f"{tokens[a]} {tokens[b]}" for a, b in tok.merges],
         "tokenizer.ggml.add_bos_token": False,
         "tokenizer.ggml.add_space_prefix": False,
     }
-    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
-        s = getattr(tok, attr, None)
-        if s is None:
-            continue
-        tid = tok.special_tokens.get(s)
-        if tid is None:
-            tid = tok.token_to_id(s.encode("utf-8"))
-        if tid is None:
-            raise ValueError(f"GGUF export: tokenizer.{attr}={s!r} is not a token of the tokenizer")
-        meta[f"tokenizer.ggml.{key}_token_id"] = _u32(tid)
-    if tok.chat_template:
-        meta["tokenizer.chat_template"] = tok.chat_template
-    return meta
+
+
+def _sentencepiece_metadata(tok: SentencePieceTokenizer, vocab_size: int) -> dict[str, Any]:
+    """Pieces, scores and types as read; ids beyond them (a larger embedding) are unused "[PAD{id}]" pieces."""
+    extra = range(len(tok.pieces), vocab_size)
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tok.pieces + [f"[PAD{i}]" for i in extra],
+        "tokenizer.ggml.scores": GGUFValue(tok.scores + [0.0] * len(extra), GGUFValueType.ARRAY, _F32),
+        "tokenizer.ggml.token_type": _int32s(list(tok.types) + [UNUSED] * len(extra)),
+        "tokenizer.ggml.add_bos_token": tok.add_bos_token,
+        "tokenizer.ggml.add_space_prefix": tok.add_space_prefix,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

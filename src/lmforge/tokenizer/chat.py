@@ -305,6 +305,8 @@ def spans_to_token_mask(tokenizer: Any, text: str, ids: list[int], spans: list[t
         char_bytes.append(char_bytes[-1] + len(ch.encode("utf-8", "surrogatepass")))
     byte_spans = sorted((char_bytes[s], char_bytes[e]) for s, e in spans if e > s)
     mask, pos, k = [], 0, 0
+    if getattr(tokenizer, "add_space_prefix", False) and ids and not text.startswith(" "):
+        pos = -int(tokenizer.token_to_bytes(ids[0])[:1] == b" ")  # a SentencePiece "▁" the text does not have
     for n in _token_lengths(tokenizer, ids):
         start, end = pos, pos + n
         while k < len(byte_spans) and byte_spans[k][1] <= start:

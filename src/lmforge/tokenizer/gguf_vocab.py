@@ -10,6 +10,10 @@
 A byte-level GGUF vocabulary is turned into the tokenizer.json it came from (BPE model, the
 pre-tokenizer named by `pre`, control and user-defined tokens as added tokens) and read by the
 same code as tokenizer.json files, so both paths share their checks.
+
+A "llama" vocabulary (SentencePiece-style: pieces with "▁" for spaces, `<0xXX>` byte pieces, merges
+ordered by `tokenizer.ggml.scores`, `tokenizer.ggml.add_space_prefix`, `tokenizer.ggml.add_bos_token`)
+becomes a `SentencePieceTokenizer` (see `lmforge.tokenizer.spm`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.formats import bytes_to_unicode, tokenizer_from_hf
 from lmforge.tokenizer.pretokenize import LLAMA3_PATTERN
+from lmforge.tokenizer.spm import SentencePieceTokenizer, sentencepiece_from_gguf
 
 CONTROL, USER_DEFINED = 3, 4
 QWEN2_PATTERN = (
@@ -51,13 +56,15 @@ def _pre_tokenizer(pre: str, where: str) -> dict[str, Any]:
     return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
 
 
-def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> Tokenizer:
-    """The tokenizer described by GGUF metadata."""
+def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> Tokenizer | SentencePieceTokenizer:
+    """The tokenizer described by GGUF metadata: byte-level ("gpt2") or SentencePiece-style ("llama")."""
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         raise ValueError(f"{where}: no tokenizer.ggml.model: the file has no tokenizer")
+    if kind == "llama":
+        return sentencepiece_from_gguf(meta, where)
     if kind != "gpt2":
-        raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported yet (lmforge reads 'gpt2')")
+        raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported yet (lmforge reads 'gpt2', 'llama')")
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
