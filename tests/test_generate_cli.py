@@ -38,6 +38,14 @@ def test_generate_streams_text_and_reports_speed(model_dir):
     assert "tok/s decode" in result.stderr and "tok/s prefill" in result.stderr
 
 
+@pytest.mark.slow
+def test_generate_with_compile_prints_the_same_text(model_dir):
+    args = ["generate", str(model_dir), "--prompt", "To be", "--max-tokens", "12"]
+    plain, fast = runner.invoke(app, args), runner.invoke(app, [*args, "--compile"])
+    assert fast.exit_code == 0, fast.output
+    assert fast.stdout == plain.stdout and "tok/s decode" in fast.stderr
+
+
 def test_chat_keeps_history_and_resets(model_dir):
     script = "hello\n/reset\nhi there\n/exit\n"
     args = ["chat", str(model_dir), "--max-tokens", "5", "--temperature", "0"]

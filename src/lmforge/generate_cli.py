@@ -20,6 +20,14 @@ MinP = Annotated[float, typer.Option(help="Drop tokens below min_p times the top
 RepetitionPenalty = Annotated[float, typer.Option(help="CTRL-style penalty on tokens already seen (1: off).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Decode with a static KV cache and torch.compile: 2-3x faster tokens after a one-time compilation "
+        "(about a minute on a small CPU; cached on disk for later runs).",
+    ),
+]
 
 
 def _load(path: Path, dtype: str) -> tuple[Any, Any]:
@@ -48,12 +56,12 @@ def _params(**values: Any) -> Any:
         raise typer.Exit(1) from None
 
 
-def _stream(model: Any, tokenizer: Any, prompt: str | list[int], params: Any) -> tuple[str, Any]:
+def _stream(model: Any, tokenizer: Any, prompt: str | list[int], params: Any, compile: bool) -> tuple[str, Any]:
     """Print tokens as they come; return the text and the final stats."""
     from lmforge.infer.generate import generate
 
     pieces, stats = [], None
-    for event in generate(model, tokenizer, prompt, params):
+    for event in generate(model, tokenizer, prompt, params, compile=compile):
         sys.stdout.write(event.text)
         sys.stdout.flush()
         pieces.append(event.text)
@@ -81,6 +89,7 @@ def generate_command(
     seed: Seed = None,
     stop: Stop = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    compile: Compile = False,
 ) -> None:
     """Continue a prompt, streaming to stdout; speeds go to stderr."""
     m, tok = _load(model, dtype)
@@ -88,7 +97,7 @@ def generate_command(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
     )  # fmt: skip
-    _, stats = _stream(m, tok, prompt, params)
+    _, stats = _stream(m, tok, prompt, params, compile)
     sys.stdout.write("\n")
     _report(stats)
 
@@ -101,6 +110,7 @@ def chat_command(
     top_p: TopP = 0.9,
     seed: Seed = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    compile: Compile = False,
 ) -> None:
     """Chat with a model (its chat template, history kept). Type /reset to start over, /exit to quit."""
     m, tok = _load(model, dtype)
@@ -124,7 +134,7 @@ def chat_command(
             continue
         history.append({"role": "user", "content": line})
         prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
-        reply, stats = _stream(m, tok, prompt, params)
+        reply, stats = _stream(m, tok, prompt, params, compile)
         sys.stdout.write("\n")
         _report(stats)
         history.append({"role": "assistant", "content": reply.strip()})

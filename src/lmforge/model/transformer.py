@@ -10,6 +10,7 @@ logits = head(norm(h_L)) [soft-capped: c · tanh(logits / c)]
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -105,10 +106,24 @@ class Transformer(nn.Module):
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(h, self.head_weight)
+    def logits(self, h: torch.Tensor, linear: Callable[..., torch.Tensor] = nn.functional.linear) -> torch.Tensor:
+        """Vocabulary logits of final-normed states `h`; `linear(h, W)` computes h @ W^T (the static decoder
+        passes its matrix-vector form)."""
+        logits = linear(h, self.head_weight)
         cap = self.config.final_softcap
         return cap * torch.tanh(logits / cap) if cap is not None else logits
+
+    def embed_tokens(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (scaled, for Gemma), plus learned or sinusoidal position embeddings."""
+        cfg = self.config
+        x = self.embed(input_ids)
+        if cfg.embed_scale:
+            x = x * torch.tensor(cfg.d_model**0.5, dtype=x.dtype)
+        if cfg.position == "learned":
+            x = x + self.pos_embed(position_ids)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
+        return x
 
     def hidden_states(
         self,
@@ -146,14 +161,7 @@ class Transformer(nn.Module):
         elif valid_new is not None and not bool(valid_new.all()):
             key_valid = valid_new
 
-        x = self.embed(input_ids)
-        if cfg.embed_scale:
-            x = x * torch.tensor(cfg.d_model**0.5, dtype=x.dtype)
-        if cfg.position == "learned":
-            x = x + self.pos_embed(position_ids)
-        elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
-
+        x = self.embed_tokens(input_ids, position_ids)
         q_slots = torch.arange(past, past + t, device=x.device)
         k_slots = torch.arange(past + t, device=x.device)
         inputs = AttentionInputs(cache=cache)
