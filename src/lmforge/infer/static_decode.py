@@ -14,9 +14,9 @@ on a CPU the per-step Python work costs as much as the weight reads. Here, as in
 * Matrix-vector products. A decode step multiplies one row by every weight matrix: pure memory
   traffic (2 flops per 4 bytes in fp32). On CPU, BLAS's row-by-matrix `linear` streams the weights
   at about half the machine's read bandwidth. Written as a broadcast multiply and a sum,
-  `y_o = sum_i x_i W_oi`, inductor fuses it into one vectorized pass over W's rows that runs at
-  memory speed (see benchmarks/decode.py). The compiled step uses that form for every float32
-  `nn.Linear` and the head (`matvec`); eager runs and prefill keep `linear`. It runs on a view of
+  `y_o = sum_i x_i W_oi`, inductor fuses it into one vectorized pass over W's rows (accumulating in
+  float32) that runs near memory speed (see benchmarks/decode.py). The compiled step uses that form
+  for every `nn.Linear` and the head (`matvec`); eager runs and prefill keep `linear`. It runs on a view of
   the model (its module tree copied, every parameter shared), so the model itself is not changed.
 
 Otherwise the model's own modules do the work (each `Attention` calls `cache.update`, reads `inputs.masks`), so
@@ -41,10 +41,10 @@ from lmforge.model.position import rope_cos_sin
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; for one float32 row under `torch.compile`, as multiply + sum (module doc)."""
-    if x.numel() != x.shape[-1] or weight.dtype != torch.float32 or not torch.compiler.is_compiling():
+    """`F.linear(x, weight, bias)`; for one row under `torch.compile`, as multiply + sum (module doc)."""
+    if x.numel() != x.shape[-1] or not torch.compiler.is_compiling():
         return nn.functional.linear(x, weight, bias)
-    y = (x.unsqueeze(-2) * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)  # (..., 1, in) * (out, in) -> (..., out)
     return y if bias is None else y + bias
 
 
