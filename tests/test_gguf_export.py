@@ -255,3 +255,22 @@ def test_export_cli(tmp_path, tokenizers):
     assert bad.exit_code == 1 and "unknown --qtype 'q3'" in bad.output
     missing = runner.invoke(app, ["export", str(tmp_path / "nope"), str(tmp_path / "x.gguf")])
     assert missing.exit_code == 1 and "nope" in missing.output and not (tmp_path / "x.gguf").exists()
+
+
+def test_eot_token_and_add_bos_round_trip_and_drive_generation(tmp_path, tokenizers):
+    import copy
+
+    from lmforge.infer.generate import encode_prompt, generate
+
+    tok = copy.deepcopy(tokenizers["gpt-2"])
+    tok.eos_token, tok.eot_token, tok.add_bos_token = "<|endoftext|>", "<|im_end|>", True
+    model = random_model("llama")
+    save_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    back = lmforge.load_tokenizer(tmp_path / "m.gguf")
+    assert (back.eos_token, back.eot_token, back.add_bos_token) == ("<|endoftext|>", "<|im_end|>", True)
+    assert encode_prompt(back, "To be")[0] == tok.special_tokens["<|im_start|>"]  # the bos token comes first
+    plain = [e.token_id for e in generate(model, back, "To be", temperature=0, max_tokens=8, ignore_eos=True)]
+    k = next(i for i, t in enumerate(plain) if back.decode([t]).encode() == back.token_to_bytes(t))
+    back.eot_token = back.decode([plain[k]])  # pretend that token ends the turn
+    events = list(generate(model, back, "To be", temperature=0, max_tokens=8))
+    assert [e.token_id for e in events] == plain[: k + 1] and events[-1].finish_reason == "stop"

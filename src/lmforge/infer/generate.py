@@ -11,7 +11,7 @@ text that token completed, so a caller can print as it goes. Text is held back i
 * the `StopStringBuffer` keeps the longest tail of the text that is a prefix of a stop string, so a stop
   string spread over several tokens is cut out before any of it is shown.
 
-Generation ends at the first of: a stop token (the tokenizer's eos token, unless `ignore_eos`, and
+Generation ends at the first of: a stop token (the tokenizer's eos and eot tokens, unless `ignore_eos`, and
 `params.stop_token_ids`; never shown as text), a stop string (the text ends just before it), `max_tokens`,
 or the model's `max_seq_len`. The last event carries `finish_reason` ("stop" or "length") and timings:
 prefill tokens/s (prompt tokens over the time to the first token) and decode tokens/s (the other tokens
@@ -99,11 +99,12 @@ class StopStringBuffer:
         return held
 
 
-def eos_token_id(tokenizer) -> int | None:
-    """The id of the tokenizer's eos token (`eos_token_id`, else `eos_token` looked up), or None."""
-    if (found := getattr(tokenizer, "eos_token_id", None)) is not None:
+def eos_token_id(tokenizer, attr: str = "eos_token") -> int | None:
+    """The id of the tokenizer's eos token (`eos_token_id`, else `eos_token` looked up), or None;
+    `attr="eot_token"` looks up the end-of-turn token the same way."""
+    if (found := getattr(tokenizer, f"{attr}_id", None)) is not None:
         return found
-    if (eos := getattr(tokenizer, "eos_token", None)) is None:
+    if (eos := getattr(tokenizer, attr, None)) is None:
         return None
     found = tokenizer.token_to_id(eos)
     return found if found is not None else tokenizer.token_to_id(eos.encode("utf-8"))
@@ -154,8 +155,8 @@ def generate(
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's max_seq_len is {limit}")
     budget = min(params.max_tokens, limit - len(ids))
     stop_ids = set(params.stop_token_ids)
-    if not params.ignore_eos and (eos := eos_token_id(tokenizer)) is not None:
-        stop_ids.add(eos)
+    if not params.ignore_eos:
+        stop_ids |= {i for attr in ("eos_token", "eot_token") if (i := eos_token_id(tokenizer, attr)) is not None}
     forward = _forward_fn(model, len(ids) + budget, compile)
     return _stream(forward, model, tokenizer, ids, params, budget, stop_ids)  # errors above raise before any step
 

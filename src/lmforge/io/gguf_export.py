@@ -21,7 +21,8 @@ floats as f32, the types llama.cpp checks):
     tokenizer.ggml.token_type    1 normal, 3 control (special tokens), 5 unused (the padding ids)
     tokenizer.ggml.merges        "left right" in rank order
     tokenizer.ggml.{bos,eos,unknown,padding}_token_id <- tokenizer.{bos,eos,unk,pad}_token
-    tokenizer.ggml.add_bos_token = add_space_prefix = False (lmforge's encode adds neither)
+    tokenizer.ggml.eot_token_id <- tokenizer.eot_token     tokenizer.ggml.add_bos_token <- add_bos_token
+    tokenizer.ggml.add_space_prefix = False
     A SentencePiece tokenizer (read from a "llama" GGUF vocabulary) is written back as read:
     tokenizer.ggml.model = "llama", its pieces, tokenizer.ggml.scores, token types, add_bos_token and
     add_space_prefix (and "[PAD{id}]" unused pieces for ids beyond them).
@@ -232,7 +233,8 @@ def _tokenizer_metadata(tok: Tokenizer | SentencePieceTokenizer, vocab_size: int
         meta = _byte_level_metadata(tok, vocab_size)
     else:
         raise ValueError(f"GGUF export: cannot write a {type(tok).__name__} (byte-level BPE or SentencePiece only)")
-    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+    roles = (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))
+    for attr, key in (*roles, ("eot_token", "eot")):
         s = getattr(tok, attr, None)
         if s is None:
             continue
@@ -276,7 +278,7 @@ def _byte_level_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": _int32s(types),
         "tokenizer.ggml.merges": [f"{tokens[a]} {tokens[b]}" for a, b in tok.merges],
-        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_bos_token": bool(tok.add_bos_token),
         "tokenizer.ggml.add_space_prefix": False,
     }
 

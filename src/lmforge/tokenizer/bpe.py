@@ -187,7 +187,10 @@ class _PieceCache(dict):
         return ids
 
 
-METADATA = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
+METADATA = (
+    "chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length", "eot_token",
+    "add_bos_token",
+)  # fmt: skip
 
 
 def _rebuild(vocab, merges, pattern, special_tokens, ignore_merges, meta) -> Tokenizer:
@@ -214,6 +217,8 @@ class Tokenizer:
     pad_token: str | None = None
     unk_token: str | None = None
     model_max_length: int | None = None
+    eot_token: str | None = None  # end of turn (GGUF tokenizer.ggml.eot_token_id): generation stops there too
+    add_bos_token: bool = False  # encode_prompt puts bos_token first
 
     def __init__(
         self,

@@ -87,8 +87,13 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> Tokenizer | Sentenc
         "added_tokens": added,
     }
     config: dict[str, Any] = {"chat_template": meta.get("tokenizer.chat_template")}
-    for role in ("bos", "eos", "unknown", "padding"):
+    named: dict[str, str] = {}
+    for role in ("bos", "eos", "unknown", "padding", "eot"):
         tid = meta.get(f"tokenizer.ggml.{role}_token_id")
         if isinstance(tid, int) and 0 <= tid < len(tokens):
-            config[{"unknown": "unk_token", "padding": "pad_token"}.get(role, f"{role}_token")] = tokens[tid]
-    return tokenizer_from_hf(data, config, where)
+            named[{"unknown": "unk_token", "padding": "pad_token"}.get(role, f"{role}_token")] = tokens[tid]
+    eot = named.pop("eot_token", None)
+    tok = tokenizer_from_hf(data, config | named, where)
+    tok.eot_token = eot
+    tok.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    return tok

@@ -109,6 +109,7 @@ class SentencePieceTokenizer:
     pad_token: str | None = None
     unk_token: str | None = None
     model_max_length: int | None = None
+    eot_token: str | None = None  # end of turn: generation stops there too
 
     def __init__(
         self,
@@ -335,7 +336,8 @@ def sentencepiece_from_gguf(meta: dict[str, Any], where: str) -> SentencePieceTo
     if types is not None and len(types) != n:
         raise ValueError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
     named: dict[str, int] = {}
-    for role, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+    roles = (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token"))
+    for role, attr in (*roles, ("eot", "eot_token")):
         key = f"tokenizer.ggml.{role}_token_id"
         tid = meta.get(key)
         if tid is None:
