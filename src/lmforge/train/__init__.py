@@ -1,0 +1,1 @@
+"""Pre-training: optimizers, learning-rate schedules, losses (and, later, the trainer)."""
