@@ -186,3 +186,12 @@ def test_invalid_arguments_are_named(kwargs, name):
 def test_negative_step_is_rejected():
     with pytest.raises(ConfigError, match="invalid step="):
         COS(-1)
+
+
+def test_plot_schedules_writes_a_png(tmp_path):
+    from lmforge.train.schedule import plot_schedules
+
+    path = plot_schedules(tmp_path / "plots" / "schedules.png", total_steps=200, warmup_steps=20)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert [p.name for p in path.parent.iterdir()] == ["schedules.png"]  # no temporary file left behind
