@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -66,6 +67,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.activation_checkpointing = False  # training: keep only block inputs, recompute the rest in backward
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -175,7 +177,10 @@ class Transformer(nn.Module):
             inputs.masks[kind] = None if plain else build_mask(q_slots, k_slots, key_valid, window)
 
         for block in self.blocks:
-            x = block(x, inputs)
+            if self.activation_checkpointing and torch.is_grad_enabled():  # recompute the block in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
+            else:
+                x = block(x, inputs)
         if cache is not None:
             cache.advance(valid_new, position_ids)
         return self.norm(x)

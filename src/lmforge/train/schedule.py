@@ -143,27 +143,13 @@ def plot_schedules(
     path: str | Path, total_steps: int = 1000, warmup_steps: int = 100, min_lr_ratio: float = 0.1
 ) -> Path:
     """Draw every kind (and each WSD decay shape) over `total_steps` into a PNG at `path` (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    from lmforge.io.atomic import atomic_path
+    from lmforge.train.plot import figure, save_figure
 
     common = {"total_steps": total_steps, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio}
     curves = {kind: Schedule(kind, **common) for kind in KINDS if kind != "wsd"}
     curves |= {f"wsd ({shape})": Schedule("wsd", decay_shape=shape, **common) for shape in DECAY_SHAPES}
     steps = range(total_steps + 1)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = figure(f"lr schedules (warmup {warmup_steps}, min ratio {min_lr_ratio})", "step", "lr / peak lr")
     for name, schedule in curves.items():
         ax.plot(steps, [schedule(s) for s in steps], label=name)
-    ax.set(
-        xlabel="step", ylabel="lr / peak lr", title=f"lr schedules (warmup {warmup_steps}, min ratio {min_lr_ratio})"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,0 +1,314 @@
+"""The pre-training loop: one optimizer update per step, from deterministic batches, resumable bit for bit.
+
+One step s (s = 0, 1, ...):
+
+    lr      <- base_lr * schedule(s)                          (schedule.py)
+    batch   <- train_data.batch(s): (B, T) input_ids, targets (-100: not counted)
+    for each of the `grad_accum` micro-batches m (B / grad_accum rows):
+        loss_m = sum over m's counted tokens of CE (+ z-loss) / (counted tokens in the whole batch)
+                 + MoE auxiliary losses / grad_accum
+        loss_m.backward()                                     (gradients add up to those of the whole batch)
+    g_norm  <- ||grad||_2 over all parameters; gradients scaled by min(1, clip / g_norm)
+    optimizer.step(); zero the gradients
+
+Dividing each micro-batch's summed loss by the token count of the *whole* batch makes accumulation exact:
+`grad_accum = 4` computes the same update as one batch 4x larger (tested), even when micro-batches count
+different numbers of tokens.
+
+Options: bf16 autocast (CPU and CUDA) or fp16 autocast with a gradient scaler (CUDA), activation checkpointing
+(each block's activations are recomputed in backward: memory O(layers) block inputs instead of every
+intermediate), chunked cross entropy (loss.py: the (tokens, vocab) logits are never held), `torch.compile`.
+
+Every `log_every` steps a line goes to `<run>/log.jsonl` and the progress bar: loss, lr, gradient norm, tokens/s
+and MFU, the model FLOPs utilisation:
+
+    MFU = tokens/s * (6 N + 12 L d T) / peak FLOP/s
+
+(6 N per token for the forward and backward matrix products of the N non-embedding parameters, 12 L d T for
+attention over T positions, PaLM appendix B; peak = the measured speed of a large matmul in the training
+dtype on this device, so MFU says how much of what this machine can do the training uses). Every `eval_every`
+steps: validation loss and bits per byte, bpb = (sum of CE in nats / ln 2) / (UTF-8 bytes of the targets),
+which compares models with different tokenizers; and, with a tokenizer, a sample continuation. Checkpoints
+(checkpoint.py) every `checkpoint_every` steps and at the end; `fit` resumes from the newest one. The loss
+curves are drawn to `<run>/loss.png`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lmforge.io.atomic import atomic_write
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.loss import chunked_cross_entropy, cross_entropy, moe_loss_coefs, total_loss
+from lmforge.train.plot import plot_losses
+from lmforge.train.schedule import Schedule, set_lr
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class Batches(Protocol):
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """The batch of `step`: "input_ids" and "targets" (B, T) long tensors (a pure function of the step)."""
+        ...
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """6 N + 12 L d T: training FLOPs per token (N: parameters outside the embedding table)."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("embed.", "pos_embed.")))
+    return 6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
+    """FLOP/s of a (size x size) @ (size x size) matmul in `dtype` on `device`: the MFU denominator."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class Trainer:
+    """Trains `model` with `optimizer` on `train_data` for `max_steps` steps (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        train_data: Batches,
+        *,
+        max_steps: int,
+        val_data: Batches | None = None,
+        run_dir: str | Path | None = None,
+        grad_accum: int = 1,
+        grad_clip: float = 1.0,
+        precision: str = "fp32",
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        chunked_ce: bool = False,
+        z_loss: float = 0.0,
+        label_smoothing: float = 0.0,
+        log_every: int = 10,
+        eval_every: int = 0,
+        eval_steps: int = 10,
+        checkpoint_every: int = 0,
+        keep_last: int = 3,
+        tokenizer: Any = None,
+        sample_every: int = 0,
+        sample_prompt: str = "",
+        time_budget_s: float | None = None,
+        progress: bool = True,
+    ) -> None:
+        for name, value, low in (
+            ("max_steps", max_steps, 1),
+            ("grad_accum", grad_accum, 1),
+            ("log_every", log_every, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"invalid {name}={value!r}: must be an integer >= {low}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"invalid precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
+        self.device = next(model.parameters()).device
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision='fp16' needs a CUDA device (it relies on a gradient scaler); use bf16 on CPU")
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.train_data, self.val_data = train_data, val_data
+        self.max_steps, self.grad_accum, self.grad_clip = max_steps, grad_accum, grad_clip
+        self.precision, self.chunked_ce = precision, chunked_ce
+        self.z_loss, self.label_smoothing = z_loss, label_smoothing
+        self.log_every, self.eval_every, self.eval_steps = log_every, eval_every, eval_steps
+        self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
+        self.tokenizer, self.sample_every, self.sample_prompt = tokenizer, sample_every, sample_prompt
+        self.time_budget_s, self.progress = time_budget_s, progress
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        model.activation_checkpointing = activation_checkpointing
+        self.forward = torch.compile(model) if compile else model
+        self.aux_coefs = moe_loss_coefs(model.config)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._byte_lengths: Tensor | None = None
+
+    # -- one step ---------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _loss_sum(self, input_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed (CE + z-loss) over the counted targets, and the summed plain CE (for logging), in fp32."""
+        kw = {"label_smoothing": self.label_smoothing, "z_loss": self.z_loss, "reduction": "sum"}
+        with self._autocast():
+            if self.chunked_ce:
+                hidden = self.model.hidden_states(input_ids)
+                out = chunked_cross_entropy(
+                    hidden.flatten(0, 1),
+                    self.model.head_weight,
+                    targets.flatten(),
+                    softcap=self.model.config.final_softcap,
+                    **kw,
+                )
+            else:
+                out = cross_entropy(self.forward(input_ids), targets, **kw)
+        return out.loss, out.ce
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer update from `train_data.batch(step)`; returns its metrics."""
+        self.model.train()
+        lr_factor = set_lr(self.optimizer, self.schedule, step)
+        batch = self.train_data.batch(step)
+        ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
+        if ids.shape[0] % self.grad_accum:
+            raise ValueError(f"the batch has {ids.shape[0]} rows, not divisible by grad_accum={self.grad_accum}")
+        counted = (targets != -100).sum().clamp(min=1)
+        ce_total = torch.zeros((), device=self.device)
+        for micro_ids, micro_targets in zip(ids.chunk(self.grad_accum), targets.chunk(self.grad_accum), strict=True):
+            loss_sum, ce_sum = self._loss_sum(micro_ids, micro_targets)
+            aux = {k: v / self.grad_accum for k, v in self.model.aux_losses().items()}
+            loss = total_loss(loss_sum / counted, aux, self.aux_coefs)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            ce_total += ce_sum.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"loss": (ce_total / counted).item(), "lr": lr, "lr_factor": lr_factor, "grad_norm": grad_norm.item(),
+                "tokens": ids.numel(), "seq_len": ids.shape[1]}  # fmt: skip
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+
+    def _target_bytes(self, targets: Tensor) -> Tensor:
+        """UTF-8 bytes of the counted targets (the bits-per-byte denominator)."""
+        if self._byte_lengths is None:
+            n = self.model.config.vocab_size
+            lengths = [len(self.tokenizer.token_to_bytes(i)) if i < self.tokenizer.vocab_size else 0 for i in range(n)]
+            self._byte_lengths = torch.tensor(lengths, device=self.device)
+        counted = targets != -100
+        return self._byte_lengths[targets.clamp(min=0)][counted].sum()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats/token) over `eval_steps` batches, and bits per byte with a tokenizer."""
+        self.model.eval()
+        ce = tokens = nbytes = 0.0
+        for i in range(self.eval_steps):
+            batch = self.val_data.batch(i)
+            ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
+            with self._autocast():
+                out = cross_entropy(self.model(ids), targets, reduction="sum")
+            ce += out.ce.item()
+            tokens += out.tokens.item()
+            if self.tokenizer is not None:
+                nbytes += self._target_bytes(targets).item()
+        metrics = {"val_loss": ce / max(tokens, 1)}
+        if nbytes:
+            metrics["val_bpb"] = ce / math.log(2) / nbytes
+        return metrics
+
+    def sample(self, max_tokens: int = 48) -> str:
+        from lmforge.infer.generate import generate_text
+
+        self.model.eval()
+        prompt = self.sample_prompt or [0]
+        return generate_text(
+            self.model, self.tokenizer, prompt, temperature=0.8, top_k=50, seed=0, max_tokens=max_tokens
+        )
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.run_dir is not None:
+            with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if path is None:
+            return
+        self.step, extra = load_checkpoint(path, self.model, self.optimizer)
+        self.history = [r for r in extra.get("history", []) if r["step"] <= self.step]
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write(self.run_dir / "log.jsonl", lines)  # drop what was logged after the checkpoint
+
+    def _checkpoint(self) -> None:
+        if self.run_dir is not None:
+            extra = {"history": self.history}
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, keep_last=self.keep_last)
+
+    def _steps(self) -> Iterator[int]:
+        from tqdm import tqdm
+
+        bar = tqdm(range(self.step, self.max_steps), initial=self.step, total=self.max_steps, disable=not self.progress)
+        self._bar = bar
+        yield from bar
+
+    def fit(self, resume: bool = True) -> dict[str, Any]:
+        """Train up to `max_steps` (or the time budget); returns the last logged metrics."""
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self._resume()
+            elif (self.run_dir / "log.jsonl").exists():
+                (self.run_dir / "log.jsonl").unlink()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        peak = measure_peak_flops(self.device, dtype)
+        start = time.perf_counter()
+        window_start, window_tokens = time.perf_counter(), 0
+        last: dict[str, Any] = {}
+        for step in self._steps():
+            metrics = self.train_step(step)
+            self.step = step + 1
+            window_tokens += metrics["tokens"]
+            done = self.step == self.max_steps or (
+                self.time_budget_s is not None and time.perf_counter() - start >= self.time_budget_s
+            )
+            if self.step % self.log_every == 0 or done:
+                seconds = time.perf_counter() - window_start
+                tok_s = window_tokens / seconds
+                mfu = tok_s * model_flops_per_token(self.model, metrics["seq_len"]) / peak
+                metrics |= {"step": self.step, "tok_s": tok_s, "mfu": mfu}
+                self._bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
+                self._log(metrics)
+                last = metrics
+                window_start, window_tokens = time.perf_counter(), 0
+            if self.val_data is not None and self.eval_every and (self.step % self.eval_every == 0 or done):
+                record = {"step": self.step, **self.evaluate()}
+                if self.tokenizer is not None and self.sample_every and (self.step % self.sample_every == 0 or done):
+                    record["sample"] = self.sample()
+                self._log(record)
+                last |= record
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not done:
+                self._checkpoint()
+            if done:
+                break
+        self._checkpoint()
+        if self.run_dir is not None:
+            plot_losses(self.history, self.run_dir / "loss.png")
+        return last
