@@ -1,0 +1,523 @@
+"""Training configuration: a TOML file plus dotted `--set` overrides, validated field by field.
+
+A run is described by one `TrainConfig`, made of six frozen sections; each maps to one TOML table:
+
+    [model]      a `lmforge.config.ModelConfig`: `preset` (default "tiny", "none" for the bare ModelConfig
+                 defaults) plus any ModelConfig field; nested tables [model.moe], [model.mla], [model.rope_scaling]
+    [data]       token shards, sequence length, micro-batch size, gradient accumulation, validation split, loader
+    [optim]      optimizer name (see `lmforge.train.optim.OPTIMIZERS`) and its hyper-parameters
+    [schedule]   lr schedule (see `lmforge.train.schedule.Schedule`); total_steps defaults to train.max_steps
+    [train]      the loop: steps, precision, compile, losses, eval / sample / log / checkpoint cadence, out_dir
+    [dist]       torch.distributed backend and strategy (DDP or FSDP)
+
+Every field has a default, so an empty file (or no file) is a tiny CPU run. Example `run.toml`:
+
+    [model]
+    preset = "tiny"
+    d_model = 256          # head_dim follows d_model / n_heads unless it is set too
+    n_kv_heads = "none"    # TOML has no null: the string "none" sets a field that allows None to None
+
+    [model.moe]            # merged over the preset's moe, if it has one
+    n_experts = 8
+    top_k = 2
+    d_expert = 256
+
+    [data]
+    shards = "data/shards"
+    seq_len = 256
+    batch_size = 16
+    grad_accum = 4
+
+    [optim]
+    name = "adamw"
+    lr = 3e-4
+    betas = [0.9, 0.95]
+
+    [schedule]
+    kind = "wsd"
+    warmup_steps = 100
+
+    [train]
+    max_steps = 2000
+    precision = "bf16"
+    out_dir = "runs/tiny-moe"
+
+Overrides `section.field=value` (e.g. `optim.lr=3e-4`, `model.moe.n_experts=8`, `optim.betas=[0.9, 0.95]`,
+`train.out_dir=runs/x`) are applied after the file, in order; a value is read as a TOML literal when it is one
+(`3e-4`, `true`, `[1, 2]`, `"text"`) and as a bare string otherwise.
+
+Validation: an unknown section or field raises `ConfigError` naming it with the closest valid name; a value of the
+wrong type names `section.field`, the expected type and the value; an out-of-range value names `section.field` and
+what is allowed; a TOML syntax error names the file and the line. Integers are accepted for floats, and integral
+floats (`1e4`) for integers. `save_resolved` writes the fully resolved config (every field, defaults included) as
+`config.toml` in the run directory, and `load_train_config` of that file gives back an equal `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lmforge.config import PRESETS, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from lmforge.io.atomic import atomic_write
+from lmforge.train.optim import OPTIMIZERS
+from lmforge.train.schedule import Schedule
+
+NONE = "none"  # how a TOML file or override spells None
+LOADERS = ("random", "sequential")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+DIST_STRATEGIES = ("ddp", "fsdp")
+CONFIG_FILE = "config.toml"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks shared by the sections
+
+
+def _fail(name: str, value: Any, allowed: str) -> NoReturn:
+    raise ConfigError(f"invalid {name}={value!r}: {allowed}")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(name, value, allowed)
+
+
+def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    _check(value in choices, name, value, f"must be one of {', '.join(choices)}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    _check(value >= low, name, value, f"must be >= {low}")
+
+
+def _positive(name: str, value: float | None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _check(value is not None and value > 0 and math.isfinite(value), name, value, "must be > 0")
+
+
+def _unit(name: str, value: float) -> None:
+    _check(0.0 <= value < 1.0, name, value, "must be in [0, 1)")
+
+
+def _unknown(kind: str, name: str, valid: Iterable[str]) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
+    return ConfigError(f"unknown {kind} {name!r} ({hint})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: where the tokens come from and how they are batched."""
+
+    shards: str | None = None  # directory of token shards (`lmforge.data.shards`); none: the trainer supplies data
+    seq_len: int = 256  # tokens per sequence (must fit model.max_seq_len)
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    val_fraction: float = 0.05  # share of the tokens held out for evaluation, in [0, 1)
+    seed: int = 1337
+    loader: str = "random"  # "random": windows at random offsets; "sequential": consecutive windows
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            _at_least(f"data.{name}", getattr(self, name), 1)
+        _unit("data.val_fraction", self.val_fraction)
+        _choice("data.loader", self.loader, LOADERS)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """[optim]: the optimizer and its hyper-parameters (`optimizer_kwargs` maps them onto each constructor)."""
+
+    name: str = "adamw"  # a key of `lmforge.train.optim.OPTIMIZERS`
+    lr: float = 1e-3  # peak learning rate (Muon: of the 2-D hidden weights)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)  # adam, adamw, adamw8bit, lion; muon: of its AdamW part
+    eps: float = 1e-8  # adam, adamw, adamw8bit; muon: of its AdamW part
+    momentum: float | None = None  # sgd, muon; none: the optimizer's default
+    adamw_lr: float | None = None  # muon: lr of the parameters it routes to AdamW; none: its default
+    grad_clip: float | None = 1.0  # max global gradient norm; none: no clipping
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _positive("optim.lr", self.lr)
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        for i, beta in enumerate(self.betas):
+            _unit(f"optim.betas[{i}]", beta)
+        _positive("optim.eps", self.eps)
+        if self.momentum is not None:
+            _unit("optim.momentum", self.momentum)
+        _positive("optim.adamw_lr", self.adamw_lr, optional=True)
+        _positive("optim.grad_clip", self.grad_clip, optional=True)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `build_optimizer(self.name, model, self.lr, self.weight_decay, **kwargs)`."""
+        kwargs: dict[str, Any] = {}
+        if self.name in ("adam", "adamw", "adamw8bit"):
+            kwargs |= {"betas": self.betas, "eps": self.eps}
+        elif self.name == "lion":
+            kwargs["betas"] = self.betas
+        elif self.name == "muon":
+            kwargs |= {"adamw_betas": self.betas, "adamw_eps": self.eps}
+            if self.adamw_lr is not None:
+                kwargs["adamw_lr"] = self.adamw_lr
+        if self.name in ("sgd", "muon") and self.momentum is not None:
+            kwargs["momentum"] = self.momentum
+        return kwargs
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """[schedule]: the lr multiplier over steps; checked against train.max_steps by `TrainConfig`."""
+
+    kind: str = "cosine"  # one of `lmforge.train.schedule.KINDS`
+    warmup_steps: int = 0
+    total_steps: int | None = None  # none: train.max_steps
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
+    decay_shape: str = "1-sqrt"  # wsd only: one of `lmforge.train.schedule.DECAY_SHAPES`
+
+    def build(self, max_steps: int) -> Schedule:
+        """The `Schedule` for a run of `max_steps` steps (raises `ConfigError` naming schedule.<field>)."""
+        try:
+            return Schedule(
+                kind=self.kind,
+                total_steps=self.total_steps if self.total_steps is not None else max_steps,
+                warmup_steps=self.warmup_steps,
+                min_lr_ratio=self.min_lr_ratio,
+                decay_fraction=self.decay_fraction,
+                decay_shape=self.decay_shape,
+            )
+        except ConfigError as e:
+            raise _qualified(e, "schedule") from None
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """[train]: the training loop."""
+
+    max_steps: int = 1000  # optimizer steps
+    time_budget_min: float | None = None  # stop (and checkpoint) after this many minutes; none: no budget
+    precision: str = "fp32"  # autocast dtype of the forward pass; weights stay fp32
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    chunked_ce: bool = False  # cross entropy over sequence chunks (never the full logits tensor)
+    z_loss: float = 0.0  # coefficient of the log(Z)^2 penalty
+    label_smoothing: float = 0.0
+    eval_every: int = 100  # steps between evaluations; 0: never
+    eval_steps: int = 10  # validation batches per evaluation
+    sample_every: int = 0  # steps between printed samples; 0: never
+    log_every: int = 10
+    checkpoint_every: int = 500  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept on disk; 0: all
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        _at_least("train.max_steps", self.max_steps, 1)
+        _positive("train.time_budget_min", self.time_budget_min, optional=True)
+        _choice("train.precision", self.precision, PRECISIONS)
+        _check(self.z_loss >= 0 and math.isfinite(self.z_loss), "train.z_loss", self.z_loss, "must be >= 0")
+        _unit("train.label_smoothing", self.label_smoothing)
+        for name in ("eval_every", "sample_every", "checkpoint_every", "keep_last"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        for name in ("eval_steps", "log_every"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        _check(bool(self.out_dir), "train.out_dir", self.out_dir, "must not be empty")
+        _choice("train.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """[dist]: multi-process training (launched with torchrun; a single process ignores it)."""
+
+    backend: str = "auto"  # "auto": nccl on cuda, gloo on cpu
+    strategy: str = "ddp"  # "ddp": replicated weights; "fsdp": sharded (FSDP2)
+
+    def __post_init__(self) -> None:
+        _choice("dist.backend", self.backend, DIST_BACKENDS)
+        _choice("dist.strategy", self.strategy, DIST_STRATEGIES)
+
+
+def _tiny() -> ModelConfig:
+    return PRESETS["tiny"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a pre-training run needs; see the module docstring for the file format."""
+
+    model: ModelConfig = field(default_factory=_tiny)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:  # checks that span sections
+        self.schedule.build(self.train.max_steps)
+        _check(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+        _check(
+            not (self.dist.backend == "nccl" and self.train.device == "cpu"),
+            "dist.backend",
+            self.dist.backend,
+            "nccl needs train.device cuda or auto",
+        )
+
+    def lr_schedule(self) -> Schedule:
+        return self.schedule.build(self.train.max_steps)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
+_FOREIGN = (ModelConfig, MoEConfig, MLAConfig, RopeScaling)  # lmforge.config names fields relative to the model
+_HIDDEN = {(ModelConfig, "extra")}  # fields that are not part of a training config
+
+
+def _qualified(error: ConfigError, section: str) -> ConfigError:
+    """`error` with its field name prefixed by `section.` (for messages of the form "invalid name=...")."""
+    msg = str(error)
+    if msg.startswith("invalid "):
+        return ConfigError(f"invalid {section}.{msg.removeprefix('invalid ')}")
+    return ConfigError(f"{section}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dicts -> dataclasses, with type checks
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """name -> (field, resolved type) of a config dataclass, without the hidden ones."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if (cls, f.name) not in _HIDDEN}
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(NONE if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(name: str, value: Any, tp: Any, base: Any = None) -> Any:
+    """`value` (from TOML) as type `tp`, or `ConfigError` naming `name`; `base` is merged under a table."""
+    if tp is Any:
+        return value
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value == NONE or value is None:
+            return None
+        if len(arms) == 1:
+            try:
+                return _convert(name, value, arms[0], base)
+            except ConfigError as e:
+                if not str(e).startswith(f"{name}: expected"):
+                    raise
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        ok = isinstance(value, list | tuple) and (variadic or len(value) == len(args))
+        if not ok:
+            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+        item_types = [args[0]] * len(value) if variadic else args
+        return tuple(_convert(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+        return _build(tp, value, name, base)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], path: str, base: Any = None) -> Any:
+    """An instance of dataclass `cls` from `data`, over the field values of `base` (an instance or None)."""
+    fields = _fields(cls)
+    for key in data:
+        if key not in fields:
+            raise _unknown("field", f"{path}.{key}", fields)
+    values = {name: getattr(base, name) for name in fields} if base is not None else {}
+    for key, value in data.items():
+        values[key] = _convert(f"{path}.{key}", value, fields[key][1], values.get(key))
+    for name, (f, _) in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}.{name}: required (a value of {_type_name(fields[name][1])})")
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        if cls in _FOREIGN:
+            raise _qualified(e, path.split(".", 1)[0]) from None
+        raise
+
+
+def _build_model(data: dict[str, Any]) -> ModelConfig:
+    """[model]: `preset` (default "tiny"; "none": `ModelConfig()`) with the other keys as field overrides."""
+    data = dict(data)
+    preset = _convert("model.preset", data.pop("preset", "tiny"), str)
+    if preset == NONE:
+        base = ModelConfig()
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise _unknown("preset", preset, PRESETS)
+    if base.mla is None and base.head_dim == base.d_model // base.n_heads:
+        data.setdefault("head_dim", NONE)  # the preset's head_dim was derived, not chosen: follow d_model / n_heads
+    return _build(ModelConfig, data, "model", base)
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A validated `TrainConfig` from nested dicts of TOML values (missing sections and fields take defaults)."""
+    sections = {}
+    for name, value in d.items():
+        if name not in SECTIONS:
+            raise _unknown("section", name, SECTIONS)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a table ([{name}]), got {value!r}")
+        sections[name] = _build_model(value) if name == "model" else _build(SECTIONS[name], value, name)
+    return TrainConfig(**sections)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataclasses -> dicts -> TOML
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {name: _plain(getattr(value, name)) for name in _fields(type(value))}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Every field of every section as nested dicts of plain values (tuples as lists, None kept)."""
+    return _plain(config)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return json.dumps(NONE)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)  # Python's int and float reprs (1e-08, inf, nan) are TOML literals
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as a TOML value")
+
+
+def _toml_table(lines: list[str], path: str, table: dict[str, Any]) -> None:
+    lines.append(f"[{path}]")
+    lines.extend(f"{key} = {_toml_value(v)}" for key, v in table.items() if not isinstance(v, dict))
+    for key, v in table.items():
+        if isinstance(v, dict):
+            lines.append("")
+            _toml_table(lines, f"{path}.{key}", v)
+
+
+def dumps(config: TrainConfig) -> str:
+    """The resolved config as TOML text (every field written; None as "none")."""
+    lines = ["# lmforge training config, fully resolved"]
+    for name, table in to_dict(config).items():
+        lines.append("")
+        _toml_table(lines, name, table)
+    return "\n".join(lines) + "\n"
+
+
+def save_resolved(config: TrainConfig, run_dir: str | Path) -> Path:
+    """Write `config` as `run_dir/config.toml` (atomically); `load_train_config` of it returns an equal config."""
+    path = Path(run_dir) / CONFIG_FILE
+    atomic_write(path, dumps(config))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: a TOML literal (`3e-4`, `true`, `[0.9, 0.95]`, `"x"`) when it is one, else the text."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["v"] if parsed.keys() == {"v"} else text
+
+
+def _field_owners(name: str) -> list[str]:
+    """`section.name` for every section with a field `name` (to help with a key that forgot its section)."""
+    owners = [f"{s}.{name}" for s, cls in SECTIONS.items() if name in _fields(cls)]
+    return owners + (["model.preset"] if name == "preset" else [])
+
+
+def apply_override(d: dict[str, Any], override: str) -> None:
+    """Set `section.field[.subfield]=value` in the nested dict `d` (in place)."""
+    key, eq, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not eq or len(parts) < 2 or not all(parts):
+        owners = _field_owners(key) if "." not in key else []
+        hint = f"; did you mean {' or '.join(owners)}?" if owners else ""
+        raise ConfigError(f"bad override {override!r}: expected section.field=value (e.g. optim.lr=3e-4){hint}")
+    table = d
+    for part in parts[:-1]:
+        if not isinstance(table.get(part), dict):
+            table[part] = {}
+        table = table[part]
+    table[parts[-1]] = parse_value(text.strip())
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML file at `path` as a dict; `ConfigError` naming the file (and the line, for a syntax error)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None  # tomllib's message ends "(at line L, column C)"
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The `TrainConfig` of the TOML file at `path` (None: no file, all defaults) with `overrides` applied in order."""
+    d = read_toml(path) if path is not None else {}
+    for override in overrides:
+        apply_override(d, override)
+    return from_dict(d)
