@@ -15,6 +15,7 @@ from lmforge.config import PRESETS
 from lmforge.export_cli import export_command
 from lmforge.generate_cli import chat_command, generate_command
 from lmforge.tokenizer_cli import app as tokenizer_app
+from lmforge.train_cli import train_command
 
 app = typer.Typer(
     help="lmforge: a from-scratch, hackable LLM stack. Run `lmforge COMMAND --help` for details.",
@@ -27,6 +28,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
 app.command("export")(export_command)
+app.command("train")(train_command)
 
 
 def _version(value: bool) -> None:

@@ -129,6 +129,7 @@ class DataConfig:
     """[data]: where the tokens come from and how they are batched."""
 
     shards: str | None = None  # directory of token shards (`lmforge.data.shards`); none: the trainer supplies data
+    tokenizer: str | None = None  # the shards' tokenizer (bits per byte, samples, export); none: without those
     seq_len: int = 256  # tokens per sequence (must fit model.max_seq_len)
     batch_size: int = 8  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step

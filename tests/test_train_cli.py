@@ -1,0 +1,68 @@
+"""`lmforge train`: config + shards -> a run directory with logs, checkpoints and an exported model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lmforge
+from lmforge.cli import app
+from lmforge.data.shards import write_shards
+from lmforge.data.stories import write_corpus
+from lmforge.tokenizer import train_bpe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_corpus(root / "text", n_stories=600, seed=0, per_file=100)
+    files = sorted((root / "text").iterdir())
+    tok = train_bpe(files=files, vocab_size=400, special_tokens=["<|endoftext|>"], progress=False, workers=1)
+    tok.eos_token = "<|endoftext|>"
+    tok.save(root / "tok")
+    write_shards(tok, files, root / "shards", workers=1, progress=False)
+    return root
+
+
+def args(shards, out, *extra: str) -> list[str]:
+    sets = {
+        "data.shards": f'"{shards / "shards"}"', "data.tokenizer": f'"{shards / "tok"}"', "data.seq_len": "64",
+        "data.batch_size": "4", "model.vocab_size": "512", "model.d_model": "64", "model.n_layers": "2",
+        "model.d_ff": "128", "model.max_seq_len": "64", "train.max_steps": "30", "train.eval_every": "15",
+        "train.eval_steps": "2", "train.log_every": "5", "train.out_dir": f'"{out}"', "schedule.warmup_steps": "5",
+        "optim.lr": "3e-3",
+    }  # fmt: skip
+    return ["train", *[f"--set={k}={v}" for k, v in sets.items()], *extra]
+
+
+def test_train_writes_a_run_that_generate_can_use(shards, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, args(shards, out))
+    assert result.exit_code == 0, result.output
+    assert (out / "config.toml").exists() and (out / "loss.png").exists()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [r["step"] for r in records if "val_bpb" in r] == [15, 30]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000030.pt"]
+    (hf, hf_tok), (gguf, gguf_tok) = lmforge.load(out / "hf"), lmforge.load(out / "model.gguf")
+    ids = lmforge.load_tokenizer(shards / "tok").encode("Once upon a time")
+    assert hf_tok.encode("Once upon a time") == gguf_tok.encode("Once upon a time") == ids
+    with torch.no_grad():
+        torch.testing.assert_close(gguf(torch.tensor([ids])), hf(torch.tensor([ids])), rtol=0, atol=0.05)  # F16
+    gen = runner.invoke(app, ["generate", str(out / "model.gguf"), "--prompt", "Once upon a time", "--max-tokens", "8"])
+    assert gen.exit_code == 0 and gen.stdout.strip(), gen.output
+    again = runner.invoke(app, args(shards, out))  # resumes at step 30: nothing left to train
+    assert again.exit_code == 0 and "step 30" in again.stderr
+
+
+def test_config_errors_name_the_field(shards, tmp_path):
+    result = runner.invoke(app, args(shards, tmp_path / "r", "--set", "optim.lrr=1"))
+    assert result.exit_code == 1 and "optim.lrr" in result.stderr and "lr" in result.stderr
+    result = runner.invoke(app, ["train", "--set", f'train.out_dir="{tmp_path}"'])
+    assert result.exit_code == 1 and "data.shards" in result.stderr
