@@ -193,6 +193,12 @@ def stream(byte_tok, script, prompt="> ", **kw) -> tuple[list, ScriptedModel]:
     return list(generate(model, byte_tok, prompt, SamplingParams(temperature=0, **kw))), model
 
 
+def test_ids_past_the_tokenizer_are_never_sampled(byte_tok):
+    model = ScriptedModel([ord("a"), 300, ord("b"), EOS], vocab_size=320)  # an embedding padded past 259 ids
+    events = list(generate(model, byte_tok, "> ", SamplingParams(temperature=0, max_tokens=5)))
+    assert all(e.token_id < byte_tok.vocab_size for e in events) and ids_of(events)[0] == ord("a")
+
+
 def test_prefill_once_then_one_token_per_step(byte_tok):
     events, model = stream(byte_tok, "abc")
     assert ids_of(events) == [*b"abc", EOS]

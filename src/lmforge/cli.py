@@ -14,6 +14,7 @@ import lmforge
 from lmforge.config import PRESETS
 from lmforge.export_cli import export_command
 from lmforge.generate_cli import chat_command, generate_command
+from lmforge.speedrun import speedrun_command
 from lmforge.tokenizer_cli import app as tokenizer_app
 from lmforge.train_cli import train_command
 
@@ -29,6 +30,7 @@ app.command("generate")(generate_command)
 app.command("chat")(chat_command)
 app.command("export")(export_command)
 app.command("train")(train_command)
+app.command("speedrun")(speedrun_command)
 
 
 def _version(value: bool) -> None:

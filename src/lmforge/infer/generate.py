@@ -13,7 +13,8 @@ text that token completed, so a caller can print as it goes. Text is held back i
 
 Generation ends at the first of: a stop token (the tokenizer's eos and eot tokens, unless `ignore_eos`, and
 `params.stop_token_ids`; never shown as text), a stop string (the text ends just before it), `max_tokens`,
-or the model's `max_seq_len`. The last event carries `finish_reason` ("stop" or "length") and timings:
+or the model's `max_seq_len`. Ids past the tokenizer's vocabulary (a model whose embedding is padded to a round
+size) are never sampled. The last event carries `finish_reason` ("stop" or "length") and timings:
 prefill tokens/s (prompt tokens over the time to the first token) and decode tokens/s (the other tokens
 over the time after it; the caller's time between events is not counted).
 
@@ -186,8 +187,11 @@ def _stream(forward, model, tokenizer, ids: list[int], params: SamplingParams, b
 
     start = time.perf_counter()
     logits = forward(tokens[:, :n_prompt], True)
+    known = tokenizer.vocab_size  # ids past the tokenizer's (a padded embedding) can never be decoded
     for step in range(budget):
         with torch.inference_mode():
+            if logits.shape[-1] > known:
+                logits[..., known:] = float("-inf")
             logits = process_logits(logits, params, tokens[:, :n], tokens[:, n_prompt:n])
             token = int(next_token(logits, params, generator))
         tokens[0, n] = token

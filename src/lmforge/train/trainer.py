@@ -299,11 +299,13 @@ class Trainer:
                 last = metrics
                 window_start, window_tokens = time.perf_counter(), 0
             if self.val_data is not None and self.eval_every and (self.step % self.eval_every == 0 or done):
+                eval_start = time.perf_counter()
                 record = {"step": self.step, **self.evaluate()}
                 if self.tokenizer is not None and self.sample_every and (self.step % self.sample_every == 0 or done):
                     record["sample"] = self.sample()
                 self._log(record)
                 last |= record
+                window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
             if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not done:
                 self._checkpoint()
             if done:
