@@ -45,9 +45,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.io.atomic import atomic_write
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.distributed import DistInfo, all_reduce_sum
 from lmforge.train.loss import chunked_cross_entropy, cross_entropy, moe_loss_coefs, total_loss
 from lmforge.train.plot import plot_losses
 from lmforge.train.schedule import Schedule, set_lr
@@ -115,6 +117,8 @@ class Trainer:
         sample_prompt: str = "",
         time_budget_s: float | None = None,
         progress: bool = True,
+        dist: DistInfo | None = None,
+        parallel: torch.nn.Module | None = None,
     ) -> None:
         for name, value, low in (
             ("max_steps", max_steps, 1),
@@ -137,9 +141,15 @@ class Trainer:
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.tokenizer, self.sample_every, self.sample_prompt = tokenizer, sample_every, sample_prompt
         self.time_budget_s, self.progress = time_budget_s, progress
+        self.dist = dist or DistInfo(device=self.device)
+        if self.dist.enabled and chunked_ce:
+            raise ValueError("chunked_ce is not supported in multi-process training yet")
+        if self.dist.enabled and run_dir is not None and not isinstance(parallel, DDP):
+            raise ValueError("checkpoints of FSDP2-sharded runs are not supported yet: use dist.strategy='ddp'")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         model.activation_checkpointing = activation_checkpointing
-        self.forward = torch.compile(model) if compile else model
+        module = parallel if parallel is not None else model  # what training calls: DDP wrapper or sharded model
+        self.forward = torch.compile(module) if compile else module
         self.aux_coefs = moe_loss_coefs(model.config)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.step = 0
@@ -179,18 +189,22 @@ class Trainer:
         ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
         if ids.shape[0] % self.grad_accum:
             raise ValueError(f"the batch has {ids.shape[0]} rows, not divisible by grad_accum={self.grad_accum}")
-        counted = (targets != -100).sum().clamp(min=1)
+        counted = all_reduce_sum((targets != -100).sum(), self.dist).clamp(min=1)  # the global batch's tokens
+        ranks = self.dist.world_size  # the wrappers average gradients over ranks; the loss undoes it
         ce_total = torch.zeros((), device=self.device)
         for micro_ids, micro_targets in zip(ids.chunk(self.grad_accum), targets.chunk(self.grad_accum), strict=True):
             loss_sum, ce_sum = self._loss_sum(micro_ids, micro_targets)
             aux = {k: v / self.grad_accum for k, v in self.model.aux_losses().items()}
-            loss = total_loss(loss_sum / counted, aux, self.aux_coefs)
+            loss = total_loss(loss_sum * ranks / counted, aux, self.aux_coefs)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             ce_total += ce_sum.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        ce_total = all_reduce_sum(ce_total, self.dist)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -199,7 +213,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         return {"loss": (ce_total / counted).item(), "lr": lr, "lr_factor": lr_factor, "grad_norm": grad_norm.item(),
-                "tokens": ids.numel(), "seq_len": ids.shape[1]}  # fmt: skip
+                "tokens": ids.numel() * ranks, "seq_len": ids.shape[1]}  # fmt: skip
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
@@ -244,7 +258,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -255,17 +269,19 @@ class Trainer:
         self.step, extra = load_checkpoint(path, self.model, self.optimizer)
         self.history = [r for r in extra.get("history", []) if r["step"] <= self.step]
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
-        atomic_write(self.run_dir / "log.jsonl", lines)  # drop what was logged after the checkpoint
+        if self.dist.is_main:
+            atomic_write(self.run_dir / "log.jsonl", lines)  # drop what was logged after the checkpoint
 
     def _checkpoint(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             extra = {"history": self.history}
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, keep_last=self.keep_last)
 
     def _steps(self) -> Iterator[int]:
         from tqdm import tqdm
 
-        bar = tqdm(range(self.step, self.max_steps), initial=self.step, total=self.max_steps, disable=not self.progress)
+        quiet = not (self.progress and self.dist.is_main)
+        bar = tqdm(range(self.step, self.max_steps), initial=self.step, total=self.max_steps, disable=quiet)
         self._bar = bar
         yield from bar
 
@@ -311,6 +327,6 @@ class Trainer:
             if done:
                 break
         self._checkpoint()
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             plot_losses(self.history, self.run_dir / "loss.png")
         return last
