@@ -66,3 +66,25 @@ def test_config_errors_name_the_field(shards, tmp_path):
     assert result.exit_code == 1 and "optim.lrr" in result.stderr and "lr" in result.stderr
     result = runner.invoke(app, ["train", "--set", f'train.out_dir="{tmp_path}"'])
     assert result.exit_code == 1 and "data.shards" in result.stderr
+
+
+def losses_of(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_equals_one_process(shards, tmp_path):
+    """`torchrun --nproc_per_node=2 -m lmforge train`: 2 ranks x 2 rows reproduce 1 process x 4 rows."""
+    import os
+    import subprocess
+    import sys
+
+    quick = ["--set=train.max_steps=8", "--set=train.eval_every=0", "--set=train.log_every=1"]
+    one = runner.invoke(app, args(shards, tmp_path / "one", *quick))
+    assert one.exit_code == 0, one.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
+           *args(shards, tmp_path / "two", *quick, "--set=data.batch_size=2")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), abs=1e-5)
+    assert (tmp_path / "two" / "model.gguf").exists()  # rank 0 exported

@@ -1,5 +1,8 @@
 """`lmforge train RUN.toml --set optim.lr=3e-4`: pre-train a model on token shards.
 
+Several processes: `torchrun --standalone --nproc_per_node=N -m lmforge train RUN.toml` (DDP by default,
+`--set dist.strategy=fsdp` for FSDP2; see `lmforge.train.distributed`).
+
 The run directory (`train.out_dir`) receives config.toml (the resolved config), log.jsonl, loss.png,
 checkpoints/ (the run resumes from the newest one), and at the end the model as a Hugging Face directory
 (`hf/`) and, when the format can hold it, a GGUF file (`model.gguf`).
@@ -18,11 +21,15 @@ err = Console(stderr=True)
 
 
 def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
-    """(Trainer, tokenizer or None) for a `TrainConfig` whose data.shards names a shard directory."""
+    """(Trainer, tokenizer or None) for a `TrainConfig` whose data.shards names a shard directory.
+
+    Under torchrun it joins the process group first: each rank loads `data.batch_size * data.grad_accum` rows of
+    the global batch, and the model is wrapped for `dist.strategy` before the optimizer sees its parameters."""
     import torch
 
     import lmforge
     from lmforge.data.loader import RandomWindowLoader, SequentialLoader, TokenDataset
+    from lmforge.train import distributed
     from lmforge.train.optim import build_optimizer
     from lmforge.train.trainer import Trainer
 
@@ -33,16 +40,17 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
     if dataset.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the shards' {dataset.vocab_size}")
     train_split, val_split = dataset.split(data.val_fraction)
-    rows = data.batch_size * data.grad_accum  # one optimizer step
+    info = distributed.setup(cfg.dist.backend, loop.device)
+    rows = data.batch_size * data.grad_accum * info.world_size  # the global batch of one optimizer step
     loader = RandomWindowLoader if data.loader == "random" else SequentialLoader
     seed_kw = {"seed": data.seed} if data.loader == "random" else {}
-    train_data = loader(train_split, rows, data.seq_len, **seed_kw)
+    train_data = loader(train_split, rows, data.seq_len, **seed_kw, rank=info.rank, world_size=info.world_size)
     val_data = SequentialLoader(val_split, data.batch_size, data.seq_len) if data.val_fraction > 0 else None
     tokenizer = lmforge.load_tokenizer(data.tokenizer) if data.tokenizer else None
 
-    device = loop.device if loop.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(loop.seed)
-    model = lmforge.Transformer(cfg.model).to(device)
+    model = lmforge.Transformer(cfg.model).to(info.device)
+    parallel = distributed.parallelize(model, cfg.dist.strategy, info)
     opt = cfg.optim
     optimizer = build_optimizer(opt.name, model, opt.lr, opt.weight_decay, **opt.optimizer_kwargs())
     trainer = Trainer(
@@ -54,6 +62,7 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
         eval_steps=loop.eval_steps, checkpoint_every=loop.checkpoint_every, keep_last=loop.keep_last,
         tokenizer=tokenizer, sample_every=loop.sample_every,
         time_budget_s=loop.time_budget_min * 60 if loop.time_budget_min else None, progress=progress,
+        dist=info, parallel=parallel,
     )  # fmt: skip
     return trainer, tokenizer
 
@@ -84,6 +93,7 @@ def train_command(
 ) -> None:
     """Pre-train a model on token shards; logs, checkpoints and the exported model go to train.out_dir."""
     from lmforge.config import ConfigError
+    from lmforge.train import distributed
     from lmforge.train.config import load_train_config, save_resolved
 
     try:
@@ -93,9 +103,12 @@ def train_command(
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
     run_dir = Path(cfg.train.out_dir)
-    save_resolved(cfg, run_dir)
+    if trainer.dist.is_main:
+        save_resolved(cfg, run_dir)
     last = trainer.fit(resume=resume)
-    for path in export_run(trainer.model, tokenizer, run_dir):
-        err.print(f"wrote {path}", highlight=False)
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
-    err.print(f"step {trainer.step}: {summary}", highlight=False)
+    if trainer.dist.is_main:
+        for path in export_run(trainer.model, tokenizer, run_dir):
+            err.print(f"wrote {path}", highlight=False)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+        err.print(f"step {trainer.step}: {summary}", highlight=False)
+    distributed.shutdown(trainer.dist)  # multi-process runs end here (exit code 0)
