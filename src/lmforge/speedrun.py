@@ -45,22 +45,13 @@ def _stage(name: str, timings: dict[str, float], start: float) -> float:
 
 
 def _corpus(out: Path, data: list[Path] | None, n_stories: int) -> tuple[list[Path], dict[str, float] | None]:
+    from lmforge.data.shards import text_files
     from lmforge.data.stories import write_corpus
 
     if not data:
         stats = write_corpus(out / "corpus", n_stories, seed=0)
-        return sorted((out / "corpus").glob("*.txt")), stats
-    files: list[Path] = []
-    for p in data:
-        if p.is_dir():
-            files.extend(sorted(p.glob("*.txt")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ValueError(f"{p}: no such file or directory")
-    if not files:
-        raise ValueError("--data: no text files found")
-    return files, None
+        return text_files([out / "corpus"]), stats
+    return text_files(data), None
 
 
 def _config(preset: dict[str, Any], out: Path, shards: Path, tok_dir: Path, vocab: int, max_steps: int) -> Any:

@@ -23,17 +23,15 @@ def _fail(message: str) -> typer.Exit:
 
 def _files(option: list[Path] | None, extra: list[Path] | None) -> list[Path]:
     """`--input a b c` parses as --input a plus extra arguments; directories expand to their *.txt."""
-    files: list[Path] = []
-    for p in [*(option or []), *(extra or [])]:
-        if p.is_dir():
-            files.extend(sorted(p.glob("*.txt")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise _fail(f"{p}: no such file or directory")
-    if not files:
+    from lmforge.data.shards import text_files
+
+    paths = [*(option or []), *(extra or [])]
+    if not paths:
         raise _fail("no input files (give --input FILE...)")
-    return files
+    try:
+        return text_files(paths)
+    except ValueError as e:
+        raise _fail(str(e)) from None
 
 
 def _check_utf8(files: list[Path]) -> None:

@@ -33,6 +33,22 @@ UNIT_CHARS = 1 << 22
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
 
 
+def text_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files named by `paths`, a directory standing for its *.txt files (sorted); ValueError naming a
+    path that does not exist, or when no file is found."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.txt")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or directory")
+    if not files:
+        raise ValueError("no input text files")
+    return files
+
+
 def _units(path: Path, unit_chars: int) -> Iterator[tuple[str, bool]]:
     """(text, is_last) work units of one file, cut at word ends."""
     batch: list[str] = []

@@ -53,6 +53,35 @@ from tqdm.auto import tqdm
 from lmforge.tokenizer import pretokenize as pt
 
 
+def merge_ranked(parts: list[int | None], ranks: dict[tuple[int, int], int], merged: list[int]) -> list[int]:
+    """Merge adjacent pairs of `parts` best rank first (leftmost on ties) until none has a rank; `merged[rank]` is
+    the id a merge makes. A heap of candidate merges over a linked list of parts (O(n log n) for n parts) that
+    works in `parts` itself (the caller's fresh list)."""
+    n = len(parts)
+    heap = [
+        (r, i, parts[i], parts[i + 1]) for i in range(n - 1) if (r := ranks.get((parts[i], parts[i + 1]))) is not None
+    ]
+    if not heap:
+        return parts
+    heapq.heapify(heap)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    while heap:
+        rank, i, a, b = heapq.heappop(heap)
+        j = nxt[i]
+        if parts[i] != a or j >= n or parts[j] != b:  # a part changed since the entry was pushed
+            continue
+        z = parts[i] = merged[rank]
+        parts[j] = None
+        k = nxt[i] = nxt[j]
+        if k < n:
+            prv[k] = i
+            if (r := ranks.get((z, parts[k]))) is not None:
+                heapq.heappush(heap, (r, i, z, parts[k]))
+        if (p := prv[i]) >= 0 and (r := ranks.get((parts[p], z))) is not None:
+            heapq.heappush(heap, (r, p, parts[p], z))
+    return [t for t in parts if t is not None]
+
+
 def _descending(token: bytes) -> bytes:
     """A key that sorts byte strings in reverse: s < t exactly when key(s) > key(t).
 
@@ -301,27 +330,7 @@ class Tokenizer:
         ids = [self._byte_ids[b] for b in data]
         if None in ids:
             raise ValueError(f"byte {data[ids.index(None)]:#04x} has no token in this vocabulary")
-        n, ranks = len(ids), self._ranks
-        heap = [(r, i, ids[i], ids[i + 1]) for i in range(n - 1) if (r := ranks.get((ids[i], ids[i + 1]))) is not None]
-        if not heap:
-            return ids
-        heapq.heapify(heap)
-        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
-        while heap:
-            rank, i, a, b = heapq.heappop(heap)
-            j = nxt[i]
-            if ids[i] != a or j >= n or ids[j] != b:  # a part changed since the entry was pushed
-                continue
-            z = ids[i] = self._merged[rank]
-            ids[j] = None
-            k = nxt[i] = nxt[j]
-            if k < n:
-                prv[k] = i
-                if (r := ranks.get((z, ids[k]))) is not None:
-                    heapq.heappush(heap, (r, i, z, ids[k]))
-            if (p := prv[i]) >= 0 and (r := ranks.get((ids[p], z))) is not None:
-                heapq.heappush(heap, (r, p, ids[p], z))
-        return [t for t in ids if t is not None]
+        return merge_ranked(ids, self._ranks, self._merged)
 
     def _encode_ordinary_into(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (no special tokens) to ``out``: pre-tokenize, then look up the cache."""

@@ -44,7 +44,6 @@ inside the whole text. With a SentencePiece vocabulary the cuts fall before the 
 
 from __future__ import annotations
 
-import heapq
 import re
 import warnings
 from collections.abc import Collection, Iterable, Sequence
@@ -52,7 +51,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
 from lmforge.tokenizer import pretokenize as pt
-from lmforge.tokenizer.bpe import IncrementalDecoder, Tokenizer
+from lmforge.tokenizer.bpe import IncrementalDecoder, Tokenizer, merge_ranked
 
 __all__ = ["SentencePieceIncrementalDecoder", "SentencePieceTokenizer", "sentencepiece_from_gguf"]
 
@@ -216,28 +215,7 @@ class SentencePieceTokenizer:
 
     def _bpe(self, segment: str) -> list[int]:
         """Step 4 on one segment: a heap of candidate merges over a linked list of symbols."""
-        ids: list[int | None] = self._symbols(segment)
-        n, ranks = len(ids), self._ranks
-        heap = [(r, i, ids[i], ids[i + 1]) for i in range(n - 1) if (r := ranks.get((ids[i], ids[i + 1]))) is not None]
-        if not heap:
-            return ids
-        heapq.heapify(heap)
-        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
-        while heap:
-            rank, i, a, b = heapq.heappop(heap)
-            j = nxt[i]
-            if ids[i] != a or j >= n or ids[j] != b:  # a symbol changed since the entry was pushed
-                continue
-            z = ids[i] = self._merged[rank]
-            ids[j] = None
-            k = nxt[i] = nxt[j]
-            if k < n:
-                prv[k] = i
-                if (r := ranks.get((z, ids[k]))) is not None:
-                    heapq.heappush(heap, (r, i, z, ids[k]))
-            if (p := prv[i]) >= 0 and (r := ranks.get((ids[p], z))) is not None:
-                heapq.heappush(heap, (r, p, ids[p], z))
-        return [t for t in ids if t is not None]
+        return merge_ranked(self._symbols(segment), self._ranks, self._merged)
 
     def _segments(self, text: str) -> list[str]:
         """Cut normalized text where no merge can join the two sides (module docstring, "Speed")."""

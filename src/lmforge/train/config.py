@@ -69,15 +69,15 @@ from typing import Any, NoReturn
 
 from lmforge.config import PRESETS, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from lmforge.io.atomic import atomic_write
+from lmforge.train.distributed import STRATEGIES as DIST_STRATEGIES
 from lmforge.train.optim import OPTIMIZERS
 from lmforge.train.schedule import Schedule
+from lmforge.train.trainer import PRECISIONS
 
 NONE = "none"  # how a TOML file or override spells None
 LOADERS = ("random", "sequential")
-PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
-DIST_STRATEGIES = ("ddp", "fsdp")
 CONFIG_FILE = "config.toml"
 
 
