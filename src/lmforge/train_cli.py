@@ -30,6 +30,7 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
     import lmforge
     from lmforge.data.loader import RandomWindowLoader, SequentialLoader, TokenDataset
     from lmforge.train import distributed
+    from lmforge.train.loss import ModelLoss
     from lmforge.train.optim import build_optimizer
     from lmforge.train.trainer import Trainer
 
@@ -50,7 +51,7 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
 
     torch.manual_seed(loop.seed)
     model = lmforge.Transformer(cfg.model).to(info.device)
-    parallel = distributed.parallelize(model, cfg.dist.strategy, info)
+    parallel = distributed.parallelize(ModelLoss(model), cfg.dist.strategy, info)
     opt = cfg.optim
     optimizer = build_optimizer(opt.name, model, opt.lr, opt.weight_decay, **opt.optimizer_kwargs())
     trainer = Trainer(

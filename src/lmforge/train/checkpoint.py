@@ -6,6 +6,7 @@ A checkpoint is one file `<run>/checkpoints/step_00000100.pt` (a `torch.save` di
     step        optimizer updates done
     model       model.state_dict()
     optimizer   optimizer.state_dict() (moments, step counts, each group's lr and "initial_lr")
+    sharded     True when written by an FSDP2 run (see below)
     rng         torch CPU generator state, every CUDA device's, Python's `random` and NumPy's global state
     extra       anything else the trainer wants back (data position, schedule, config, best loss, ...)
 
@@ -19,6 +20,13 @@ final name (`lmforge.io.atomic`), so a process killed at any instant (even SIGKI
 new checkpoint or a complete one; `latest_checkpoint` only ever sees complete files (temporary files start with
 a dot and end in .tmp), and the next save sweeps leftovers away. After a successful save, all but the newest
 `keep_last` checkpoints are deleted.
+
+Several processes: every rank calls `save_checkpoint` and `load_checkpoint`; rank 0 alone writes. With DDP each
+rank holds the whole model, so rank 0 saves its own. With FSDP2 (DTensor parameters) saving is a collective:
+the full tensors are gathered to rank 0's CPU (torch.distributed.checkpoint's `get_state_dict`), so the file
+holds the same whole-model `model` entry as any other checkpoint (and loads into any model), and the optimizer
+state is keyed by parameter name; at load every rank reads the file and keeps its own shard (`set_state_dict`),
+so a run resumes on any number of FSDP2 ranks.
 """
 
 from __future__ import annotations
@@ -61,6 +69,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _is_writer() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of the complete checkpoints of a run, oldest first."""
     folder = checkpoint_dir(run_dir)
@@ -83,10 +106,21 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int = 3,
-) -> Path:
-    """Write the checkpoint of `step` atomically; keep the newest `keep_last` (0: keep all). Returns its path."""
+) -> Path | None:
+    """Write the checkpoint of `step` atomically; keep the newest `keep_last` (0: keep all). Returns its path
+    (None on ranks other than 0, which write nothing)."""
     if keep_last < 0:
         raise ValueError(f"keep_last={keep_last}: must be >= 0 (0 keeps every checkpoint)")
+    sharded = is_sharded(model)
+    if sharded:  # a collective: every rank takes part, rank 0 receives the full tensors
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer or [], options=_full_state_options())
+    else:
+        model_state = model.state_dict()
+        optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    if not _is_writer():
+        return None
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.glob(".step_*.pt.*.tmp"):  # from a process killed while writing
@@ -94,8 +128,9 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state,
+        "optimizer": optimizer_state if optimizer is not None else None,
+        "sharded": sharded,
         "rng": rng_state(),
         "extra": extra or {},
     }
@@ -124,15 +159,33 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an lmforge checkpoint (format {FORMAT!r} expected)")
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the model does not fit this checkpoint: {e}") from None
-    if optimizer is not None:
-        if payload["optimizer"] is None:
-            raise CheckpointError(f"{path}: has no optimizer state")
+    if optimizer is not None and payload["optimizer"] is None:
+        raise CheckpointError(f"{path}: has no optimizer state")
+    if optimizer is not None and payload.get("sharded", False) != is_sharded(model):
+        written, here = ("an FSDP2", "a") if payload.get("sharded") else ("a", "an FSDP2")
+        raise CheckpointError(f"{path}: written by {written} run, its optimizer state does not fit {here} run "
+                              "(resume with the same dist.strategy, or load only the model)")  # fmt: skip
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if optimizer is not None:  # set_state_dict only fills keys the groups already have (e.g. "initial_lr")
+            for group, saved in zip(optimizer.param_groups, payload["optimizer"]["param_groups"], strict=False):
+                for key, value in saved.items():
+                    group.setdefault(key, value)
         try:
-            optimizer.load_state_dict(payload["optimizer"])
+            set_state_dict(model, optimizer or [], model_state_dict=payload["model"],
+                           optim_state_dict=payload["optimizer"] if optimizer is not None else {},
+                           options=_full_state_options())  # fmt: skip
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the model or optimizer does not fit this checkpoint: {e}") from None
+    else:
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: the model does not fit this checkpoint: {e}") from None
+        try:
+            if optimizer is not None:
+                optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: the optimizer does not fit this checkpoint: {e}") from None
     if restore_rng:

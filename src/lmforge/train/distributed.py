@@ -60,21 +60,25 @@ def setup(backend: str = "auto", device: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
-def parallelize(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
-    """The module to call for training: a DDP wrapper, or `model` itself sharded in place by FSDP2."""
+def parallelize(objective: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
+    """The module to call for training: a DDP wrapper of `objective`, or `objective` sharded in place by FSDP2.
+
+    `objective` is a `ModelLoss(model)` (lmforge.train.loss): the wrappers hook its forward, so the loss is
+    inside it (FSDP2 gathers the LM head there, which the chunked loss uses directly). Build the optimizer
+    afterwards: FSDP2 replaces the parameters by sharded ones."""
     if strategy not in STRATEGIES:
         raise ValueError(f"invalid dist.strategy={strategy!r}: must be one of {', '.join(STRATEGIES)}")
     if not info.enabled:
-        return model
+        return objective
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.blocks:
+    for block in objective.model.blocks:
         fully_shard(block)
-    fully_shard(model)
-    return model
+    fully_shard(objective)
+    return objective
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 
@@ -85,15 +85,20 @@ def _flat_targets(targets: Tensor, n: int, ignore_index: int) -> tuple[Tensor, T
 
 def _token_losses(
     z: Tensor, t: Tensor, valid: Tensor, label_smoothing: float, z_loss: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token ce_i and zl_i (0 where ignored) and lse_i, for float32 logits z (n, V)."""
-    lse = torch.logsumexp(z, dim=-1)
-    ce = lse - z.gather(1, t[:, None]).squeeze(1)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token ce_i and zl_i (0 where ignored), lse_i and log softmax(z_i), for float32 logits z (n, V).
+
+    One fused log-softmax pass gives everything: ce_i = -logp_iy, lse_i = z_iy - logp_iy and
+    lse_i - mean_v z_iv = -mean_v logp_iv."""
+    logp = torch.log_softmax(z, dim=-1)
+    logp_y = logp.gather(1, t[:, None]).squeeze(1)
+    ce = -logp_y
     if label_smoothing:
-        ce = (1.0 - label_smoothing) * ce + label_smoothing * (lse - z.mean(dim=-1))
+        ce = (1.0 - label_smoothing) * ce - label_smoothing * logp.mean(dim=-1)
+    lse = z.gather(1, t[:, None]).squeeze(1) - logp_y
     zl = z_loss * lse.square() if z_loss else torch.zeros_like(lse)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    return ce.where(valid, zero), zl.where(valid, zero), lse
+    return ce.where(valid, zero), zl.where(valid, zero), lse, logp
 
 
 def _output(loss: Tensor, ce: Tensor, zl: Tensor, tokens: Tensor, reduction: str) -> LossOutput:
@@ -121,7 +126,7 @@ def cross_entropy(
     z = logits.reshape(-1, V)
     z = z.to(_compute_dtype(z))
     t, valid = _flat_targets(targets, z.shape[0], ignore_index)
-    ce, zl, _ = _token_losses(z, t, valid, label_smoothing, z_loss)
+    ce, zl, _, _ = _token_losses(z, t, valid, label_smoothing, z_loss)
     tokens = valid.sum()
     if reduction == "none":
         shape = targets.shape
@@ -157,13 +162,14 @@ def _chunked_pass(
         if softcap is not None:
             z = z.div_(softcap).tanh_()  # tanh(a / c), kept for dz/da
             tanh, z = z, z * softcap
-        ce, zl, lse = _token_losses(z, tc, vc, label_smoothing, z_loss)
+        ce, zl, lse, logp = _token_losses(z, tc, vc, label_smoothing, z_loss)
         ce_sum += ce.sum()
         zl_sum += zl.sum()
         if not need_grad:
             continue
+        del z
         w = vc.to(dtype) * scale  # per-token weight of this chunk in the loss
-        g = z.sub_(lse[:, None]).exp_()  # softmax, in place of z
+        g = logp.exp_()  # softmax, in place of the log-softmax
         g.mul_(((1.0 + 2.0 * z_loss * lse) * w)[:, None])
         if label_smoothing:
             g.sub_((label_smoothing / V) * w[:, None])
@@ -243,6 +249,37 @@ def chunked_cross_entropy(
         ce, zl = ce * scale, zl * scale
         loss = ce + zl
     return LossOutput(loss=loss, ce=ce, z_loss=zl, tokens=tokens)
+
+
+class ModelLoss(nn.Module):
+    """A language model and its training loss as one module.
+
+    Wrappers that act on a module's forward (DDP, FSDP2, torch.compile) then cover the loss too: FSDP2
+    gathers the LM head for the chunked loss inside the forward, and compile fuses the loss with the model.
+    forward(input_ids, targets, ...) returns the summed loss (CE + z-loss over the counted targets), the summed
+    plain CE part (detached) and the model's MoE auxiliary losses (`Transformer.aux_losses()`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor,
+        chunked: bool = False,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        kw = {"label_smoothing": label_smoothing, "z_loss": z_loss, "reduction": "sum"}
+        if chunked:
+            hidden = self.model.hidden_states(input_ids)
+            softcap = self.model.config.final_softcap
+            out = chunked_cross_entropy(hidden, self.model.head_weight, targets, softcap=softcap, **kw)
+        else:
+            out = cross_entropy(self.model(input_ids), targets, **kw)
+        return out.loss, out.ce, self.model.aux_losses()
 
 
 def moe_loss_coefs(config: ModelConfig) -> dict[str, float]:

@@ -45,12 +45,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.io.atomic import atomic_write
-from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import DistInfo, all_reduce_sum
-from lmforge.train.loss import chunked_cross_entropy, cross_entropy, moe_loss_coefs, total_loss
+from lmforge.train.loss import ModelLoss, moe_loss_coefs, total_loss
 from lmforge.train.plot import plot_losses
 from lmforge.train.schedule import Schedule, set_lr
 
@@ -142,14 +141,12 @@ class Trainer:
         self.tokenizer, self.sample_every, self.sample_prompt = tokenizer, sample_every, sample_prompt
         self.time_budget_s, self.progress = time_budget_s, progress
         self.dist = dist or DistInfo(device=self.device)
-        if self.dist.enabled and chunked_ce:
-            raise ValueError("chunked_ce is not supported in multi-process training yet")
-        if self.dist.enabled and run_dir is not None and not isinstance(parallel, DDP):
-            raise ValueError("checkpoints of FSDP2-sharded runs are not supported yet: use dist.strategy='ddp'")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         model.activation_checkpointing = activation_checkpointing
-        module = parallel if parallel is not None else model  # what training calls: DDP wrapper or sharded model
-        self.forward = torch.compile(module) if compile else module
+        self.objective = parallel if parallel is not None else ModelLoss(model)  # model + loss, maybe wrapped
+        if getattr(self.objective, "module", self.objective).model is not model:
+            raise ValueError("parallel must be distributed.parallelize(ModelLoss(model), ...) of this model")
+        self.forward = torch.compile(self.objective) if compile else self.objective
         self.aux_coefs = moe_loss_coefs(model.config)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.step = 0
@@ -164,23 +161,6 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _loss_sum(self, input_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Summed (CE + z-loss) over the counted targets, and the summed plain CE (for logging), in fp32."""
-        kw = {"label_smoothing": self.label_smoothing, "z_loss": self.z_loss, "reduction": "sum"}
-        with self._autocast():
-            if self.chunked_ce:
-                hidden = self.model.hidden_states(input_ids)
-                out = chunked_cross_entropy(
-                    hidden.flatten(0, 1),
-                    self.model.head_weight,
-                    targets.flatten(),
-                    softcap=self.model.config.final_softcap,
-                    **kw,
-                )
-            else:
-                out = cross_entropy(self.forward(input_ids), targets, **kw)
-        return out.loss, out.ce
-
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer update from `train_data.batch(step)`; returns its metrics."""
         self.model.train()
@@ -193,8 +173,11 @@ class Trainer:
         ranks = self.dist.world_size  # the wrappers average gradients over ranks; the loss undoes it
         ce_total = torch.zeros((), device=self.device)
         for micro_ids, micro_targets in zip(ids.chunk(self.grad_accum), targets.chunk(self.grad_accum), strict=True):
-            loss_sum, ce_sum = self._loss_sum(micro_ids, micro_targets)
-            aux = {k: v / self.grad_accum for k, v in self.model.aux_losses().items()}
+            with self._autocast():
+                loss_sum, ce_sum, aux = self.forward(
+                    micro_ids, micro_targets, self.chunked_ce, self.label_smoothing, self.z_loss
+                )
+            aux = {k: v / self.grad_accum for k, v in aux.items()}
             loss = total_loss(loss_sum * ranks / counted, aux, self.aux_coefs)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             ce_total += ce_sum.detach()
@@ -235,9 +218,9 @@ class Trainer:
             batch = self.val_data.batch(i)
             ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
             with self._autocast():
-                out = cross_entropy(self.model(ids), targets, reduction="sum")
-            ce += out.ce.item()
-            tokens += out.tokens.item()
+                _, ce_sum, _ = self.objective(ids, targets, self.chunked_ce)
+            ce += ce_sum.item()
+            tokens += (targets != -100).sum().item()
             if self.tokenizer is not None:
                 nbytes += self._target_bytes(targets).item()
         metrics = {"val_loss": ce / max(tokens, 1)}
@@ -250,9 +233,16 @@ class Trainer:
 
         self.model.eval()
         prompt = self.sample_prompt or [0]
-        return generate_text(
-            self.model, self.tokenizer, prompt, temperature=0.8, top_k=50, seed=0, max_tokens=max_tokens
-        )
+        sharded = is_sharded(self.model)  # FSDP2: gather the root's weights; each block gathers its own
+        if sharded:
+            self.objective.unshard()
+        try:
+            return generate_text(
+                self.model, self.tokenizer, prompt, temperature=0.8, top_k=50, seed=0, max_tokens=max_tokens
+            )
+        finally:
+            if sharded:
+                self.objective.reshard()
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -272,8 +262,8 @@ class Trainer:
         if self.dist.is_main:
             atomic_write(self.run_dir / "log.jsonl", lines)  # drop what was logged after the checkpoint
 
-    def _checkpoint(self) -> None:
-        if self.run_dir is not None and self.dist.is_main:
+    def _checkpoint(self) -> None:  # every rank takes part (FSDP2 gathers the shards); rank 0 writes
+        if self.run_dir is not None:
             extra = {"history": self.history}
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, keep_last=self.keep_last)
 
@@ -320,7 +310,7 @@ class Trainer:
                 if self.tokenizer is not None and self.sample_every and (self.step % self.sample_every == 0 or done):
                     record["sample"] = self.sample()
                 self._log(record)
-                last |= record
+                last = last | record  # a new dict: the logged step record stays as written
                 window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
             if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not done:
                 self._checkpoint()
