@@ -90,6 +90,33 @@ def test_loss_goes_down_and_the_run_directory_has_everything(corpus, tmp_path):
     ]  # fmt: skip
 
 
+def test_tensorboard_logs_the_same_scalars_and_resume_purges_later_steps(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = make(corpus, tmp_path, max_steps=8, eval_every=4, eval_steps=1, sample_every=4, checkpoint_every=4,
+                 tensorboard=True)  # fmt: skip
+    first.max_steps = 6  # killed after logging steps 5-6 past the step-4 checkpoint
+    first.fit()
+    (tmp_path / "checkpoints" / "step_00000006.pt").unlink()
+    second = make(corpus, tmp_path, max_steps=8, eval_every=4, eval_steps=1, sample_every=4, checkpoint_every=4,
+                  tensorboard=True)  # fmt: skip
+    second.fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 9))  # steps 5-6 of the first run were purged, not doubled
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in second.history if "loss" in r], rel=1e-6)
+    assert {"train/lr", "train/grad_norm", "train/tok_s", "train/mfu", "val/loss", "val/bpb"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert [e.step for e in events.Scalars("val/bpb")] == [4, 8]
+    assert "sample/text_summary" in events.Tags()["tensors"]
+
+
+def test_tensorboard_needs_a_run_directory(corpus):
+    with pytest.raises(ValueError, match="tensorboard=True needs a run_dir"):
+        make(corpus, tensorboard=True)
+
+
 def test_gradient_accumulation_equals_one_big_batch(corpus):
     one, four = make(corpus), make(corpus, grad_accum=4)
     one.fit()

@@ -63,6 +63,7 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
         eval_steps=loop.eval_steps, checkpoint_every=loop.checkpoint_every, keep_last=loop.keep_last,
         tokenizer=tokenizer, sample_every=loop.sample_every,
         time_budget_s=loop.time_budget_min * 60 if loop.time_budget_min else None, progress=progress,
+        tensorboard=loop.tensorboard,
         dist=info, parallel=parallel,
     )  # fmt: skip
     return trainer, tokenizer

@@ -227,6 +227,7 @@ class LoopConfig:
     eval_steps: int = 10  # validation batches per evaluation
     sample_every: int = 0  # steps between printed samples; 0: never
     log_every: int = 10
+    tensorboard: bool = False  # also log to <out_dir>/tensorboard (needs: pip install 'lmforge[tensorboard]')
     checkpoint_every: int = 500  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept on disk; 0: all
     out_dir: str = "runs/default"

@@ -19,8 +19,9 @@ Options: bf16 autocast (CPU and CUDA) or fp16 autocast with a gradient scaler (C
 (each block's activations are recomputed in backward: memory O(layers) block inputs instead of every
 intermediate), chunked cross entropy (loss.py: the (tokens, vocab) logits are never held), `torch.compile`.
 
-Every `log_every` steps a line goes to `<run>/log.jsonl` and the progress bar: loss, lr, gradient norm, tokens/s
-and MFU, the model FLOPs utilisation:
+Every `log_every` steps a line goes to `<run>/log.jsonl` and the progress bar (and, with `tensorboard=True`, to
+TensorBoard event files in `<run>/tensorboard/`): loss, lr, gradient norm, tokens/s and MFU, the model FLOPs
+utilisation:
 
     MFU = tokens/s * (6 N + 12 L d T) / peak FLOP/s
 
@@ -85,6 +86,15 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 102
     return 2 * size**3 / best
 
 
+def _summary_writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        msg = "tensorboard=True needs the tensorboard package: pip install 'lmforge[tensorboard]'"
+        raise ImportError(msg) from None
+    return SummaryWriter
+
+
 class Trainer:
     """Trains `model` with `optimizer` on `train_data` for `max_steps` steps (see the module docstring)."""
 
@@ -116,6 +126,7 @@ class Trainer:
         sample_prompt: str = "",
         time_budget_s: float | None = None,
         progress: bool = True,
+        tensorboard: bool = False,
         dist: DistInfo | None = None,
         parallel: torch.nn.Module | None = None,
     ) -> None:
@@ -152,6 +163,12 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._byte_lengths: Tensor | None = None
+        if tensorboard and self.run_dir is None:
+            raise ValueError("tensorboard=True needs a run_dir to write the event files to")
+        self.tensorboard = tensorboard and self.dist.is_main
+        if self.tensorboard:
+            _summary_writer_class()  # fail now, not at the first log line, when tensorboard is not installed
+        self._tb: Any = None
 
     # -- one step ---------------------------------------------------------------------------------------------
 
@@ -251,6 +268,13 @@ class Trainer:
         if self.run_dir is not None and self.dist.is_main:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key == "sample":
+                    self._tb.add_text("sample", value, record["step"])
+                elif key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                    self._tb.add_scalar(tag, value, record["step"])
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
@@ -283,6 +307,8 @@ class Trainer:
                 self._resume()
             elif (self.run_dir / "log.jsonl").exists():
                 (self.run_dir / "log.jsonl").unlink()
+        if self.tensorboard:  # events logged after the checkpoint (or all, without resume) are purged
+            self._tb = _summary_writer_class()(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         peak = measure_peak_flops(self.device, dtype)
         start = time.perf_counter()
@@ -319,4 +345,7 @@ class Trainer:
         self._checkpoint()
         if self.run_dir is not None and self.dist.is_main:
             plot_losses(self.history, self.run_dir / "loss.png")
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         return last
