@@ -51,6 +51,14 @@ def main() -> None:
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=SEQ)
     model = Transformer(cfg)
     parallel = distributed.parallelize(ModelLoss(model), args.strategy, info)
+    if args.strategy == "fsdp" and info.enabled:  # optimizers that cannot update shards say so up front
+        for name in ("adafactor", "adamw8bit"):
+            try:
+                Trainer(model, build_optimizer(name, model, 1e-3, 0.0), Schedule("constant"), Sharded(0, 1),
+                        max_steps=1, dist=info, parallel=parallel)  # fmt: skip
+                raise AssertionError(f"{name} was accepted for FSDP2-sharded parameters")
+            except ValueError as e:
+                assert "cannot update FSDP2-sharded parameters" in str(e), e
     # SGD, no clipping: unlike Adam, its update scales with the gradient, so a wrong loss scale shows
     optimizer = build_optimizer("sgd", model, lr=0.5, weight_decay=0.0, momentum=0.9)
     schedule = Schedule("cosine", total_steps=6, warmup_steps=1)

@@ -124,6 +124,8 @@ def _check_betas(betas: tuple[float, float], name: str = "betas") -> None:
 class _Optimizer(Optimizer):
     """A `torch.optim.Optimizer` whose `step` visits each parameter with a gradient and calls `_update`."""
 
+    shardable = True  # whether `_update` works on FSDP2 shards (DTensor parameters)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = None
@@ -322,6 +324,8 @@ class Lion(_Optimizer):
 
 class Adafactor(_Optimizer):
     """Adafactor with factored second moments for ≥2-D parameters (torch.optim.Adafactor semantics)."""
+
+    shardable = False  # the row and column statistics of a sharded matrix would need in-place re-placement
 
     def __init__(
         self,
@@ -548,6 +552,7 @@ class AdamW8bit(_Optimizer):
 
     M_POWER = 2.0
     V_POWER = 4.0
+    shardable = False  # the quantization blocks are cut from the flattened local tensor, not the sharded one
 
     def __init__(
         self,

@@ -154,6 +154,9 @@ class Trainer:
         self.dist = dist or DistInfo(device=self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         model.activation_checkpointing = activation_checkpointing
+        if is_sharded(model) and not getattr(optimizer, "shardable", True):
+            raise ValueError(f"optimizer {type(optimizer).__name__} cannot update FSDP2-sharded parameters: use "
+                             "dist.strategy='ddp' or another optimizer (adamw, adam, sgd, lion, muon)")  # fmt: skip
         self.objective = parallel if parallel is not None else ModelLoss(model)  # model + loss, maybe wrapped
         if getattr(self.objective, "module", self.objective).model is not model:
             raise ValueError("parallel must be distributed.parallelize(ModelLoss(model), ...) of this model")
