@@ -98,7 +98,9 @@ def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tenso
     """cos and sin of p·θ_i for positions (B, T): each (B, 1, T, rotary_dim/2), float32."""
     dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic"
     seq_len = int(positions.max()) + 1 if dynamic and positions.numel() else None  # a host sync: only when needed
-    inv_freq, scale = rope_frequencies(cfg, seq_len)
+    # torch.compile traces the computation (constant-folded into the graph) rather than the eager cache
+    frequencies = rope_frequencies.__wrapped__ if torch.compiler.is_compiling() else rope_frequencies
+    inv_freq, scale = frequencies(cfg, seq_len)
     angles = positions.float()[:, None, :, None] * inv_freq.to(positions.device)
     return angles.cos() * scale, angles.sin() * scale
 
