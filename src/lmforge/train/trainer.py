@@ -96,7 +96,10 @@ def _summary_writer_class() -> Any:
 
 
 class Trainer:
-    """Trains `model` with `optimizer` on `train_data` for `max_steps` steps (see the module docstring)."""
+    """Trains `model` with `optimizer` on `train_data` for `max_steps` steps (see the module docstring).
+
+    Several processes: `dist` from `distributed.setup()` and `parallel =
+    distributed.parallelize(ModelLoss(model), strategy, dist)`, made before the optimizer (see train_cli.py)."""
 
     def __init__(
         self,
@@ -158,7 +161,7 @@ class Trainer:
             raise ValueError(f"optimizer {type(optimizer).__name__} cannot update FSDP2-sharded parameters: use "
                              "dist.strategy='ddp' or another optimizer (adamw, adam, sgd, lion, muon)")  # fmt: skip
         self.objective = parallel if parallel is not None else ModelLoss(model)  # model + loss, maybe wrapped
-        if getattr(self.objective, "module", self.objective).model is not model:
+        if getattr(getattr(self.objective, "module", self.objective), "model", None) is not model:
             raise ValueError("parallel must be distributed.parallelize(ModelLoss(model), ...) of this model")
         self.forward = torch.compile(self.objective) if compile else self.objective
         self.aux_coefs = moe_loss_coefs(model.config)
