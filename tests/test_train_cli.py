@@ -73,8 +73,10 @@ def losses_of(run) -> list[float]:
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_equals_one_process(shards, tmp_path):
-    """`torchrun --nproc_per_node=2 -m lmforge train`: 2 ranks x 2 rows reproduce 1 process x 4 rows."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_equals_one_process(shards, tmp_path, strategy):
+    """`torchrun --nproc_per_node=2 -m lmforge train`: 2 ranks x 2 rows reproduce 1 process x 4 rows, and rank 0
+    exports the whole model (under FSDP2 the shards are gathered first)."""
     import os
     import subprocess
     import sys
@@ -82,9 +84,14 @@ def test_torchrun_ddp_equals_one_process(shards, tmp_path):
     quick = ["--set=train.max_steps=8", "--set=train.eval_every=0", "--set=train.log_every=1"]
     one = runner.invoke(app, args(shards, tmp_path / "one", *quick))
     assert one.exit_code == 0, one.output
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
-           *args(shards, tmp_path / "two", *quick, "--set=data.batch_size=2")]  # fmt: skip
+    two = args(shards, tmp_path / "two", *quick, "--set=data.batch_size=2", f"--set=dist.strategy={strategy}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge", *two]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), abs=1e-5)
     assert (tmp_path / "two" / "model.gguf").exists()  # rank 0 exported
+    one_model, _ = lmforge.load(tmp_path / "one" / "hf")
+    two_model, _ = lmforge.load(tmp_path / "two" / "hf")
+    two_weights = two_model.state_dict()
+    for name, value in one_model.state_dict().items():
+        torch.testing.assert_close(two_weights[name], value, rtol=0, atol=1e-5, msg=name)

@@ -94,8 +94,10 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in the run directory.")] = True,
 ) -> None:
     """Pre-train a model on token shards; logs, checkpoints and the exported model go to train.out_dir."""
+    from lmforge import Transformer
     from lmforge.config import ConfigError
     from lmforge.train import distributed
+    from lmforge.train.checkpoint import gather_model
     from lmforge.train.config import load_train_config, save_resolved
 
     try:
@@ -108,8 +110,9 @@ def train_command(
     if trainer.dist.is_main:
         save_resolved(cfg, run_dir)
     last = trainer.fit(resume=resume)
+    model = gather_model(trainer.model, lambda: Transformer(cfg.model))  # FSDP2: the shards gathered on rank 0
     if trainer.dist.is_main:
-        for path in export_run(trainer.model, tokenizer, run_dir):
+        for path in export_run(model, tokenizer, run_dir):
             err.print(f"wrote {path}", highlight=False)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
         err.print(f"step {trainer.step}: {summary}", highlight=False)

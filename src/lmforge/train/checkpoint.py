@@ -80,6 +80,21 @@ def _full_state_options() -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def gather_model(model: torch.nn.Module, build: Any) -> torch.nn.Module | None:
+    """The whole model: `model` itself, or for FSDP2 shards a collective that gathers the full tensors into
+    `build()` (a fresh unsharded model) on rank 0's CPU, and returns None on the other ranks."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_state_options())
+    if not _is_writer():
+        return None
+    whole = build()
+    whole.load_state_dict(state)
+    return whole
+
+
 def _is_writer() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
