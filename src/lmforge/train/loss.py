@@ -134,20 +134,20 @@ def cross_entropy(
     return _output((ce + zl).sum(), ce.sum(), zl.sum(), tokens, reduction)
 
 
+@dataclass(frozen=True)
+class _ChunkOptions:
+    chunk_size: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+
+
 def _chunked_pass(
-    hidden: Tensor,
-    weight: Tensor,
-    t: Tensor,
-    valid: Tensor,
-    chunk_size: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    scale: Tensor,
-    need_grad: bool,
+    hidden: Tensor, weight: Tensor, t: Tensor, valid: Tensor, opts: _ChunkOptions, scale: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Summed ce and z-loss over hidden (N, D) @ weight (V, D)^T, chunk by chunk; with `need_grad`, also the
     gradients of scale * (ce + zl) summed w.r.t. hidden and weight, in float32 (float64 for float64 inputs)."""
+    chunk_size, label_smoothing, z_loss, softcap = opts.chunk_size, opts.label_smoothing, opts.z_loss, opts.softcap
     N, V = hidden.shape[0], weight.shape[0]
     dtype = _compute_dtype(hidden, weight)
     w32 = weight.to(dtype)
@@ -186,20 +186,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
-        hidden: Tensor,
-        weight: Tensor,
-        t: Tensor,
-        valid: Tensor,
-        chunk_size: int,
-        label_smoothing: float,
-        z_loss: float,
-        softcap: float | None,
-        scale: Tensor,
+        ctx: Any, hidden: Tensor, weight: Tensor, t: Tensor, valid: Tensor, opts: _ChunkOptions, scale: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        ce, zl, grad_h, grad_w = _chunked_pass(
-            hidden, weight, t, valid, chunk_size, label_smoothing, z_loss, softcap, scale, need_grad=True
-        )
+        ce, zl, grad_h, grad_w = _chunked_pass(hidden, weight, t, valid, opts, scale, need_grad=True)
         ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
         ce, zl = ce * scale, zl * scale
         ctx.mark_non_differentiable(ce, zl)
@@ -209,7 +198,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, _grad_ce: Tensor, _grad_zl: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None, None, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -241,11 +230,11 @@ def chunked_cross_entropy(
     tokens = valid.sum()
     dtype = _compute_dtype(h, head_weight)
     scale = 1.0 / tokens.clamp(min=1).to(dtype) if reduction == "mean" else torch.ones((), dtype=dtype, device=h.device)
-    args = (chunk_size, label_smoothing, z_loss, softcap, scale)
+    opts = _ChunkOptions(chunk_size, label_smoothing, z_loss, softcap)
     if torch.is_grad_enabled() and (h.requires_grad or head_weight.requires_grad):
-        loss, ce, zl = _ChunkedCrossEntropy.apply(h, head_weight, t, valid, *args)
+        loss, ce, zl = _ChunkedCrossEntropy.apply(h, head_weight, t, valid, opts, scale)
     else:
-        ce, zl, _, _ = _chunked_pass(h, head_weight, t, valid, *args, need_grad=False)
+        ce, zl, _, _ = _chunked_pass(h, head_weight, t, valid, opts, scale, need_grad=False)
         ce, zl = ce * scale, zl * scale
         loss = ce + zl
     return LossOutput(loss=loss, ce=ce, z_loss=zl, tokens=tokens)

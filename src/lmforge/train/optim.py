@@ -191,9 +191,12 @@ def _adam_state(p: Tensor, state: dict[str, Any]) -> int:
 
 
 class Adam(_Optimizer):
-    """Adam with L2 weight decay added to the gradient (torch.optim.Adam semantics, without amsgrad)."""
+    """Adam with L2 weight decay added to the gradient (torch.optim.Adam semantics, without amsgrad).
+
+    `weight_decay` None: the class default (0 for Adam, 1e-2 for AdamW, as in torch.optim)."""
 
     decoupled = False
+    default_weight_decay = 0.0
 
     def __init__(
         self,
@@ -201,10 +204,11 @@ class Adam(_Optimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         *,
         maximize: bool = False,
     ) -> None:
+        weight_decay = self.default_weight_decay if weight_decay is None else weight_decay
         _check_common(lr, weight_decay, eps)
         _check_betas(betas)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
@@ -230,18 +234,7 @@ class AdamW(Adam):
     """Adam with decoupled weight decay p ← p·(1 − lr·wd) (torch.optim.AdamW semantics, without amsgrad)."""
 
     decoupled = True
-
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize)
+    default_weight_decay = 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ from lmforge.train.loss import ModelLoss, moe_loss_coefs, total_loss
 from lmforge.train.plot import plot_losses
 from lmforge.train.schedule import Schedule, set_lr
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # training precision -> dtype
+PRECISIONS = tuple(DTYPES)
 
 
 class Batches(Protocol):
@@ -181,8 +182,7 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer update from `train_data.batch(step)`; returns its metrics."""
@@ -315,8 +315,7 @@ class Trainer:
                 (self.run_dir / "log.jsonl").unlink()
         if self.tensorboard:  # events logged after the checkpoint (or all, without resume) are purged
             self._tb = _summary_writer_class()(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        peak = measure_peak_flops(self.device, dtype)
+        peak = measure_peak_flops(self.device, DTYPES[self.precision])
         start = time.perf_counter()
         window_start, window_tokens = time.perf_counter(), 0
         last: dict[str, Any] = {}
