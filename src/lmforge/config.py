@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.utils.errors import LmforgeError
+
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "geglu_exact", "gelu", "gelu_tanh")
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
@@ -24,7 +26,7 @@ SCORINGS = ("softmax", "sigmoid")
 BACKENDS = ("sdpa", "eager")
 
 
-class ConfigError(ValueError):
+class ConfigError(LmforgeError):
     """A configuration value is invalid; the message names the field."""
 
 

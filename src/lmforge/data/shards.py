@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.io.atomic import atomic_path, atomic_write
 from lmforge.tokenizer.pretokenize import cpu_count, iter_pieces, read_chunks
+from lmforge.utils.atomic import atomic_path, atomic_write
 
 UNIT_CHARS = 1 << 22
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")

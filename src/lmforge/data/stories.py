@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.io.atomic import atomic_path
+from lmforge.utils.atomic import atomic_path
 
 Alternative = tuple[float, tuple[str, ...]]  # (weight, parts); a part "<x>" is a symbol, anything else literal text
 _SYMBOL = re.compile(r"<[a-z_]+>")

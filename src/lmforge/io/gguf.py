@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.io.atomic import atomic_path
 from lmforge.io.gguf_quants import (
     BLOCK_SIZES,
     DEQUANTIZABLE,
@@ -54,6 +53,8 @@ from lmforge.io.gguf_quants import (
     dequantize,
     quantize,
 )
+from lmforge.utils.atomic import atomic_path
+from lmforge.utils.errors import LmforgeError
 
 __all__ = [
     "GGMLType",
@@ -74,7 +75,7 @@ MAX_ARRAY_NESTING = 8
 INT64_MAX = 2**63 - 1
 
 
-class GGUFError(ValueError):
+class GGUFError(LmforgeError):
     """A GGUF file is malformed; the message names the file and the offending field."""
 
 

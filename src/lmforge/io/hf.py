@@ -18,16 +18,17 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
-from lmforge.io.atomic import atomic_path, atomic_write
 from lmforge.io.hf_arch import HF_CLASSES, IGNORED, tensor_maps
 from lmforge.io.safetensors_mmap import SafetensorsFile
 from lmforge.model.transformer import Transformer
+from lmforge.utils.atomic import atomic_path, atomic_write
+from lmforge.utils.errors import LmforgeError
 
 SHARD_BYTES = 4 * 1024**3
 KEEP_FP32 = ("score_bias",)  # routing-critical buffers that stay float32 whatever dtype is asked for
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LmforgeError):
     """A checkpoint's files do not match its config; the message names the tensor or file."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lmforge.config import MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from lmforge.utils.errors import LmforgeError
 
 HF_CLASSES = {
     "gpt2": "GPT2LMHeadModel",
@@ -35,7 +36,7 @@ _MLP_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu",
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "gelu_fast": "gelu_tanh"}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(LmforgeError):
     pass
 
 

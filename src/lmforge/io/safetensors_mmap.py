@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.utils.errors import LmforgeError
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -25,7 +27,7 @@ DTYPES = {
 }  # fmt: skip
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(LmforgeError):
     pass
 
 

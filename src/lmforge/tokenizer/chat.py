@@ -43,6 +43,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lmforge.utils.errors import LmforgeError
+
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "ChatEncoding",
@@ -74,7 +76,7 @@ CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-class ChatTemplateError(jinja2.exceptions.TemplateError, ValueError):
+class ChatTemplateError(jinja2.exceptions.TemplateError, LmforgeError):
     """A chat template refused the conversation (its `raise_exception`), or the assistant mask cannot be found."""
 
 

@@ -56,9 +56,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from lmforge.io.atomic import atomic_write
 from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.pretokenize import CL100K_PATTERN, DIGITS_GPT2_PATTERN, GPT2_PATTERN
+from lmforge.utils.atomic import atomic_write
 
 __all__ = [
     "CL100K_SPECIAL_TOKENS",

@@ -16,7 +16,7 @@ data loader), and the random streams (dropout, sampling). So 20 steps straight e
 10 more.
 
 Crash safety: the file is written to a temporary name in the same directory, fsynced, then renamed over the
-final name (`lmforge.io.atomic`), so a process killed at any instant (even SIGKILL mid-write) leaves either no
+final name (`lmforge.utils.atomic`), so a process killed at any instant (even SIGKILL mid-write) leaves either no
 new checkpoint or a complete one; `latest_checkpoint` only ever sees complete files (temporary files start with
 a dot and end in .tmp), and the next save sweeps leftovers away. After a successful save, all but the newest
 `keep_last` checkpoints are deleted.
@@ -39,13 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.io.atomic import atomic_path
+from lmforge.utils.atomic import atomic_path
+from lmforge.utils.errors import LmforgeError
 
 FORMAT = "lmforge-checkpoint/1"
 _NAME = re.compile(r"step_(\d+)\.pt")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LmforgeError, RuntimeError):
     """A checkpoint file cannot be read or does not fit the run; the message names the file."""
 
 

@@ -68,11 +68,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lmforge.config import PRESETS, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
-from lmforge.io.atomic import atomic_write
 from lmforge.train.distributed import STRATEGIES as DIST_STRATEGIES
 from lmforge.train.optim import OPTIMIZERS
 from lmforge.train.schedule import Schedule
 from lmforge.train.trainer import PRECISIONS
+from lmforge.utils.atomic import atomic_write
 
 NONE = "none"  # how a TOML file or override spells None
 LOADERS = ("random", "sequential")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.io.atomic import atomic_path
+from lmforge.utils.atomic import atomic_path
 
 
 def figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:

@@ -47,12 +47,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lmforge.io.atomic import atomic_write
 from lmforge.train.checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import DistInfo, all_reduce_sum
 from lmforge.train.loss import ModelLoss, moe_loss_coefs, total_loss
 from lmforge.train.plot import plot_losses
 from lmforge.train.schedule import Schedule, set_lr
+from lmforge.utils.atomic import atomic_write
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # training precision -> dtype
 PRECISIONS = tuple(DTYPES)

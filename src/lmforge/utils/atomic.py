@@ -1,8 +1,8 @@
 """Atomic file writes: readers see the old file or the new one, never half of one.
 
-Write to a temporary file in the same directory, flush and fsync it, then `os.replace` it over
-the target (atomic on POSIX). On any failure the temporary file is removed and the target is
-left as it was.
+Write to a temporary file in the same directory, flush and fsync it, `os.replace` it over the
+target (atomic on POSIX), then fsync the directory so the rename itself survives a power cut.
+On any failure the temporary file is removed and the target is left as it was.
 """
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
