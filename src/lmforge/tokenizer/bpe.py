@@ -27,7 +27,8 @@ so a merge touches only the words in its set. The best pair comes from a max-hea
 deletion: counts only grow when a pair is born (it contains the new token z), so an entry is pushed
 then; when a popped entry's count is stale (too high) it is pushed back with the current count.
 
-Encoding. Split the text at the allowed special tokens, pre-tokenize each part, and encode each
+Encoding. Split the text at the allowed special tokens, pre-tokenize each part (the tokenizer's
+`SplitRule`: a regex, by default Isolated, which for the built-in regexes is ``findall``), and encode each
 pre-token through a cache (most pre-tokens repeat). A cache miss runs BPE on the pre-token's bytes:
 its parts form a doubly linked list and a heap holds candidate merges ``(rank, position)``; pop the
 lowest rank (the leftmost on ties), skip it if either part has changed since it was pushed (lazy
@@ -51,6 +52,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from lmforge.tokenizer import pretokenize as pt
+from lmforge.utils.errors import LmforgeError
 
 
 def merge_ranked(parts: list[int | None], ranks: dict[tuple[int, int], int], merged: list[int]) -> list[int]:
@@ -174,7 +176,7 @@ def train_bpe(
     texts: Iterable[str] | None = None,
     files: Sequence[str | Path] | None = None,
     vocab_size: int = 8192,
-    pattern: str = pt.GPT2_PATTERN,
+    pattern: str | pt.SplitRule = pt.GPT2_PATTERN,
     special_tokens: Sequence[str] = (),
     progress: bool = True,
     workers: int | None = None,
@@ -183,7 +185,7 @@ def train_bpe(
 
     ``vocab_size`` counts the 256 bytes, the merges and the special tokens. Training stops early
     (a smaller vocabulary) if no pair is left to merge. ``workers`` processes count pre-tokens
-    (default: all cores).
+    (default: all cores). ``pattern``: the pre-tokenizer regex, or a `SplitRule` (regex, behavior, invert).
     """
     specials = list(dict.fromkeys(special_tokens))
     if "" in specials:
@@ -222,7 +224,7 @@ METADATA = (
 )  # fmt: skip
 
 
-def _rebuild(vocab, merges, pattern, special_tokens, ignore_merges, meta) -> Tokenizer:
+def _rebuild(vocab, merges, pattern: str | pt.SplitRule, special_tokens, ignore_merges, meta) -> Tokenizer:
     tok = Tokenizer(vocab, merges, pattern, special_tokens, ignore_merges=ignore_merges)
     for key, value in meta.items():
         setattr(tok, key, value)
@@ -235,7 +237,9 @@ class Tokenizer:
     ``vocab`` ids need not be contiguous nor follow merge order (imported vocabularies); the merge
     ``(left, right)`` produces the id whose bytes are ``vocab[left] + vocab[right]``. ``special_tokens``
     maps text to id. With ``ignore_merges`` (Llama-3), a pre-token that is itself in the vocabulary
-    is emitted as that one token. Treat the attributes as read-only: lookups are built from them here.
+    is emitted as that one token. ``pattern`` is the pre-tokenizer regex (Isolated: every match and
+    every gap between matches is a pre-token) or a whole `SplitRule`; ``split_rule`` is the rule,
+    ``pattern`` its regex. Treat the attributes as read-only: lookups are built from them here.
     """
 
     cache_size = 1 << 16  # pre-tokens kept in the encode cache
@@ -253,12 +257,13 @@ class Tokenizer:
         self,
         vocab: dict[int, bytes],
         merges: list[tuple[int, int]],
-        pattern: str,
+        pattern: str | pt.SplitRule,
         special_tokens: dict[str, int] | None = None,
         *,
         ignore_merges: bool = False,
     ) -> None:
-        self.vocab, self.merges, self.pattern = dict(vocab), [tuple(m) for m in merges], pattern
+        self.split_rule = pattern if isinstance(pattern, pt.SplitRule) else pt.SplitRule(pattern)
+        self.vocab, self.merges, self.pattern = dict(vocab), [tuple(m) for m in merges], self.split_rule.pattern
         self.special_tokens, self.ignore_merges = dict(special_tokens or {}), ignore_merges
         self._bytes_to_id = {b: i for i, b in sorted(self.vocab.items(), reverse=True)}  # shared bytes: lowest id
         self._byte_ids = [self._bytes_to_id.get(bytes([i])) for i in range(256)]
@@ -272,14 +277,14 @@ class Tokenizer:
                 raise ValueError(f"merge {rank} ({a}, {b}): {self.vocab[a] + self.vocab[b]!r} is not in the vocabulary")
             self._ranks.setdefault((a, b), rank)
             self._merged.append(z)
-        self._pat = pt.compile_pattern(pattern)
+        self._split = self.split_rule.split
         self._decoder = dict(self.vocab) | {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self._special_by_id = {i: s for s, i in self.special_tokens.items()}
         self._cache = _PieceCache(self._bpe, self.cache_size)
 
     def __reduce__(self):  # pickle the definition and metadata, not the cache
         meta = {k: getattr(self, k) for k in METADATA if getattr(self, k) is not None}
-        return _rebuild, (self.vocab, self.merges, self.pattern, self.special_tokens, self.ignore_merges, meta)
+        return _rebuild, (self.vocab, self.merges, self.split_rule, self.special_tokens, self.ignore_merges, meta)
 
     def apply_chat_template(
         self,
@@ -329,18 +334,20 @@ class Tokenizer:
             return [self._bytes_to_id[data]]
         ids = [self._byte_ids[b] for b in data]
         if None in ids:
-            raise ValueError(f"byte {data[ids.index(None)]:#04x} has no token in this vocabulary")
+            raise LmforgeError(
+                f"cannot encode {data[:40]!r}: byte {data[ids.index(None)]:#04x} has no token in this vocabulary"
+            )
         return merge_ranked(ids, self._ranks, self._merged)
 
     def _encode_ordinary_into(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (no special tokens) to ``out``: pre-tokenize, then look up the cache."""
         start, extend = len(out), out.extend
         try:
-            for ids in map(self._cache.__getitem__, self._pat.findall(text)):
+            for ids in map(self._cache.__getitem__, self._split(text)):
                 extend(ids)
         except UnicodeEncodeError:  # lone surrogates: fix the text as tiktoken does, then start over
             del out[start:]
-            for ids in map(self._cache.__getitem__, self._pat.findall(pt.fix_surrogates(text))):
+            for ids in map(self._cache.__getitem__, self._split(pt.fix_surrogates(text))):
                 extend(ids)
 
     def _specials(self, allowed_special, disallowed_special) -> tuple[frozenset[str], frozenset[str]]:
@@ -400,12 +407,16 @@ class Tokenizer:
         disallowed_special: Literal["all"] | Collection[str] = "all",
     ) -> Iterator[int]:
         """Stream ids of ``"".join(chunks)``, identical to ``encode`` of the joined text, in bounded memory
-        (the chunks are cut only where the pre-tokens cannot change: see ``pretokenize.iter_pieces``).
+        (the chunks are cut only where the pre-tokens cannot change: see ``pretokenize.iter_pieces``;
+        a split rule other than Isolated is cut only at special tokens).
         A disallowed special token raises when it is reached, after the ids before it were yielded."""
         allowed, disallowed = self._specials(allowed_special, disallowed_special)
         check = (lambda buf: self._check(buf, disallowed)) if disallowed else None
         longest = max(map(len, allowed | disallowed), default=0)
-        for piece, special in pt.iter_pieces(pt.valid_unicode(chunks), pt.special_regex(allowed), longest, check):
+        pieces = pt.iter_pieces(
+            pt.valid_unicode(chunks), pt.special_regex(allowed), longest, check, self.split_rule.cuts_at_word_ends
+        )
+        for piece, special in pieces:
             out: list[int] = []
             self._encode_ordinary_into(piece, out)
             yield from out

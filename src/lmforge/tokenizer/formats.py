@@ -43,6 +43,15 @@ order), a pre-tokenization regex, and special tokens (text -> id). Each format s
 
 `save_tokenizer` writes tokenizer.json + tokenizer_config.json + tokenizer.tiktoken; `load_tokenizer` reads a
 directory or a ``.tiktoken`` file. All writers are atomic (a temporary file, then `os.replace`).
+
+**What the readers check** (each refusal is a `TokenizerFileError` naming the file and the file's own key, as
+``tokenizer.json: model.vocab['Ġthe']`` or ``merges.txt:3``): JSON that parses, without a key twice in one object;
+ids non-negative ints (not bools, floats or strings), unique, and at most ``2 * tokens + 1024`` (a larger id is a
+corrupt file that would size embeddings for it); tokens unique strings of the byte-level alphabet; merges pairs of
+tokens whose parts and result are in the vocabulary; added tokens ``{"id": int, "content": str}``, no id given to two
+different tokens; tokenizer_config.json fields of the right type; a Split regex that compiles. A ``.tiktoken`` file
+must hold all 256 single bytes (tiktoken fails on a missing one). Other vocabularies may lack a few byte tokens
+(SmolLM2 lacks 21 control and non-UTF-8 bytes): text holding such a byte fails to encode, naming it.
 """
 
 from __future__ import annotations
@@ -52,16 +61,25 @@ import binascii
 import json
 import re
 import warnings
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from lmforge.tokenizer.bpe import Tokenizer
-from lmforge.tokenizer.pretokenize import CL100K_PATTERN, DIGITS_GPT2_PATTERN, GPT2_PATTERN
+from lmforge.tokenizer.pretokenize import (
+    CL100K_PATTERN,
+    DIGITS_GPT2_PATTERN,
+    GPT2_PATTERN,
+    SPLIT_BEHAVIORS,
+    SplitRule,
+)
 from lmforge.utils.atomic import atomic_write
+from lmforge.utils.errors import LmforgeError
 
 __all__ = [
     "CL100K_SPECIAL_TOKENS",
+    "TokenizerFileError",
     "bytes_to_unicode",
     "load_hf_tokenizer",
     "load_tiktoken",
@@ -81,6 +99,11 @@ CL100K_SPECIAL_TOKENS = {
     "<|fim_suffix|>": 100260,
     "<|endofprompt|>": 100276,
 }
+
+class TokenizerFileError(LmforgeError):
+    """A tokenizer file (tokenizer.json, tokenizer_config.json, .tiktoken, vocab.json, merges.txt, a GGUF's
+    tokenizer.ggml.* keys) is malformed or unsupported; the message names the file and the file's own key."""
+
 
 # tokenizer_config.json keys copied onto the Tokenizer as attributes (None when absent).
 _CONFIG_ATTRS = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
@@ -125,7 +148,7 @@ def _str_to_token(text: str, where: str) -> bytes:
     try:
         return bytes(table[ch] for ch in text)
     except KeyError as e:
-        raise ValueError(
+        raise TokenizerFileError(
             f"{where}: token {text!r} is not in the byte-level alphabet (character {e.args[0]!r})"
         ) from None
 
@@ -139,14 +162,40 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key given twice (a token listed twice in a vocab) is an error, not "the last one wins"."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears twice in one object")
+    return out
+
+
 def _read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a repeated key, deep nesting
+        raise TokenizerFileError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
+
+
+def _token_id(value: Any, where: str) -> int:
+    """A token id from a file: a non-negative int (JSON true/false and 5.0 are not ids)."""
+    if type(value) is not int or value < 0:
+        raise TokenizerFileError(f"{where}: expected a non-negative integer token id, got {value!r}")
+    return value
+
+
+def _check_id_range(ids: Iterable[int], n_tokens: int, where: str) -> None:
+    """Ids may leave holes (cl100k's specials do) but no more unused ids than tokens: a larger id is corruption."""
+    limit = 2 * n_tokens + 1024
+    if (top := max(ids, default=-1)) >= limit:
+        raise TokenizerFileError(
+            f"{where}: token id {top} is beyond the vocabulary ({n_tokens} tokens: ids must be below {limit})"
+        )
 
 
 def _special_ids(tok: Tokenizer) -> set[int]:
@@ -203,23 +252,32 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a tiktoken rank file (non-ASCII byte at offset {e.start})") from None
+        raise TokenizerFileError(f"{path}: not a tiktoken rank file (non-ASCII byte at offset {e.start})") from None
     ranks: dict[bytes, int] = {}
+    lines: dict[int, int] = {}  # rank -> line
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split()
         try:
-            if len(fields) != 2:
-                raise ValueError("expected 'base64 rank'")
+            if len(fields) != 2 or not fields[1].isdigit() or not fields[1].isascii():
+                raise ValueError("expected 'base64 rank', the rank a non-negative integer")
             token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
         except (ValueError, binascii.Error) as e:
-            raise ValueError(f"{path}:{lineno}: not a tiktoken rank line ({e}): {line[:80]!r}") from None
+            raise TokenizerFileError(f"{path}:{lineno}: not a tiktoken rank line ({e}): {line[:80]!r}") from None
+        if not token:
+            raise TokenizerFileError(f"{path}:{lineno}: empty token")
         if token in ranks:
-            raise ValueError(f"{path}:{lineno}: token {token!r} appears twice")
-        ranks[token] = rank
+            raise TokenizerFileError(f"{path}:{lineno}: token {token!r} appears twice")
+        if rank in lines:
+            raise TokenizerFileError(f"{path}:{lineno}: rank {rank} appears twice (also on line {lines[rank]})")
+        ranks[token], lines[rank] = rank, lineno
     if not ranks:
-        raise ValueError(f"{path}: empty tiktoken rank file")
+        raise TokenizerFileError(f"{path}: empty tiktoken rank file")
+    _check_id_range(ranks.values(), len(ranks), str(path))
+    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if missing is not None:
+        raise TokenizerFileError(f"{path}: no rank for the single byte {missing:#04x} (tiktoken needs all 256)")
     return ranks
 
 
@@ -296,156 +354,263 @@ def save_tiktoken(tok: Tokenizer, path: str | Path) -> None:
 
 
 def _kind(obj: Any) -> str:
-    return obj.get("type", "?") if isinstance(obj, dict) else repr(obj)
+    return str(obj.get("type", "?")) if isinstance(obj, dict) else repr(obj)
 
 
-def _pattern_from_pre_tokenizer(pre: Any, where: str) -> str:
-    """The regex of a byte-level pre-tokenizer: ByteLevel(use_regex=True), or Sequence[Split, ByteLevel(no regex)]."""
+def _split_rule(split: dict, where: str) -> SplitRule:
+    """A tokenizer.json ``Split`` step: {"pattern": {"Regex": r} | {"String": s}, "behavior": ..., "invert": ...}."""
+    pattern, behavior, invert = split.get("pattern"), split.get("behavior", "Isolated"), split.get("invert", False)
+    if isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str):
+        regex_text, key = pattern["Regex"], "pattern.Regex"
+    elif isinstance(pattern, dict) and isinstance(pattern.get("String"), str):
+        regex_text, key = re.escape(pattern["String"]), "pattern.String"
+    else:
+        raise TokenizerFileError(f'{where}.pattern: expected {{"Regex": str}} or {{"String": str}}, got {pattern!r}')
+    if behavior not in SPLIT_BEHAVIORS:
+        raise TokenizerFileError(f"{where}.behavior: {behavior!r} is not one of {', '.join(SPLIT_BEHAVIORS)}")
+    if not isinstance(invert, bool):
+        raise TokenizerFileError(f"{where}.invert: expected true or false, got {invert!r}")
+    try:
+        return SplitRule(regex_text, behavior, invert, line_anchors=True)  # tokenizers' Oniguruma: ^ $ per line
+    except ValueError as e:
+        raise TokenizerFileError(f"{where}.{key}: {e}") from None
 
-    def byte_level(node: dict, use_regex: bool) -> None:
+
+def _split_rule_from_pre_tokenizer(pre: Any, where: str) -> SplitRule:
+    """The split rule of a byte-level pre-tokenizer: ByteLevel(use_regex=True) (GPT-2's regex), Sequence[Digits,
+    ByteLevel] (one regex, `DIGITS_GPT2_PATTERN`) or Sequence[Split, ByteLevel(use_regex=False)] (the Split)."""
+    where = f"{where}: pre_tokenizer"
+
+    def byte_level(node: dict, use_regex: bool, at: str) -> None:
         if node.get("add_prefix_space", False):
-            raise ValueError(f"{where}: ByteLevel pre-tokenizer with add_prefix_space=true is not supported")
+            raise TokenizerFileError(f"{at}: ByteLevel pre-tokenizer with add_prefix_space=true is not supported")
         if node.get("use_regex", True) != use_regex:
-            raise ValueError(f"{where}: ByteLevel pre-tokenizer with use_regex={not use_regex} is not supported here")
+            raise TokenizerFileError(
+                f"{at}: ByteLevel pre-tokenizer with use_regex={not use_regex} is not supported here"
+            )
 
     if isinstance(pre, dict) and pre.get("type") == "ByteLevel":
-        byte_level(pre, use_regex=True)
-        return GPT2_PATTERN
+        byte_level(pre, True, where)
+        return SplitRule(GPT2_PATTERN)
     if isinstance(pre, dict) and pre.get("type") == "Sequence":
-        steps = pre.get("pretokenizers", [])
+        steps = pre.get("pretokenizers")
+        if not isinstance(steps, list):
+            raise TokenizerFileError(f"{where}.pretokenizers: expected a list of pre-tokenizers, got {steps!r}")
         kinds = [_kind(s) for s in steps]
+        at = [f"{where}.pretokenizers[{i}]" for i in range(len(steps))]
         if kinds == ["ByteLevel"]:
-            return _pattern_from_pre_tokenizer(steps[0], where)
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-            byte_level(steps[1], use_regex=True)
-            return DIGITS_GPT2_PATTERN
+            byte_level(steps[0], True, at[0])
+            return SplitRule(GPT2_PATTERN)
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") is True:
+            byte_level(steps[1], True, at[1])
+            return SplitRule(DIGITS_GPT2_PATTERN)
         if kinds == ["Split", "ByteLevel"]:
-            split, level = steps
-            byte_level(level, use_regex=False)
-            if split.get("behavior") != "Isolated" or split.get("invert", False):
-                raise ValueError(
-                    f"{where}: Split pre-tokenizer with behavior={split.get('behavior')!r}, "
-                    f"invert={split.get('invert')} is not supported (only Isolated, not inverted)"
-                )
-            pattern = split.get("pattern", {})
-            if "Regex" in pattern:
-                return pattern["Regex"]
-            if "String" in pattern:
-                return re.escape(pattern["String"])
-            raise ValueError(f"{where}: Split pre-tokenizer without a pattern")
-        raise ValueError(
+            byte_level(steps[1], False, at[1])
+            return _split_rule(steps[0], at[0])
+        raise TokenizerFileError(
             f"{where}: unsupported pre-tokenizer Sequence[{', '.join(kinds)}] (lmforge reads ByteLevel "
             "or Sequence[Split, ByteLevel])"
         )
-    raise ValueError(f"{where}: unsupported pre-tokenizer type {_kind(pre)} (lmforge reads byte-level BPE only)")
+    raise TokenizerFileError(
+        f"{where}: unsupported pre-tokenizer type {_kind(pre)} (lmforge reads byte-level BPE only)"
+    )
 
 
 def _check_tokenizer_json(data: Any, where: str) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise ValueError(f"{where}: not a tokenizer.json (no 'model' object)")
+        raise TokenizerFileError(f"{where}: not a tokenizer.json (no 'model' object)")
     model = data["model"]
     kind = model.get("type")
     if kind is None and "merges" in model:
         kind = "BPE"  # very old files leave the type out
     if kind != "BPE":
-        raise ValueError(f"{where}: model type {kind} is not supported (lmforge reads byte-level BPE tokenizers only)")
+        raise TokenizerFileError(
+            f"{where}: model type {kind} is not supported (lmforge reads byte-level BPE tokenizers only)"
+        )
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise ValueError(f"{where}: BPE option {key}={model[key]!r} is not supported")
+            raise TokenizerFileError(f"{where}: BPE option {key}={model[key]!r} is not supported")
     if model.get("byte_fallback"):
-        raise ValueError(
+        raise TokenizerFileError(
             f"{where}: BPE with byte_fallback (SentencePiece style) is not supported; lmforge is byte-level"
         )
     if model.get("dropout"):
-        raise ValueError(f"{where}: BPE dropout={model['dropout']} is not supported")
+        raise TokenizerFileError(f"{where}: BPE dropout={model['dropout']} is not supported")
+    if not isinstance(model.get("ignore_merges", False), bool):
+        raise TokenizerFileError(
+            f"{where}: model.ignore_merges: expected true or false, got {model['ignore_merges']!r}"
+        )
     normalizer = data.get("normalizer")
     if normalizer is not None and not (_kind(normalizer) == "Sequence" and not normalizer.get("normalizers")):
-        raise ValueError(f"{where}: unsupported normalizer type {_kind(normalizer)} (lmforge applies no normalization)")
+        raise TokenizerFileError(
+            f"{where}: unsupported normalizer type {_kind(normalizer)} (lmforge applies no normalization)"
+        )
     decoder = data.get("decoder")
     if decoder is not None and _kind(decoder) != "ByteLevel":
-        raise ValueError(f"{where}: unsupported decoder type {_kind(decoder)} (lmforge decodes byte-level tokens)")
+        raise TokenizerFileError(
+            f"{where}: unsupported decoder type {_kind(decoder)} (lmforge decodes byte-level tokens)"
+        )
     return model
 
 
-def tokenizer_from_hf(data: dict, config: dict | None = None, where: str = "tokenizer.json") -> Tokenizer:
-    """Build a Tokenizer from a parsed tokenizer.json (and tokenizer_config.json) object."""
-    model = _check_tokenizer_json(data, where)
-    pattern = _pattern_from_pre_tokenizer(data.get("pre_tokenizer"), where)
-
+def _added_tokens(entries: Iterable[tuple[str, Any]], warn_at: str) -> dict[str, int]:
+    """Added tokens from ``(where, entry)`` pairs, entry ``{"id": int, "content": non-empty str, ...}``: content ->
+    id; one content with two ids, or one id for two contents, is refused."""
     specials: dict[str, int] = {}
-    for entry in data.get("added_tokens") or []:
-        content, tid = entry["content"], int(entry["id"])
+    by_id: dict[int, str] = {}
+    for where, entry in entries:
+        if not isinstance(entry, dict):
+            raise TokenizerFileError(f"{where}: expected an object {{\"id\": ..., \"content\": ...}}, got {entry!r}")
+        tid, content = _token_id(entry.get("id"), f"{where}.id"), entry.get("content")
+        if not isinstance(content, str) or not content:
+            raise TokenizerFileError(f"{where}.content: expected a non-empty string, got {content!r}")
+        if by_id.get(tid, content) != content:
+            raise TokenizerFileError(f"{where}: id {tid} is already the id of added token {by_id[tid]!r}")
+        if specials.get(content, tid) != tid:
+            raise TokenizerFileError(f"{where}: {content!r} is already added with id {specials[content]}")
         if any(entry.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
             warnings.warn(
-                f"{where}: added token {content!r} has lstrip/rstrip/single_word set; lmforge matches it exactly",
-                stacklevel=3,
+                f"{warn_at}: added token {content!r} has lstrip/rstrip/single_word set; lmforge matches it exactly",
+                stacklevel=4,
             )
-        specials[content] = tid
-    special_ids = set(specials.values())
+        specials[content], by_id[tid] = tid, content
+    return specials
 
+
+def _byte_level_vocab(entries: Iterable[tuple[str, Any, Any]], specials: dict[str, int]) -> dict[int, bytes]:
+    """The vocabulary from ``(where, token text, id)`` triples: ids valid and unique, tokens in the byte-level
+    alphabet and unique. An entry repeating an added token (same text and id, as GPT-2's <|endoftext|>) is skipped;
+    a different token on an added token's id is refused."""
+    added_by_id = {i: s for s, i in specials.items()}
     vocab: dict[int, bytes] = {}
-    seen: dict[bytes, int] = {}
-    for text, tid in model.get("vocab", {}).items():
-        tid = int(tid)
-        if tid in special_ids:  # added tokens are often repeated in the model vocab; they are specials here
+    owner: dict[int, str] = {}
+    seen: set[bytes] = set()
+    for where, text, raw_id in entries:
+        tid = _token_id(raw_id, where)
+        if not isinstance(text, str) or not text:
+            raise TokenizerFileError(f"{where}: expected a non-empty token string, got {text!r}")
+        if tid in added_by_id:
+            if added_by_id[tid] != text:
+                raise TokenizerFileError(f"{where}: id {tid} is the id of added token {added_by_id[tid]!r}")
             continue
+        if tid in owner:
+            raise TokenizerFileError(f"{where}: id {tid} is also the id of {owner[tid]!r}")
         token = _str_to_token(text, where)
         if token in seen:
-            raise ValueError(f"{where}: token {text!r} appears twice in the vocab (ids {seen[token]} and {tid})")
-        vocab[tid], seen[token] = token, tid
-    if len(set(vocab)) != len(vocab):
-        raise ValueError(f"{where}: duplicate ids in the vocab")
+            raise TokenizerFileError(f"{where}: token {text!r} appears twice in the vocabulary")
+        vocab[tid], owner[tid] = token, text
+        seen.add(token)
+    return vocab
 
-    merges: list[tuple[int, int]] = []
-    for n, merge in enumerate(model.get("merges", [])):
-        pair = merge.split(" ") if isinstance(merge, str) else list(merge)
-        if len(pair) != 2:
-            raise ValueError(f"{where}: merge {n} {merge!r} is not a pair of tokens")
+
+def _merge_ids(entries: Iterable[tuple[str, Any]], vocab: dict[int, bytes]) -> list[tuple[int, int]]:
+    """Merges from ``(where, merge)`` pairs, a merge "left right" or [left, right]: both parts and their
+    concatenation must be tokens of `vocab`."""
+    ids = {token: i for i, token in vocab.items()}
+    out = []
+    for where, merge in entries:
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+            raise TokenizerFileError(f"{where}: {merge!r} is not a pair of tokens")
         left, right = (_str_to_token(p, where) for p in pair)
-        if left not in seen or right not in seen or left + right not in seen:
-            raise ValueError(f"{where}: merge {n} {merge!r} uses or makes a token that is not in the vocab")
-        merges.append((seen[left], seen[right]))
-
-    tok = Tokenizer(vocab, merges, pattern, specials, ignore_merges=bool(model.get("ignore_merges", False)))
-    return _set_config_attrs(tok, _attrs_from_config(config or {}))
+        if left not in ids or right not in ids or left + right not in ids:
+            raise TokenizerFileError(f"{where}: {merge!r} uses or makes a token that is not in the vocab")
+        out.append((ids[left], ids[right]))
+    return out
 
 
-def _token_content(value: Any) -> str | None:
+def _build(
+    vocab: dict[int, bytes],
+    merges: list[tuple[int, int]],
+    rule: SplitRule,
+    specials: dict[str, int],
+    ignore_merges: bool,
+    where: str,
+) -> Tokenizer:
+    """The Tokenizer, once the id range is checked (see the module docstring)."""
+    _check_id_range([*vocab, *specials.values()], len(vocab) + len(specials), where)
+    return Tokenizer(vocab, merges, rule, specials, ignore_merges=ignore_merges)
+
+
+def tokenizer_from_hf(
+    data: dict, config: dict | None = None, where: str = "tokenizer.json", config_where: str = "tokenizer_config.json"
+) -> Tokenizer:
+    """Build a Tokenizer from a parsed tokenizer.json (and tokenizer_config.json) object; `where` and `config_where`
+    name them in errors."""
+    model = _check_tokenizer_json(data, where)
+    rule = _split_rule_from_pre_tokenizer(data.get("pre_tokenizer"), where)
+    added, vocab_json, merges = data.get("added_tokens") or [], model.get("vocab", {}), model.get("merges", [])
+    expected = (("added_tokens", added, list), ("model.vocab", vocab_json, dict), ("model.merges", merges, list))
+    for key, value, kind in expected:
+        if not isinstance(value, kind):
+            raise TokenizerFileError(f"{where}: {key}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    specials = _added_tokens(((f"{where}: added_tokens[{n}]", e) for n, e in enumerate(added)), where)
+    vocab = _byte_level_vocab(((f"{where}: model.vocab[{t!r}]", t, i) for t, i in vocab_json.items()), specials)
+    pairs = _merge_ids(((f"{where}: model.merges[{n}]", m) for n, m in enumerate(merges)), vocab)
+    tok = _build(vocab, pairs, rule, specials, model.get("ignore_merges", False), f"{where}: model.vocab")
+    return _set_config_attrs(tok, _attrs_from_config(config or {}, config_where))
+
+
+def _token_content(value: Any, where: str) -> str | None:
     """A special-token entry of tokenizer_config.json: a string, or an AddedToken dict {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise TokenizerFileError(f'{where}: expected a string or {{"content": str}}, got {value!r}')
+    return content
 
 
-def _attrs_from_config(config: dict) -> dict[str, Any]:
-    template = config.get("chat_template")
-    if isinstance(template, list):  # several named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default", next(iter(named.values()), None))
-    max_len = config.get("model_max_length")
-    if isinstance(max_len, (int, float)) and max_len >= 1e20:  # transformers' "unlimited" sentinel
-        max_len = None
+def _chat_template(value: Any, where: str) -> str | None:
+    """chat_template: a string, or named templates [{"name": ..., "template": ...}] (the "default" one, else the
+    first)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise TokenizerFileError(f"{where}: expected a string or a list of {{name, template}}, got {value!r}")
+    named: dict[str, str] = {}
+    for n, entry in enumerate(value):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("name", "template"))):
+            raise TokenizerFileError(f'{where}[{n}]: expected {{"name": str, "template": str}}, got {entry!r}')
+        named.setdefault(entry["name"], entry["template"])
+    return named.get("default", next(iter(named.values()), None))
+
+
+def _max_length(value: Any, where: str) -> int | None:
+    """model_max_length: a positive number; transformers writes 1e30 for "unlimited" (None here)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:  # (NaN fails >=)
+        raise TokenizerFileError(f"{where}: expected a positive number, got {value!r}")
+    return None if value >= 1e20 else int(value)
+
+
+def _attrs_from_config(config: dict, where: str = "tokenizer_config.json") -> dict[str, Any]:
+    """The Tokenizer attributes from a tokenizer_config.json object, each field's type checked (`where`: its file)."""
+    if not isinstance(config.get("add_bos_token", False), bool):
+        raise TokenizerFileError(f"{where}: add_bos_token: expected true or false, got {config['add_bos_token']!r}")
+    keys = ("bos_token", "eos_token", "pad_token", "unk_token")
+    tokens = {key: _token_content(config.get(key), f"{where}: {key}") for key in keys}
     return {
-        "chat_template": template,
-        "bos_token": _token_content(config.get("bos_token")),
-        "eos_token": _token_content(config.get("eos_token")),
-        "pad_token": _token_content(config.get("pad_token")),
-        "unk_token": _token_content(config.get("unk_token")),
-        "model_max_length": int(max_len) if max_len is not None else None,
+        "chat_template": _chat_template(config.get("chat_template"), f"{where}: chat_template"),
+        **tokens,
+        "model_max_length": _max_length(config.get("model_max_length"), f"{where}: model_max_length"),
     }
 
 
-def _read_config(directory: Path) -> dict:
-    """tokenizer_config.json (if any), with the template from chat_template.jinja (if any) taking precedence."""
-    config = {}
-    if (directory / "tokenizer_config.json").exists():
-        config = _read_json(directory / "tokenizer_config.json")
+def _read_config(directory: Path) -> tuple[dict, str]:
+    """tokenizer_config.json (if any), with the template from chat_template.jinja (if any) taking precedence; and
+    the name to give the config in errors."""
+    config, path = {}, directory / "tokenizer_config.json"
+    if path.exists():
+        config = _read_json(path)
         if not isinstance(config, dict):
-            raise ValueError(f"{directory / 'tokenizer_config.json'}: expected a JSON object")
+            raise TokenizerFileError(f"{path}: expected a JSON object")
     jinja = directory / "chat_template.jinja"
     if jinja.exists():
-        config = {**config, "chat_template": jinja.read_text(encoding="utf-8")}
-    return config
+        try:
+            config = {**config, "chat_template": jinja.read_text(encoding="utf-8")}
+        except UnicodeDecodeError as e:
+            raise TokenizerFileError(f"{jinja}: not UTF-8 text ({e})") from None
+    return config, str(path)
 
 
 def load_hf_tokenizer(path: str | Path) -> Tokenizer:
@@ -453,7 +618,8 @@ def load_hf_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     data = _read_json(file)
-    return tokenizer_from_hf(data, _read_config(file.parent), where=str(file))
+    config, config_where = _read_config(file.parent)
+    return tokenizer_from_hf(data, config, where=str(file), config_where=config_where)
 
 
 def hf_tokenizer_json(tok: Tokenizer) -> dict:
@@ -467,10 +633,11 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict:
         vocab.setdefault(content, i)
     merges = [[_token_to_str(tok.vocab[a]), _token_to_str(tok.vocab[b])] for a, b in tok.merges]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    if tok.pattern == GPT2_PATTERN:
+    rule = tok.split_rule
+    if rule.pattern == GPT2_PATTERN and rule.cuts_at_word_ends:  # Isolated, not inverted: tokenizers' own GPT-2 split
         pre_tokenizer = {**byte_level, "use_regex": True}
     else:
-        split = {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False}
+        split = {"type": "Split", "pattern": {"Regex": rule.pattern}, "behavior": rule.behavior, "invert": rule.invert}
         pre_tokenizer = {"type": "Sequence", "pretokenizers": [split, byte_level]}
     added = [
         {
@@ -553,48 +720,63 @@ def save_hf_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_vocab_merges(directory: str | Path, pattern: str = GPT2_PATTERN) -> Tokenizer:
-    """Load GPT-2 style ``vocab.json`` + ``merges.txt`` from `directory` (special tokens from a tokenizer_config.json
-    beside them: its added_tokens_decoder entries marked special, and bos/eos/unk/pad tokens found in the vocab)."""
-    directory = Path(directory)
-    vocab_json = _read_json(directory / "vocab.json")
-    if not isinstance(vocab_json, dict):
-        raise ValueError(f"{directory / 'vocab.json'}: expected a JSON object {{token: id}}")
-    merges_path = directory / "merges.txt"
+def _merges_txt(path: Path) -> list[tuple[str, str]]:
+    """merges.txt as ``(where, "left right")`` pairs: an optional ``#version`` first line, then two tokens a line."""
     try:
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{merges_path}: no such file") from None
+        raise FileNotFoundError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{merges_path}: not UTF-8 text ({e})") from None
+        raise TokenizerFileError(f"{path}: not UTF-8 text ({e})") from None
     merges = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip() or (lineno == 1 and line.startswith("#version")):
             continue
-        pair = line.split(" ")
-        if len(pair) != 2:
-            raise ValueError(f"{merges_path}:{lineno}: expected two tokens separated by a space, got {line!r}")
-        merges.append(pair)
+        if len(line.split(" ")) != 2:
+            raise TokenizerFileError(f"{path}:{lineno}: expected two tokens separated by a space, got {line!r}")
+        merges.append((f"{path}:{lineno}", line))
+    return merges
 
-    config = _read_config(directory)
-    added: list[dict] = []
-    for tid, entry in (config.get("added_tokens_decoder") or {}).items():
-        if isinstance(entry, dict) and entry.get("special", True):
-            added.append({**entry, "id": int(tid)})
-    known = {e["content"] for e in added}
+
+def _config_added_tokens(config: dict, vocab_json: dict, where: str) -> list[tuple[str, dict]]:
+    """The special tokens of a vocab.json directory, as ``(where, entry)``: tokenizer_config.json's
+    added_tokens_decoder entries marked special (keys are ids), then bos/eos/unk/pad tokens found in the vocab."""
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise TokenizerFileError(f"{where}: added_tokens_decoder: expected an object {{id: token}}, got {decoder!r}")
+    added: list[tuple[str, dict]] = []
+    for key, entry in decoder.items():
+        at = f"{where}: added_tokens_decoder[{key!r}]"
+        if not (key.isascii() and key.isdigit()):
+            raise TokenizerFileError(f"{at}: the key must be a token id")
+        if not isinstance(entry, dict):
+            raise TokenizerFileError(f'{at}: expected an object {{"content": ...}}, got {entry!r}')
+        if entry.get("special", True):
+            added.append((at, {**entry, "id": int(key)}))
+    known = {e.get("content") for _, e in added}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        content = _token_content(config.get(key))
+        content = _token_content(config.get(key), f"{where}: {key}")
         if content is not None and content not in known and content in vocab_json:
-            added.append({"id": vocab_json[content], "content": content, "special": True})
+            added.append((f"{where}: {key}", {"id": vocab_json[content], "content": content}))
             known.add(content)
-    data: dict[str, Any] = {"added_tokens": added, "model": {"type": "BPE", "vocab": vocab_json, "merges": merges}}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False}
-    if pattern == GPT2_PATTERN:
-        data["pre_tokenizer"] = {**byte_level, "use_regex": True}
-    else:
-        split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
-        data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
-    return tokenizer_from_hf(data, config, where=f"{directory / 'vocab.json'} + merges.txt")
+    return added
+
+
+def load_vocab_merges(directory: str | Path, pattern: str | SplitRule = GPT2_PATTERN) -> Tokenizer:
+    """Load GPT-2 style ``vocab.json`` + ``merges.txt`` from `directory` (special tokens from a tokenizer_config.json
+    beside them: its added_tokens_decoder entries marked special, and bos/eos/unk/pad tokens found in the vocab)."""
+    directory = Path(directory)
+    vocab_path = directory / "vocab.json"
+    vocab_json = _read_json(vocab_path)
+    if not isinstance(vocab_json, dict):
+        raise TokenizerFileError(f"{vocab_path}: expected a JSON object {{token: id}}")
+    merges = _merges_txt(directory / "merges.txt")
+    config, config_where = _read_config(directory)
+    specials = _added_tokens(_config_added_tokens(config, vocab_json, config_where), config_where)
+    vocab = _byte_level_vocab(((f"{vocab_path}[{t!r}]", t, i) for t, i in vocab_json.items()), specials)
+    rule = pattern if isinstance(pattern, SplitRule) else SplitRule(pattern)
+    tok = _build(vocab, _merge_ids(merges, vocab), rule, specials, False, str(vocab_path))
+    return _set_config_attrs(tok, _attrs_from_config(config, config_where))
 
 
 def save_vocab_merges(tok: Tokenizer, directory: str | Path) -> None:
@@ -644,7 +826,8 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
             return load_vocab_merges(path)
         ranks = sorted(path.glob("*.tiktoken"))
         if len(ranks) == 1:
-            return _set_config_attrs(load_tiktoken(ranks[0], **kwargs), _attrs_from_config(_read_config(path)))
+            config, config_where = _read_config(path)
+            return _set_config_attrs(load_tiktoken(ranks[0], **kwargs), _attrs_from_config(config, config_where))
         raise FileNotFoundError(
             f"{path}: no tokenizer found (looked for tokenizer.json, vocab.json + merges.txt, one *.tiktoken file)"
         )
@@ -654,4 +837,6 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
         return _set_config_attrs(load_tiktoken(path, **kwargs), {})
     if path.suffix == ".json":
         return load_hf_tokenizer(path)
-    raise ValueError(f"{path}: unknown tokenizer file (expected a directory, a tokenizer.json or a .tiktoken file)")
+    raise TokenizerFileError(
+        f"{path}: unknown tokenizer file (expected a directory, a tokenizer.json or a .tiktoken file)"
+    )

@@ -7,9 +7,9 @@
     tokenizer.ggml.merges       "left right" strings in priority order
     tokenizer.ggml.{bos,eos,unknown,padding}_token_id,  tokenizer.chat_template
 
-A byte-level GGUF vocabulary is turned into the tokenizer.json it came from (BPE model, the
-pre-tokenizer named by `pre`, control and user-defined tokens as added tokens) and read by the
-same code as tokenizer.json files, so both paths share their checks.
+A byte-level GGUF vocabulary is read with the checks of tokenizer.json files (`lmforge.tokenizer.formats`),
+its errors naming the GGUF keys (``tokenizer.ggml.tokens[17]``); control and user-defined tokens are the
+special tokens, and `pre` names the pre-tokenizer.
 
 A "llama" vocabulary (SentencePiece-style: pieces with "▁" for spaces, `<0xXX>` byte pieces, merges
 ordered by `tokenizer.ggml.scores`, `tokenizer.ggml.add_space_prefix`, `tokenizer.ggml.add_bos_token`)
@@ -18,15 +18,24 @@ becomes a `SentencePieceTokenizer` (see `lmforge.tokenizer.spm`).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from lmforge.tokenizer.bpe import Tokenizer
-from lmforge.tokenizer.formats import bytes_to_unicode, tokenizer_from_hf
-from lmforge.tokenizer.pretokenize import LLAMA3_PATTERN
-from lmforge.tokenizer.spm import SentencePieceTokenizer, sentencepiece_from_gguf
+from lmforge.tokenizer.formats import (
+    TokenizerFileError,
+    _added_tokens,
+    _attrs_from_config,
+    _build,
+    _byte_level_vocab,
+    _merge_ids,
+    _set_config_attrs,
+    bytes_to_unicode,
+)
+from lmforge.tokenizer.pretokenize import DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, SplitRule
+from lmforge.tokenizer.spm import SentencePieceTokenizer, _gguf_array, gguf_vocab_keys, sentencepiece_from_gguf
 
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+SPECIAL = (CONTROL, USER_DEFINED)  # token types that become special tokens
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
     r"""\s+(?!\S)|\s+"""
@@ -42,58 +51,50 @@ PRE_PATTERNS: dict[str, str | None] = {
 DIGITS_FIRST = ("smollm", "starcoder")  # Digits(individual_digits) then the GPT-2 ByteLevel regex
 
 
-def _pre_tokenizer(pre: str, where: str) -> dict[str, Any]:
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+def _split_rule(pre: Any, where: str) -> SplitRule:
+    """The pre-tokenizer named by tokenizer.ggml.pre. An unknown name is refused, as llama.cpp refuses it: another
+    pre-tokenizer would give other token ids without a sign."""
+    if not isinstance(pre, str) or (pre not in PRE_PATTERNS and pre not in DIGITS_FIRST):
+        known = ", ".join(sorted([*PRE_PATTERNS, *DIGITS_FIRST]))
+        raise TokenizerFileError(f"{where}: tokenizer.ggml.pre={pre!r} is not a pre-tokenizer lmforge knows ({known})")
     if pre in DIGITS_FIRST:
-        digits = {"type": "Digits", "individual_digits": True}
-        return {"type": "Sequence", "pretokenizers": [digits, byte_level]}
-    if pre not in PRE_PATTERNS:
-        warnings.warn(f"{where}: unknown tokenizer.ggml.pre {pre!r}; using GPT-2's pre-tokenizer", stacklevel=3)
-    pattern = PRE_PATTERNS.get(pre)
-    if pattern is None:
-        return byte_level
-    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
-    return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+        return SplitRule(DIGITS_GPT2_PATTERN)
+    return SplitRule(PRE_PATTERNS[pre] or GPT2_PATTERN)
 
 
 def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> Tokenizer | SentencePieceTokenizer:
-    """The tokenizer described by GGUF metadata: byte-level ("gpt2") or SentencePiece-style ("llama")."""
+    """The tokenizer described by GGUF metadata: byte-level ("gpt2") or SentencePiece-style ("llama").
+
+    Checked: the keys of `gguf_vocab_keys`; tokenizer.ggml.pre known; tokenizer.ggml.merges strings "left right"
+    over tokens of the vocabulary. Control and user-defined tokens become special tokens; unused ones outside the
+    byte-level alphabet (padding placeholders) are left out; every other token must be byte-level."""
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
-        raise ValueError(f"{where}: no tokenizer.ggml.model: the file has no tokenizer")
+        raise TokenizerFileError(f"{where}: no tokenizer.ggml.model: the file has no tokenizer")
     if kind == "llama":
         return sentencepiece_from_gguf(meta, where)
     if kind != "gpt2":
-        raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported yet (lmforge reads 'gpt2', 'llama')")
-    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise ValueError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        raise TokenizerFileError(
+            f"{where}: tokenizer.ggml.model={kind!r} is not supported yet (lmforge reads 'gpt2', 'llama')"
+        )
+    tokens, types, named = gguf_vocab_keys(meta, where)
+    types = types or [NORMAL] * len(tokens)
+    rule = _split_rule(meta.get("tokenizer.ggml.pre", "default"), where)
+    merges = _gguf_array(meta, "tokenizer.ggml.merges", where, lambda v: isinstance(v, str), "a string", None) or []
     alphabet = set(bytes_to_unicode().values())
-    added = [
-        {"id": i, "content": t, "special": types[i] == CONTROL}
+    key = "tokenizer.ggml.tokens"
+    added = ((f"{where}: {key}[{i}]", {"id": i, "content": t}) for i, t in enumerate(tokens) if t and types[i] in SPECIAL)  # noqa: E501
+    specials = _added_tokens(added, where)
+    entries = (
+        (f"{where}: {key}[{i}]", t, i)
         for i, t in enumerate(tokens)
-        if types[i] in (CONTROL, USER_DEFINED) and set(t) <= alphabet | set("<>|")
-    ]
-    added_ids = {a["id"] for a in added}
-    data = {
-        "model": {
-            "type": "BPE",
-            "vocab": {t: i for i, t in enumerate(tokens) if i not in added_ids and set(t) <= alphabet},
-            "merges": list(meta.get("tokenizer.ggml.merges") or []),
-        },
-        "pre_tokenizer": _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")), where),
-        "decoder": {"type": "ByteLevel"},
-        "added_tokens": added,
-    }
-    config: dict[str, Any] = {"chat_template": meta.get("tokenizer.chat_template")}
-    named: dict[str, str] = {}
-    for role in ("bos", "eos", "unknown", "padding", "eot"):
-        tid = meta.get(f"tokenizer.ggml.{role}_token_id")
-        if isinstance(tid, int) and 0 <= tid < len(tokens):
-            named[{"unknown": "unk_token", "padding": "pad_token"}.get(role, f"{role}_token")] = tokens[tid]
-    eot = named.pop("eot_token", None)
-    tok = tokenizer_from_hf(data, config | named, where)
-    tok.eot_token = eot
-    tok.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+        if types[i] not in SPECIAL and not (types[i] == UNUSED and not set(t) <= alphabet)
+    )
+    vocab = _byte_level_vocab(entries, specials)
+    pairs = _merge_ids(((f"{where}: tokenizer.ggml.merges[{n}]", m) for n, m in enumerate(merges)), vocab)
+    tok = _build(vocab, pairs, rule, specials, False, f"{where}: {key}")
+    config = {"chat_template": meta.get("tokenizer.chat_template")}
+    tok = _set_config_attrs(tok, _attrs_from_config(config | {a: tokens[i] for a, i in named.items()}, where))
+    tok.eot_token = tokens[named["eot_token"]] if "eot_token" in named else None
+    tok.add_bos_token = meta.get("tokenizer.ggml.add_bos_token", False)
     return tok

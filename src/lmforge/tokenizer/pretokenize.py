@@ -11,6 +11,22 @@ inside each pre-token separately. The patterns are the ones the reference tokeni
 and any other pattern the ``regex`` module accepts. Special tokens (``<|endoftext|>``) are cut out of
 the text *before* the regex runs, so no pre-token, and hence no merge, ever spans one.
 
+Split rules. A tokenizer.json ``Split`` pre-tokenizer is a pattern, a ``behavior`` and ``invert``; `SplitRule`
+reproduces the ``tokenizers`` library exactly. The text is cut into *segments*, alternately the gaps between matches
+and the matches (``invert`` swaps which are "matches"); every character lies in one segment, and empty segments are
+dropped at the end. The behaviors then form the pre-tokens from the segments, for matches ``1``, ``2``, ``3``
+(pattern ``\\d``) in ``"ab12c3"``::
+
+    Isolated            every segment alone              ab | 1 | 2 | c | 3
+    Removed             gaps only (matches dropped)      ab | c
+    MergedWithPrevious  a match joins the segment before ab1 | 2 | c3      (a match after a match stays alone)
+    MergedWithNext      a match joins the segment after  ab | 1 | 2c | 3
+    Contiguous          runs of one kind joined          ab | 12 | c | 3
+
+Matches are found as Oniguruma (``tokenizers``' regex engine) finds them: an empty match right where the previous
+match ended is skipped, and the search goes on one character further. The built-in patterns match every character,
+so there the rule is plain ``findall``: `SplitRule.split` takes that fast path whenever the matches cover the text.
+
 Exact chunking. Training reads files in blocks and ``Tokenizer.encode_iterable`` reads a stream in
 chunks, yet both must see exactly the pre-tokens of the whole text. A cut at an arbitrary place can
 change the pre-tokens on both sides of it (``"don't"`` cut after ``"don'"``; a whitespace run cut in
@@ -41,6 +57,7 @@ import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import regex
@@ -66,9 +83,109 @@ BATCH_CHARS = 1 << 18  # characters per counting task sent to a worker
 
 
 @functools.lru_cache(maxsize=32)
-def compile_pattern(pattern: str) -> regex.Pattern:
+def compile_pattern(pattern: str, flags: int = 0) -> regex.Pattern:
     """Compile a pre-tokenization pattern (cached; the workers compile it once too)."""
-    return regex.compile(pattern)
+    return regex.compile(pattern, flags)
+
+
+SPLIT_BEHAVIORS = ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous")
+
+
+def _match_spans(pat: regex.Pattern, text: str) -> Iterator[tuple[int, int]]:
+    """The matches of `pat` in `text` as Oniguruma's iterator gives them: an empty match at the end of the previous
+    match is skipped (the search restarts one character later), every other match is taken."""
+    pos, last_end, n = 0, -1, len(text)
+    while pos <= n and (m := pat.search(text, pos)) is not None:
+        start, end = m.span()
+        if start == end == last_end:
+            pos = end + 1
+            continue
+        yield start, end
+        pos = last_end = end
+
+
+def _segments(pat: regex.Pattern, text: str, invert: bool) -> list[tuple[int, int, bool]]:
+    """``(start, end, is_match)`` for the gaps and matches of `text`, in order, covering every character."""
+    out, prev = [], 0
+    for start, end in _match_spans(pat, text):
+        if start != prev:
+            out.append((prev, start, invert))
+        out.append((start, end, not invert))
+        prev = end
+    if prev != len(text):
+        out.append((prev, len(text), invert))
+    return out
+
+
+def _join(segments: Iterable[tuple[int, int, bool]], behavior: str) -> list[list[int]]:
+    """The ``[start, end]`` of each pre-token made from the segments by `behavior` (module docstring, "Split
+    rules"); for MergedWithNext the caller passes the segments reversed (and gets the spans reversed)."""
+    spans: list[list[int]] = []
+    previous = False
+    for start, end, is_match in segments:
+        # Contiguous: a run of one kind; MergedWithPrevious (and MergedWithNext walking backwards): a match
+        join = is_match == previous if behavior == "Contiguous" else is_match and not previous
+        if join and spans:
+            spans[-1][0], spans[-1][1] = min(spans[-1][0], start), max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+        previous = is_match
+    return spans
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """A ``Split`` pre-tokenizer: `pattern` (a regex), `behavior` (one of `SPLIT_BEHAVIORS`) and `invert`.
+
+    ``split(text)`` gives the pre-tokens, every character of the text kept except where ``Removed`` drops the
+    matches (module docstring). The default, Isolated, equals ``findall`` for a pattern that matches every character.
+    `line_anchors`: ``^`` and ``$`` match at every line start and end, as in Oniguruma (tokenizer.json patterns);
+    else only at the ends of the text, as in tiktoken. (The built-in patterns give the same pieces either way. Other
+    differences between the engines are not emulated: ``\\b`` and ``\\w`` treat joiners and combining marks
+    differently.)
+    """
+
+    pattern: str
+    behavior: str = "Isolated"
+    invert: bool = False
+    line_anchors: bool = False
+    _compiled: regex.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.behavior not in SPLIT_BEHAVIORS:
+            raise ValueError(f"split behavior {self.behavior!r} is not one of {', '.join(SPLIT_BEHAVIORS)}")
+        if not isinstance(self.invert, bool):
+            raise ValueError(f"split invert={self.invert!r} is not a bool")
+        try:
+            compiled = compile_pattern(self.pattern, regex.MULTILINE if self.line_anchors else 0)
+        except (regex.error, TypeError) as e:
+            raise ValueError(f"pre-tokenizer pattern {self.pattern!r} does not compile ({e})") from None
+        object.__setattr__(self, "_compiled", compiled)
+
+    @property
+    def cuts_at_word_ends(self) -> bool:
+        """Whether streams may be cut at word ends (`iter_pieces`): for Isolated, not inverted, the rule of the
+        built-in patterns; the other behaviors join segments across such a cut, so their streams are cut only at
+        special tokens."""
+        return self.behavior == "Isolated" and not self.invert
+
+    def split(self, text: str) -> list[str]:
+        """The pre-tokens of `text` (no empty ones)."""
+        pat = self._compiled
+        if self.behavior == "Isolated" and not pat.groups:  # fast path: matches that cover the text are the pieces
+            pieces = pat.findall(text)
+            if "" not in pieces and sum(map(len, pieces)) == len(text):
+                return pieces
+        segments = _segments(pat, text, self.invert)
+        if self.behavior == "Isolated":
+            spans = [(s, e) for s, e, _ in segments]
+        elif self.behavior == "Removed":
+            spans = [(s, e) for s, e, is_match in segments if not is_match]
+        elif self.behavior == "MergedWithNext":
+            spans = _join(reversed(segments), self.behavior)[::-1]
+        else:
+            spans = _join(segments, self.behavior)
+        return [text[s:e] for s, e in spans if e > s]
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,6 +233,7 @@ def iter_pieces(
     special_re: regex.Pattern | None,
     max_special_len: int = 0,
     check: Callable[[str], None] | None = None,
+    cut_at_word_ends: bool = True,
 ) -> Iterator[tuple[str, str | None]]:
     """Stream ``"".join(chunks)`` as ``(piece, special_or_None)`` pairs, holding back only a short tail.
 
@@ -125,7 +243,9 @@ def iter_pieces(
     the longest special token that must be seen whole (for ``check``, too). ``check(buffer)`` is
     called on each buffer of held-back text plus a new chunk: every occurrence of a special token in
     the joined text lies whole inside one of those buffers (used to reject disallowed specials).
-    Memory is bounded by the chunk size plus the longest run of text without a word end.
+    Memory is bounded by the chunk size plus the longest run of text without a word end. With
+    ``cut_at_word_ends=False`` (split rules that join segments: `SplitRule.cuts_at_word_ends`) pieces end only at
+    special tokens, which is exact for any rule; memory is then bounded by the longest text between two of them.
     """
     hold = max(max_special_len - 1, 0)
     buf = ""
@@ -143,7 +263,7 @@ def iter_pieces(
                     break
                 yield buf[pos : m.start()], m.group()
                 pos = m.end()
-        if pos < limit:
+        if cut_at_word_ends and pos < limit:
             m = _WORD_END.search(buf, pos, limit)
             if m is not None:
                 yield buf[pos : m.end()], None
@@ -207,12 +327,11 @@ def _batches(pieces: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _count_batch(args: tuple[str, list[str]]) -> Counter[str]:
-    pattern, pieces = args
-    findall = compile_pattern(pattern).findall
+def _count_batch(args: tuple[SplitRule, list[str]]) -> Counter[str]:
+    rule, pieces = args
     counts: Counter[str] = Counter()
     for piece in pieces:
-        counts.update(findall(piece))
+        counts.update(rule.split(piece))
     return counts
 
 
@@ -247,16 +366,22 @@ def map_in_pool(fn: Callable, items: Sequence, workers: int, *shared) -> list:
 
 
 def count_pretokens(
-    pattern: str,
+    pattern: str | SplitRule,
     texts: Iterable[str] | None = None,
     files: Sequence[str | Path] | None = None,
     special_tokens: Sequence[str] = (),
     workers: int | None = None,
     batch_chars: int = BATCH_CHARS,
 ) -> Counter[str]:
-    """``Counter`` of pre-tokens over the corpus, counted by ``workers`` processes (default: all cores)."""
+    """``Counter`` of pre-tokens over the corpus, counted by ``workers`` processes (default: all cores).
+
+    `pattern` is a regex (Isolated: ``findall`` for the built-in patterns) or a `SplitRule`. Files are cut into
+    pieces at word ends (`iter_pieces`), so a rule that joins segments may see a segment split there: one place per
+    chunk read, which changes the counts of a large corpus by a few pre-tokens at most.
+    """
+    rule = pattern if isinstance(pattern, SplitRule) else SplitRule(pattern)
     workers = workers or cpu_count()
-    tasks = ((pattern, b) for b in _batches(iter_corpus_pieces(texts, files, special_tokens), batch_chars))
+    tasks = ((rule, b) for b in _batches(iter_corpus_pieces(texts, files, special_tokens), batch_chars))
     first = next(tasks, None)
     second = next(tasks, None) if first is not None else None
     total: Counter[str] = Counter()

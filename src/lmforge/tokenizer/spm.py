@@ -44,6 +44,7 @@ inside the whole text. With a SentencePiece vocabulary the cuts fall before the 
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Collection, Iterable, Sequence
@@ -52,8 +53,9 @@ from typing import Any, Literal
 
 from lmforge.tokenizer import pretokenize as pt
 from lmforge.tokenizer.bpe import IncrementalDecoder, Tokenizer, merge_ranked
+from lmforge.tokenizer.formats import TokenizerFileError
 
-__all__ = ["SentencePieceIncrementalDecoder", "SentencePieceTokenizer", "sentencepiece_from_gguf"]
+__all__ = ["SentencePieceIncrementalDecoder", "SentencePieceTokenizer", "gguf_vocab_keys", "sentencepiece_from_gguf"]
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # "▁": a space inside a piece
@@ -299,37 +301,81 @@ class SentencePieceIncrementalDecoder(IncrementalDecoder):
         return text
 
 
-def sentencepiece_from_gguf(meta: dict[str, Any], where: str) -> SentencePieceTokenizer:
-    """The tokenizer of GGUF metadata with ``tokenizer.ggml.model == "llama"``."""
-    pieces = list(meta.get("tokenizer.ggml.tokens") or [])
-    if not pieces:
-        raise ValueError(f"{where}: tokenizer.ggml.tokens is missing or empty")
-    n = len(pieces)
-    scores = meta.get("tokenizer.ggml.scores")
-    if scores is None:
-        raise ValueError(f"{where}: tokenizer.ggml.scores is missing: a 'llama' vocabulary orders its merges by score")
-    if len(scores) != n:
-        raise ValueError(f"{where}: tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
-    types = meta.get("tokenizer.ggml.token_type")
-    if types is not None and len(types) != n:
-        raise ValueError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+ROLES = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token", "eot": "eot_token"}
+
+
+def _gguf_array(meta: dict[str, Any], key: str, where: str, ok, what: str, n: int | None) -> list | None:
+    """``meta[key]`` (None when absent) checked to be a list of `n` items that pass `ok` (each: `what`)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise TokenizerFileError(f"{where}: {key}: expected an array of {what}, got {type(value).__name__}")
+    if n is not None and len(value) != n:
+        raise TokenizerFileError(f"{where}: {key} has {len(value)} entries for {n} tokens")
+    bad = next((i for i, v in enumerate(value) if not ok(v)), None)
+    if bad is not None:
+        raise TokenizerFileError(f"{where}: {key}[{bad}]: expected {what}, got {value[bad]!r}")
+    return value
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def gguf_vocab_keys(meta: dict[str, Any], where: str) -> tuple[list[str], list[int] | None, dict[str, int]]:
+    """The checked vocabulary keys every GGUF tokenizer has: tokenizer.ggml.tokens (a non-empty array of unique
+    strings), tokenizer.ggml.token_type (ints, one per token, optional) and the role ids (``bos_token`` ... ->
+    id, from ``tokenizer.ggml.{bos,eos,unknown,padding,eot}_token_id``). A role id that is not a token is ignored
+    with a warning, as llama.cpp does; one that is not an integer is refused."""
+    key = "tokenizer.ggml.tokens"
+    tokens = _gguf_array(meta, key, where, lambda v: isinstance(v, str), "a string", None)
+    if not tokens:
+        raise TokenizerFileError(f"{where}: {key} is missing or empty")
+    first: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if first.setdefault(token, i) != i:
+            raise TokenizerFileError(f"{where}: {key}[{i}]: token {token!r} repeats {key}[{first[token]}]")
+    n = len(tokens)
+    types = _gguf_array(meta, "tokenizer.ggml.token_type", where, _is_int, "an integer token type", n)
     named: dict[str, int] = {}
-    roles = (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token"))
-    for role, attr in (*roles, ("eot", "eot_token")):
+    for role, attr in ROLES.items():
         key = f"tokenizer.ggml.{role}_token_id"
         tid = meta.get(key)
         if tid is None:
             continue
-        if isinstance(tid, int) and 0 <= tid < n:
+        if type(tid) is not int:
+            raise TokenizerFileError(f"{where}: {key}: expected an integer token id, got {tid!r}")
+        if 0 <= tid < n:
             named[attr] = tid
         else:
-            warnings.warn(f"{where}: {key}={tid!r} is not a token id (0..{n - 1}); ignored", stacklevel=2)
+            warnings.warn(f"{where}: {key}={tid!r} is not a token id (0..{n - 1}); ignored", stacklevel=3)
+    for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
+        if not isinstance(meta.get(key, False), bool):
+            raise TokenizerFileError(f"{where}: {key}: expected a bool, got {meta[key]!r}")
+    if not isinstance(meta.get("tokenizer.chat_template", ""), str):
+        raise TokenizerFileError(f"{where}: tokenizer.chat_template: expected a string")
+    return tokens, types, named
+
+
+def _is_score(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def sentencepiece_from_gguf(meta: dict[str, Any], where: str) -> SentencePieceTokenizer:
+    """The tokenizer of GGUF metadata with ``tokenizer.ggml.model == "llama"`` (keys checked: `gguf_vocab_keys`, and
+    tokenizer.ggml.scores: one number per token, not NaN)."""
+    pieces, types, named = gguf_vocab_keys(meta, where)
+    key = "tokenizer.ggml.scores"
+    if key not in meta:
+        raise TokenizerFileError(f"{where}: {key} is missing: a 'llama' vocabulary orders its merges by score")
+    scores = _gguf_array(meta, key, where, _is_score, "a number", len(pieces))
     tok = SentencePieceTokenizer(
         pieces,
         scores,
         types,
-        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True),
+        add_bos_token=meta.get("tokenizer.ggml.add_bos_token", True),
         special_ids=named.values(),
         unk_id=named.get("unk_token"),
     )
