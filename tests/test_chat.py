@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from pathlib import Path
 
 import jinja2
@@ -20,6 +21,7 @@ from lmforge.tokenizer.chat import (
     DEFAULT_CHAT_TEMPLATE,
     ChatEncoding,
     ChatTemplateError,
+    TemplateLimits,
     apply_chat_template,
     assistant_char_spans,
     render_chat_template,
@@ -329,3 +331,141 @@ def test_saved_tokenizer_loads_in_transformers(pair, tmp_path):
     assert auto.model_max_length == 4096
     ref = auto.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert apply_chat_template(load_tokenizer(tmp_path), CONVERSATION, add_generation_prompt=True) == ref["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefix-rendering masks in linear time, against the prefix-rendering rule computed by definition
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prefix_rendering_oracle(messages, template, add_generation_prompt=False, **variables):
+    """The rule by definition (lmforge's method before it was made linear): two renders per assistant reply."""
+    text = render_chat_template(messages, template, add_generation_prompt=add_generation_prompt, **variables)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat_template(messages[:i], template, add_generation_prompt=True, **variables)
+        through = render_chat_template(messages[: i + 1], template, **variables)
+        if not through.startswith(before) or not text.startswith(through):
+            raise ChatTemplateError("not prefix-extending")
+        if len(through.rstrip()) > len(before):
+            spans.append((len(before), len(through.rstrip())))
+    return spans
+
+
+PLAIN_CHATML = DEFAULT_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+# Loops that look ahead (loop.last, loop.revindex, loop.nextitem) or scan the messages before printing them.
+LOOKAHEAD_TEMPLATE = (
+    "{% for m in messages %}{% if loop.last %}[{{ loop.revindex }}]{% endif %}<{{ m.role }}>{{ m.content }}</s>"
+    "{% if loop.nextitem is defined %}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+PRESCAN_TEMPLATE = (
+    "{% set ns = namespace(users=0) %}{% for m in messages[::-1] %}{% if m.role == 'user' %}"
+    "{% set ns.users = ns.users + 1 %}{% endif %}{% endfor %}{{ ns.users }} questions\n"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+HISTORY_REWRITE_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if loop.last or m['role'] != 'assistant' %}{{ m['content'] }}"
+    "{% else %}...{% endif %}\n{% endfor %}"
+)
+# A system message, then 40 turns (long enough that only a sample of turns is checked by exact renders).
+LONG = [CONVERSATION[0]] + [
+    turn
+    for k in range(40)
+    for turn in ({"role": "user", "content": f" question {k} "}, {"role": "assistant", "content": f" answer {k}\n"})
+]
+PREFIX_TEMPLATES = {
+    "llama3": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>"}),
+    "smollm2": (SMOLLM2_TEMPLATE, {}),
+    "mistral": (MISTRAL_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>"}),
+    "tools": (TOOLS_TEMPLATE, {}),
+    "chatml": (PLAIN_CHATML, {}),
+    "lookahead": (LOOKAHEAD_TEMPLATE, {}),
+    "prescan": (PRESCAN_TEMPLATE, {}),
+    "history-rewrite": (HISTORY_REWRITE_TEMPLATE, {}),
+}
+CONVERSATIONS = {"short": CONVERSATION, "short-no-system": NO_SYSTEM, "long": LONG, "long-no-system": LONG[1:]}
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS.values()), ids=list(CONVERSATIONS))
+@pytest.mark.parametrize(("template", "variables"), list(PREFIX_TEMPLATES.values()), ids=list(PREFIX_TEMPLATES))
+def test_linear_prefix_spans_equal_the_prefix_rendering_rule(template, variables, conversation, add_generation_prompt):
+    """Same spans as rendering every prefix, or the same ChatTemplateError when the rule does not apply."""
+    try:
+        expected = prefix_rendering_oracle(conversation, template, add_generation_prompt, **variables)
+    except ChatTemplateError:
+        with pytest.raises(ChatTemplateError, match="generation"):
+            assistant_char_spans(conversation, template, add_generation_prompt=add_generation_prompt, **variables)
+        return
+    spans = assistant_char_spans(conversation, template, add_generation_prompt=add_generation_prompt, **variables)
+    assert spans == expected
+    assert len(spans) == sum(m["role"] == "assistant" and bool(m["content"].strip()) for m in conversation)
+
+
+def turns(n: int) -> list[dict]:
+    return [
+        turn
+        for k in range(n)
+        for turn in ({"role": "user", "content": f"Question {k}?"}, {"role": "assistant", "content": f"Answer {k}."})
+    ]
+
+
+def test_3000_turn_prefix_mask_renders_in_seconds(pair):
+    """Linear: a 3000-turn conversation's mask by prefix rendering (the definition would take ~18000 renders)."""
+    ours, _ = configure(pair, SMOLLM2_TEMPLATE)
+    conversation = turns(3000)
+    start = time.perf_counter()
+    enc = apply_chat_template(ours, conversation, return_assistant_mask=True)
+    elapsed = time.perf_counter() - start
+    masked = ours.decode([i for i, m in zip(enc.input_ids, enc.assistant_mask, strict=True) if m])
+    assert masked == "".join(m["content"] + "<|im_end|>" for m in conversation if m["role"] == "assistant")
+    assert elapsed < 10, f"{elapsed:.1f} s"
+
+
+def test_100k_generation_blocks_render_in_seconds():
+    """Linear: each {% generation %} span starts at a running output length, not at a re-summed one."""
+    conversation = [{"role": "assistant", "content": f"a{k}"} for k in range(100_000)]
+    start = time.perf_counter()
+    text, spans = render_chat_template(conversation, return_generation_spans=True)
+    elapsed = time.perf_counter() - start
+    assert [text[s:e] for s, e in spans] == [f"a{k}<|im_end|>" for k in range(100_000)]
+    assert elapsed < 10, f"{elapsed:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors: one ChatTemplateError line naming the template's source
+# ----------------------------------------------------------------------------------------------------------------
+
+SOURCE = "tokenizer_config.json: chat_template"
+
+
+@pytest.mark.parametrize(
+    ("template", "messages", "expected"),
+    [
+        ("{% for m in messages %}\n{{ m.content }\n{% endfor %}", NO_SYSTEM, "syntax error on line 2"),
+        ("{% if %}", NO_SYSTEM, "syntax error on line 1"),
+        ("{{ messages[0].nope.deeper }}", NO_SYSTEM, "UndefinedError"),
+        ("{{ 1 / 0 }}", NO_SYSTEM, "ZeroDivisionError"),
+        ("{{ messages[0].content + 1 }}", NO_SYSTEM, "TypeError"),
+        ("{{ raise_exception('no\nsystem') }}", NO_SYSTEM, "refused the conversation: no system"),
+        (["not", "a", "string"], NO_SYSTEM, "must be a string, got list"),
+        ("{{ messages }}", [{"role": "user", "content": "a"}, ["user", "b"]], r"messages\[1\] must be a dict"),
+    ],
+)
+def test_template_failures_are_one_line_chat_template_errors(template, messages, expected):
+    with pytest.raises(ChatTemplateError, match=expected) as info:
+        render_chat_template(messages, template, source=SOURCE)
+    assert str(info.value).startswith(SOURCE + ": ") and "\n" not in str(info.value)
+    assert isinstance(info.value, (jinja2.TemplateError, ValueError))
+
+
+def test_apply_chat_template_passes_limits_and_source(pair):
+    ours, _ = configure(pair, "{% for m in messages %}{{ m.content * 100 }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match=r"^model.gguf: tokenizer.chat_template: .*output_chars=50;"):
+        apply_chat_template(
+            ours, NO_SYSTEM, limits=TemplateLimits(output_chars=50), source="model.gguf: tokenizer.chat_template"
+        )
+    assert apply_chat_template(ours, NO_SYSTEM[:1], tokenize=False) == "What is 2+2?" * 100
