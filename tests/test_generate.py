@@ -155,7 +155,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, script: list[int], vocab_size: int = 259, max_seq_len: int = 128) -> None:
         super().__init__()
         self.script, self.vocab_size, self.fed = script, vocab_size, []
-        self.config = SimpleNamespace(max_seq_len=max_seq_len)
+        self.config = SimpleNamespace(max_seq_len=max_seq_len, vocab_size=vocab_size)
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives generate a device
 
     def hidden_states(self, ids: torch.Tensor, cache) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""The `lmforge` command line."""
+"""The `lmforge` command line.
+
+Every command is wrapped in `cli_errors.reports_errors`: a user's mistake (a bad flag value, a missing path, a
+broken model or tokenizer file) prints one `error:` line naming the flag or the file, and exits 1.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import lmforge
+from lmforge.cli_errors import fail, reports_errors
 from lmforge.config import PRESETS
 from lmforge.export_cli import export_command
 from lmforge.generate_cli import chat_command, generate_command
@@ -26,11 +31,9 @@ app = typer.Typer(
 )
 console = Console()
 app.add_typer(tokenizer_app, name="tokenizer")
-app.command("generate")(generate_command)
-app.command("chat")(chat_command)
-app.command("export")(export_command)
-app.command("train")(train_command)
-app.command("speedrun")(speedrun_command)
+for name, command in (("generate", generate_command), ("chat", chat_command), ("export", export_command),
+                      ("train", train_command), ("speedrun", speedrun_command)):  # fmt: skip
+    app.command(name)(reports_errors(command))
 
 
 def _version(value: bool) -> None:
@@ -49,6 +52,7 @@ def main(
 
 
 @app.command()
+@reports_errors
 def info(
     path: Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")],
     tensors: Annotated[
@@ -59,12 +63,8 @@ def info(
     and tensor types)."""
     from lmforge.inspect import describe, gguf_tensor_rows
 
-    try:
-        summary = describe(path)
-        rows = gguf_tensor_rows(path) if tensors else []
-    except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(1) from None
+    summary = describe(path)
+    rows = gguf_tensor_rows(path) if tensors else []
     table = Table(title=escape(str(path)), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -79,22 +79,22 @@ def info(
 
 
 @app.command()
+@reports_errors
 def init(
     out: Annotated[Path, typer.Argument(help="Directory to write (config.json + model.safetensors).")],
     preset: Annotated[str, typer.Option(help="Named ModelConfig preset: " + ", ".join(sorted(PRESETS)))] = "tiny",
-    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed for the initial weights, in [0, 2**64).")] = 0,
 ) -> None:
     """Write a randomly initialised model as a Hugging Face directory (a starting point for training)."""
     import torch
 
-    from lmforge.config import ConfigError, ModelConfig
+    from lmforge.config import ModelConfig
+    from lmforge.infer.sampling import SEED_LIMIT
     from lmforge.model.transformer import Transformer
 
-    try:
-        cfg = ModelConfig.preset(preset)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise fail(f"--seed={seed}: must be an integer in [0, 2**64)")
+    cfg = ModelConfig.preset(preset)
     torch.manual_seed(seed)
     lmforge.save(Transformer(cfg), out)
     console.print(f"wrote {cfg.arch} model ({preset}) to {out}")

@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lmforge.cli_errors import fail
+from lmforge.utils.errors import LmforgeError
+
 console = Console()
-err = Console(stderr=True)
 
 
 def export_command(
@@ -22,24 +24,22 @@ def export_command(
     import lmforge
     from lmforge.io.gguf_export import QTYPES, save_gguf
 
-    def fail(message: object) -> typer.Exit:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
-        return typer.Exit(1)
-
     if qtype.lower() not in QTYPES:
-        raise fail(f"unknown --qtype {qtype!r}: choose one of {', '.join(QTYPES)}")
+        raise fail(f"--qtype={qtype!r}: choose one of {', '.join(QTYPES)}")
     if out.is_dir():
         raise fail(f"{out}: is a directory; give the path of the .gguf file to write")
     if not out.parent.exists():
         raise fail(f"{out.parent}: no such directory")
     start = time.perf_counter()
+    net, tokenizer = lmforge.load(model)
+    if tokenizer is None:
+        raise fail(f"{model}: has no tokenizer (a GGUF file needs one)")
     try:
-        net, tokenizer = lmforge.load(model)
-        if tokenizer is None:
-            raise fail(f"{model}: has no tokenizer (a GGUF file needs one)")
         save_gguf(net, tokenizer, out, qtype)
-    except (FileNotFoundError, ValueError) as e:
-        raise fail(e) from None
+    except LmforgeError:
+        raise
+    except ValueError as e:  # gguf_export's "this model cannot be written as GGUF" (the arch, the tokenizer)
+        raise fail(f"{model}: {e}") from None
     seconds = time.perf_counter() - start
     size = out.stat().st_size
     console.print(f"wrote {out} ({qtype.lower()}, {size / 2**20:.1f} MiB) in {seconds:.1f} s", highlight=False)

@@ -1,4 +1,9 @@
-"""`lmforge generate` and `lmforge chat`: run a model from the command line."""
+"""`lmforge generate` and `lmforge chat`: run a model from the command line.
+
+Errors are reported by `cli_errors.reports_errors` (cli.py wraps both commands): a bad flag value is named by its
+flag (`--top-p`, `--seed`, `--dtype`), a bad model file by its path and key. In `chat`, a turn that does not fit
+the model's context prints an `error:` line and is dropped; the conversation goes on (`/reset` empties it).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from lmforge.cli_errors import err, fail
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 Model = Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")]
 MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
@@ -18,7 +24,8 @@ TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set with this much probability.")]
 MinP = Annotated[float, typer.Option(help="Drop tokens below min_p times the top probability.")]
 RepetitionPenalty = Annotated[float, typer.Option(help="CTRL-style penalty on tokens already seen (1: off).")]
-Seed = Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed in [0, 2**64), for reproducible sampling.")]
+DType = Annotated[str, typer.Option(help="Weights' dtype: " + ", ".join(DTYPES) + ".")]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
 Compile = Annotated[
     bool,
@@ -31,29 +38,24 @@ Compile = Annotated[
 
 
 def _load(path: Path, dtype: str) -> tuple[Any, Any]:
+    """The model (in `dtype`, one of DTYPES) and its tokenizer; a model without a tokenizer is refused."""
     import torch
 
     import lmforge
 
-    try:
-        model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype))
-    except (FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+    if dtype not in DTYPES:
+        raise fail(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype))
     if tokenizer is None:
-        err.print(f"[red]error:[/red] {path}: has no tokenizer")
-        raise typer.Exit(1)
+        raise fail(f"{path}: has no tokenizer")
     return model, tokenizer
 
 
 def _params(**values: Any) -> Any:
+    """SamplingParams from the flags that were given (its errors name the flag, see cli_errors)."""
     from lmforge.infer.sampling import SamplingParams
 
-    try:
-        return SamplingParams(**{k: v for k, v in values.items() if v is not None})
-    except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+    return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
 
 def _stream(model: Any, tokenizer: Any, prompt: str | list[int], params: Any, compile: bool) -> tuple[str, Any]:
@@ -88,15 +90,15 @@ def generate_command(
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
     stop: Stop = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: DType = "float32",
     compile: Compile = False,
 ) -> None:
     """Continue a prompt, streaming to stdout; speeds go to stderr."""
-    m, tok = _load(model, dtype)
     params = _params(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
     )  # fmt: skip
+    m, tok = _load(model, dtype)
     _, stats = _stream(m, tok, prompt, params, compile)
     sys.stdout.write("\n")
     _report(stats)
@@ -109,15 +111,16 @@ def chat_command(
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
     seed: Seed = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: DType = "float32",
     compile: Compile = False,
 ) -> None:
     """Chat with a model (its chat template, history kept). Type /reset to start over, /exit to quit."""
+    from lmforge.infer.sampling import GenerationInputError
+
+    params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     m, tok = _load(model, dtype)
     if not getattr(tok, "chat_template", None):
-        err.print(f"[red]error:[/red] {model}: the tokenizer has no chat template")
-        raise typer.Exit(1)
-    params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        raise fail(f"{model}: the tokenizer has no chat template")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     err.print("[dim]/reset clears the conversation, /exit quits[/dim]")
@@ -134,7 +137,12 @@ def chat_command(
             continue
         history.append({"role": "user", "content": line})
         prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
-        reply, stats = _stream(m, tok, prompt, params, compile)
+        try:
+            reply, stats = _stream(m, tok, prompt, params, compile)
+        except GenerationInputError as e:  # the conversation outgrew the context: drop this turn, go on
+            fail(f"the conversation: {e.rule}; this turn is dropped (/reset starts over)")
+            history.pop()
+            continue
         sys.stdout.write("\n")
         _report(stats)
         history.append({"role": "assistant", "content": reply.strip()})

@@ -18,14 +18,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from lmforge.cli_errors import err, fail, input_files
+from lmforge.utils.errors import LmforgeError
 
 # model presets: "cpu" fits a 2-core laptop in minutes; "gpu" is for a real accelerator
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,13 +46,12 @@ def _stage(name: str, timings: dict[str, float], start: float) -> float:
 
 
 def _corpus(out: Path, data: list[Path] | None, n_stories: int) -> tuple[list[Path], dict[str, float] | None]:
-    from lmforge.data.shards import text_files
     from lmforge.data.stories import write_corpus
 
     if not data:
         stats = write_corpus(out / "corpus", n_stories, seed=0)
-        return text_files([out / "corpus"]), stats
-    return text_files(data), None
+        return input_files([out / "corpus"]), stats
+    return input_files(data), None
 
 
 def _config(preset: dict[str, Any], out: Path, shards: Path, tok_dir: Path, vocab: int, max_steps: int) -> Any:
@@ -86,7 +86,8 @@ def _steps_for(cfg: Any, seconds: float) -> int:
 
 
 def run(out: Path, minutes: float, data: list[Path] | None, preset_name: str, n_stories: int | None) -> Path:
-    """The whole speedrun; returns the report's path."""
+    """The whole speedrun; returns the report's path. A bad --preset, a run directory already used or a missing
+    --data file raise LmforgeError."""
     import torch
 
     from lmforge.data.shards import write_shards
@@ -96,10 +97,10 @@ def run(out: Path, minutes: float, data: list[Path] | None, preset_name: str, n_
     from lmforge.train_cli import build_trainer, export_run
 
     if preset_name not in PRESETS:
-        raise ValueError(f"unknown --preset {preset_name!r}: choose one of {', '.join(PRESETS)}")
+        raise LmforgeError(f"unknown --preset {preset_name!r}: choose one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
     if (out / "checkpoints").exists():
-        raise ValueError(f"{out}: already holds a run; choose another --out or delete it")
+        raise LmforgeError(f"{out}: already holds a run; choose another --out or delete it")
     timings: dict[str, float] = {}
     begin = t = time.perf_counter()
     files, stats = _corpus(out, data, n_stories or preset["stories"])
@@ -176,12 +177,9 @@ def speedrun_command(
     stories: Annotated[int | None, typer.Option(help="Stories to generate (default: the preset's).")] = None,
 ) -> None:
     """Build a corpus, train a tokenizer and a model, evaluate, sample and export it: the whole pipeline."""
-    if minutes <= 0:
-        err.print(f"[red]error:[/red] --minutes must be > 0, got {minutes}")
-        raise typer.Exit(1)
-    try:
-        report = run(out, minutes, data, preset, stories)
-    except (ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise fail(f"--minutes={minutes}: must be a finite number > 0")
+    if stories is not None and stories < 1:
+        raise fail(f"--stories={stories}: must be an integer >= 1")
+    report = run(out, minutes, data, preset, stories)
     err.print(f"report: {report}", highlight=False)

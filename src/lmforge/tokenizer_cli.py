@@ -11,27 +11,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmforge.cli_errors import fail, input_files, reports_errors
+
 app = typer.Typer(help="Train, apply and inspect byte-level BPE tokenizers.", no_args_is_help=True)
 console = Console()
 PATTERNS = {"gpt2": "GPT2_PATTERN", "cl100k": "CL100K_PATTERN", "llama3": "LLAMA3_PATTERN"}
 
 
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(1)
-
-
 def _files(option: list[Path] | None, extra: list[Path] | None) -> list[Path]:
     """`--input a b c` parses as --input a plus extra arguments; directories expand to their *.txt."""
-    from lmforge.data.shards import text_files
-
     paths = [*(option or []), *(extra or [])]
     if not paths:
-        raise _fail("no input files (give --input FILE...)")
-    try:
-        return text_files(paths)
-    except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail("no input files (give --input FILE...)")
+    return input_files(paths)
 
 
 def _check_utf8(files: list[Path]) -> None:
@@ -41,7 +33,7 @@ def _check_utf8(files: list[Path]) -> None:
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise _fail(f"{f}: line {n} is not UTF-8 ({e.reason} at byte {e.start})") from None
+                    raise fail(f"{f}: line {n} is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def compression(tokenizer, text: str) -> float:
@@ -51,6 +43,7 @@ def compression(tokenizer, text: str) -> float:
 
 
 @app.command()
+@reports_errors
 def train(
     out: Annotated[
         Path, typer.Option("--out", help="Output directory (tokenizer.json, tokenizer_config.json, .tiktoken).")
@@ -70,7 +63,7 @@ def train(
     _check_utf8(inputs)
     specials = list(special_token or [])
     if vocab_size < 256 + len(specials):
-        raise _fail(f"--vocab-size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens")
+        raise fail(f"--vocab-size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens")
     regex = getattr(tk, PATTERNS[pattern]) if pattern in PATTERNS else pattern
     start = time.perf_counter()
     tok = tk.train_bpe(files=inputs, vocab_size=vocab_size, pattern=regex, special_tokens=specials)
@@ -80,12 +73,13 @@ def train(
     )
     if held_out is not None:
         if not held_out.is_file():
-            raise _fail(f"{held_out}: no such file")
+            raise fail(f"{held_out}: no such file")
         ratio = compression(tok, held_out.read_bytes().decode("utf-8", "replace"))
         console.print(f"compression on {held_out.name}: {ratio:.2f} bytes/token")
 
 
 @app.command()
+@reports_errors
 def encode(
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory or .tiktoken file.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for shards and manifest.json.")],
@@ -99,17 +93,15 @@ def encode(
     from lmforge.tokenizer.formats import load_tokenizer
 
     inputs = _files(input, files)
-    try:
-        tok = load_tokenizer(tokenizer)
-        manifest = write_shards(tok, inputs, out, shard_tokens=shard_tokens, workers=workers)
-    except (FileNotFoundError, ValueError) as e:
-        raise _fail(str(e)) from None
+    tok = load_tokenizer(tokenizer)
+    manifest = write_shards(tok, inputs, out, shard_tokens=shard_tokens, workers=workers)
     console.print(
         f"{manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards ({manifest['dtype']}) -> {out}"
     )
 
 
 @app.command()
+@reports_errors
 def inspect(
     path: Annotated[Path, typer.Argument(help="Tokenizer directory or .tiktoken file.")],
     sample: Annotated[Path | None, typer.Option(help="Text file to measure compression on.")] = None,
@@ -118,10 +110,7 @@ def inspect(
     """Vocabulary size, special tokens, longest tokens and compression."""
     from lmforge.tokenizer.formats import load_tokenizer
 
-    try:
-        tok = load_tokenizer(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise _fail(str(e)) from None
+    tok = load_tokenizer(path)
     table = Table(title=str(path), show_header=False)
     table.add_row("vocab size", f"{tok.vocab_size:,}")
     table.add_row("merges", f"{len(tok.merges):,}")
@@ -131,7 +120,7 @@ def inspect(
     table.add_row("longest tokens", escape("\n".join(f"{i}: {b.decode('utf-8', 'replace')!r}" for i, b in tokens)))
     if sample is not None:
         if not sample.is_file():
-            raise _fail(f"{sample}: no such file")
+            raise fail(f"{sample}: no such file")
         ratio = compression(tok, sample.read_bytes().decode("utf-8", "replace"))
         table.add_row("compression", f"{ratio:.2f} bytes/token on {sample.name}")
     console.print(table)

@@ -13,10 +13,19 @@ text that token completed, so a caller can print as it goes. Text is held back i
 
 Generation ends at the first of: a stop token (the tokenizer's eos and eot tokens, unless `ignore_eos`, and
 `params.stop_token_ids`; never shown as text), a stop string (the text ends just before it), `max_tokens`,
-or the model's `max_seq_len`. Ids past the tokenizer's vocabulary (a model whose embedding is padded to a round
+or the model's `max_seq_len` (`max_tokens` is cut to the room the prompt leaves in the context; the last event
+then says "length"). Ids past the tokenizer's vocabulary (a model whose embedding is padded to a round
 size) are never sampled. The last event carries `finish_reason` ("stop" or "length") and timings:
 prefill tokens/s (prompt tokens over the time to the first token) and decode tokens/s (the other tokens
 over the time after it; the caller's time between events is not counted).
+
+The prompt is checked before the first step, with a `GenerationInputError` naming `prompt` (the CLI: `--prompt`):
+token ids given as a list must be integers (not bools or floats), and every id, given or produced by the
+tokenizer, must lie in the model's vocabulary (0 <= id < vocab_size); the error names the id and its position.
+An empty prompt is refused, except that text which encodes to nothing still starts from the bos token when the
+tokenizer adds one (`add_bos_token`): the prompt is then [bos]. A prompt that fills the context (max_seq_len tokens
+or more, leaving no room for one new token) is refused rather than cut. Logits that are NaN or inf (a model whose
+weights or activations overflow) stop generation with a `NonFiniteLogitsError` instead of a torch error.
 
 With `compile=True` the forward passes go through `static_decode.StaticDecoder` instead (a preallocated
 cache and one `torch.compile`d graph per decode step, as gpt-fast does): the same tokens, faster once
@@ -25,7 +34,9 @@ compiled; the first call per model and cache size pays the compilation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,8 +45,13 @@ import torch
 
 from lmforge.infer import static_decode
 from lmforge.infer.kv_cache import KVCache
-from lmforge.infer.sampling import SamplingParams, next_token, process_logits
+from lmforge.infer.sampling import GenerationInputError, SamplingParams, next_token, process_logits
 from lmforge.tokenizer.bpe import IncrementalDecoder
+from lmforge.utils.errors import LmforgeError
+
+
+class NonFiniteLogitsError(LmforgeError):
+    """The model produced NaN or infinite logits: its weights (the user's file) or activations overflow."""
 
 
 @dataclass
@@ -112,10 +128,10 @@ def eos_token_id(tokenizer, attr: str = "eos_token") -> int | None:
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of `prompt`: ids pass through; text is encoded with special tokens recognised (as a
-    rendered chat template needs), after the bos token when the tokenizer says `add_bos_token`."""
+    """Token ids of `prompt`: ids pass through (checked to be integers); text is encoded with special tokens
+    recognised (as a rendered chat template needs), after the bos token when the tokenizer says `add_bos_token`."""
     if not isinstance(prompt, str):
-        return [int(i) for i in prompt]
+        return prompt_ids(prompt)
     ids = tokenizer.encode(prompt, allowed_special="all")
     bos = getattr(tokenizer, "bos_token", None)
     if getattr(tokenizer, "add_bos_token", False) and bos is not None:
@@ -123,6 +139,40 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
         if bos_id is not None and ids[:1] != [bos_id]:
             ids.insert(0, bos_id)
     return ids
+
+
+def prompt_ids(prompt: object) -> list[int]:
+    """A prompt given as token ids, as a list of ints: any sequence of integers (ints, numpy or 0-d torch integers),
+    not bools or floats, which `int()` would silently turn into ids."""
+    if isinstance(prompt, bytes | bytearray) or not hasattr(prompt, "__iter__"):
+        raise GenerationInputError("prompt", f"expected text or a sequence of token ids, got {type(prompt).__name__}")
+    return [_token_id(item, position) for position, item in enumerate(prompt)]
+
+
+def _token_id(item: object, position: int) -> int:
+    if not isinstance(item, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(item)
+    raise GenerationInputError("prompt", f"item {position} is {item!r}: token ids are integers")
+
+
+def check_prompt(ids: list[int], vocab_size: int, max_seq_len: int, from_text: bool) -> None:
+    """Refuse a prompt that is empty, leaves no room in the context, or holds an id outside the vocabulary."""
+    if not ids:
+        why = " (the text encodes to no tokens, and the tokenizer adds no bos token)" if from_text else ""
+        raise GenerationInputError("prompt", f"is empty: give at least one token{why}")
+    if len(ids) >= max_seq_len:
+        raise GenerationInputError(
+            "prompt", f"has {len(ids)} tokens; the model's context (max_seq_len) holds {max_seq_len}, "
+            "and at least one must be left for the reply"
+        )  # fmt: skip
+    bad = next(((pos, i) for pos, i in enumerate(ids) if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        source = "the tokenizer gave " if from_text else ""
+        raise GenerationInputError(
+            "prompt", f"{source}token id {bad[1]} at position {bad[0]}, outside the model's vocabulary "
+            f"(0 <= id < vocab_size {vocab_size})"
+        )  # fmt: skip
 
 
 @torch.inference_mode()  # per call, not around the loop: a suspended generator must not leak the mode
@@ -150,10 +200,7 @@ def generate(
     params = dataclasses.replace(params or SamplingParams(), **overrides)
     ids = encode_prompt(tokenizer, prompt)
     limit = model.config.max_seq_len
-    if not ids:
-        raise ValueError("the prompt is empty: generation needs at least one token")
-    if len(ids) >= limit:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the model's max_seq_len is {limit}")
+    check_prompt(ids, model.config.vocab_size, limit, from_text=isinstance(prompt, str))
     budget = min(params.max_tokens, limit - len(ids))
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
@@ -190,6 +237,9 @@ def _stream(forward, model, tokenizer, ids: list[int], params: SamplingParams, b
     known = tokenizer.vocab_size  # ids past the tokenizer's (a padded embedding) can never be decoded
     for step in range(budget):
         with torch.inference_mode():
+            if not logits.isfinite().all():
+                raise NonFiniteLogitsError(f"the model's logits are NaN or inf at generated token {step}: its "
+                                           "weights or activations overflow (float32 may help)")  # fmt: skip
             if logits.shape[-1] > known:
                 logits[..., known:] = float("-inf")
             logits = process_logits(logits, params, tokens[:, :n], tokens[:, n_prompt:n])

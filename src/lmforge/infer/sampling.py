@@ -16,6 +16,15 @@ penalties first, then temperature, top-k, top-p and min-p, so min-p sees the tem
 distribution (as llama.cpp recommends). `sample` then draws from softmax(z) with a seeded generator;
 temperature 0 skips the warpers and takes the argmax of the penalized logits.
 
+Extreme but finite values stay well defined: every transform keeps the logits finite or -inf (a dropped token),
+saturating at the dtype's largest finite value instead of overflowing to inf, so softmax never meets inf - inf
+and nothing is NaN. The penalties are computed on the logits in that saturated form (a repetition penalty of
+1e30 or a frequency penalty of 1e300 pushes the seen tokens to the bottom of the range, finitely); temperatures
+below `MIN_TEMPERATURE` (1e-5) scale as 1e-5 does (next to greedy, and finite); an infinite-looking temperature
+(1e308) flattens every kept token to the same logit. `SamplingParams` refuses what has no meaning (negative,
+NaN or infinite values, top_p/min_p outside [0, 1], seeds outside [0, 2**64)) with a `SamplingParamsError`
+naming the field.
+
 References: Holtzman et al. 2019 (nucleus), Keskar et al. 2019 (CTRL repetition penalty), Nguyen et al.
 2024 (min-p), the OpenAI API reference (frequency and presence penalties).
 """
@@ -23,17 +32,66 @@ References: Holtzman et al. 2019 (nucleus), Keskar et al. 2019 (CTRL repetition 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.utils.errors import LmforgeError
+
 NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-5  # smaller positive temperatures scale as this one does (0 itself means greedy)
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+_NO_VALUE = object()
+
+
+class GenerationInputError(LmforgeError):
+    """A generation input is wrong: a `SamplingParams` field or the prompt.
+
+    `name` is the parameter as the Python API spells it (`top_p`, `prompt`); the message reads
+    ``SamplingParams.top_p=2.0: must be in [0, 1]``. `cli_message` says the same with the command-line flag of
+    that name (``--top-p=2.0: ...``), which the CLI prints instead.
+    """
+
+    def __init__(self, name: str, rule: str, value: object = _NO_VALUE, owner: str = "") -> None:
+        self.name, self.rule = name, rule
+        self._value = "" if value is _NO_VALUE else f"={value!r}"
+        super().__init__(f"{owner}{name}{self._value}: {rule}")
+
+    @property
+    def cli_message(self) -> str:
+        return f"--{self.name.replace('_', '-')}{self._value}: {self.rule}"
+
+    def __reduce__(self):  # picklable (a worker process reports it) although __init__ does not take the message
+        return _restore_error, (type(self), str(self), dict(self.__dict__))
+
+
+def _restore_error(cls: type[GenerationInputError], message: str, state: dict) -> GenerationInputError:
+    error = cls.__new__(cls)
+    LmforgeError.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class SamplingParamsError(GenerationInputError):
+    """A `SamplingParams` field has a value it cannot take; the message names the field and the rule."""
+
+    def __init__(self, name: str, value: object, rule: str) -> None:
+        super().__init__(name, rule, value, owner="SamplingParams.")
+
+
+def _saturate(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """`new` clamped to the finite range of `old`'s dtype where `old` is finite; elsewhere `old` (a dropped token's
+    -inf stays -inf). This keeps the invariant every transform relies on: logits are finite or -inf."""
+    info = torch.finfo(old.dtype)
+    return torch.where(old.isfinite(), new.clamp(info.min, info.max), old).to(old.dtype)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature <= 0:
+    """z / T, with T at least `MIN_TEMPERATURE` and the result saturated (never inf)."""
+    if not temperature > 0:
         raise ValueError(f"temperature must be > 0 to scale logits (0 means greedy), got {temperature}")
-    return logits / temperature
+    return _saturate(logits / max(temperature, MIN_TEMPERATURE), logits)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,12 +129,17 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def repetition_penalty(logits: torch.Tensor, history_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL penalty on every token in `history_ids` (B, L), once per token however often it occurs."""
+    """CTRL penalty on every token in `history_ids` (B, L), once per token however often it occurs.
+
+    The penalty is taken within the dtype's normal range (so 1e-300 does not become 0 and divide by it) and the
+    penalized logits saturate: 1e30 sends a seen negative logit to the most negative finite value, not -inf."""
     if penalty == 1.0 or history_ids.shape[-1] == 0:
         return logits
+    info = torch.finfo(logits.dtype)
+    r = min(max(penalty, info.tiny), info.max)
     seen = logits.gather(-1, history_ids)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(-1, history_ids, seen)
+    penalized = _saturate(torch.where(seen < 0, seen * r, seen / r), seen)
+    return logits.scatter(-1, history_ids, penalized)
 
 
 def token_counts(history_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -88,11 +151,15 @@ def token_counts(history_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def frequency_presence_penalty(
     logits: torch.Tensor, history_ids: torch.Tensor, frequency: float, presence: float
 ) -> torch.Tensor:
-    """OpenAI-style: subtract `frequency` per occurrence and `presence` once for each token in `history_ids`."""
+    """OpenAI-style: subtract `frequency` per occurrence and `presence` once for each token in `history_ids`.
+
+    The penalty is computed in float64 (a penalty of 1e300 times a count of 0 is 0 there, not inf * 0 = NaN as in
+    float32) and the result saturates to the logits' finite range."""
     if (frequency == 0.0 and presence == 0.0) or history_ids.shape[-1] == 0:
         return logits
-    counts = token_counts(history_ids, logits.shape[-1]).to(logits.dtype)
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    counts = token_counts(history_ids, logits.shape[-1]).double()
+    penalty = frequency * counts + presence * (counts > 0).double()
+    return _saturate(logits.double() - penalty, logits)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -106,55 +173,85 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _bad(name: str, value: object, rule: str) -> ValueError:
-    return ValueError(f"SamplingParams.{name}={value!r}: {rule}")
+def _finite_number(name: str, value: object, ok: Callable[[float], bool], rule: str) -> float:
+    """`value` as a float: a real number (not a bool), finite, and `ok`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SamplingParamsError(name, value, "must be a finite number")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        raise SamplingParamsError(name, value, "must be a finite number") from None
+    if not math.isfinite(number):
+        raise SamplingParamsError(name, value, "must be a finite number")
+    if not ok(number):
+        raise SamplingParamsError(name, value, rule)
+    return number
+
+
+def _integer(name: str, value: object, low: int, high: int | None = None) -> int:
+    """`value` when it is an int (not a bool) in [low, high)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        rule = f"must be an integer >= {low}" if high is None else f"must be an integer in [{low}, {high})"
+        raise SamplingParamsError(name, value, rule)
+    return value
+
+
+def _list_of(name: str, value: object, ok: Callable[[object], bool], rule: str) -> list:
+    """`value` (a list or tuple) as a list, when every item is `ok`."""
+    if not isinstance(value, list | tuple) or not all(ok(item) for item in value):
+        raise SamplingParamsError(name, value, rule)
+    return list(value)
+
+
+def _is_stop_string(item: object) -> bool:
+    return isinstance(item, str) and item != ""
+
+
+def _is_id(item: object) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+
+
+_NUMBER_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("temperature", lambda v: v >= 0, "must be >= 0 (0 means greedy)"),
+    ("top_p", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("repetition_penalty", lambda v: v > 0, "must be > 0 (1 means no penalty)"),
+    ("frequency_penalty", lambda v: True, ""),
+    ("presence_penalty", lambda v: True, ""),
+)  # the float fields: (name, the check after "finite", the rule it states)
 
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token and when to stop. Invalid values raise ValueError naming the field."""
+    """How to pick each next token and when to stop. Invalid values raise `SamplingParamsError` (a ValueError)
+    naming the field; numbers are stored as floats (temperature, top_p, min_p, the penalties)."""
 
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
+    temperature: float = 1.0  # 0: greedy; (0, MIN_TEMPERATURE) scales as MIN_TEMPERATURE
+    top_k: int = 0  # 0: off; k >= the vocabulary keeps every token
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0  # 1: off; counts the prompt and the generated tokens (as transformers)
     frequency_penalty: float = 0.0  # counts generated tokens only (as the OpenAI API)
     presence_penalty: float = 0.0
-    max_tokens: int = 256
+    max_tokens: int = 256  # cut to the room left in the model's context (max_seq_len)
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first one
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the tokenizer's eos token
     ignore_eos: bool = False  # keep going after the eos token (benchmarks, parity tests)
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh random seed; else an int in [0, 2**64)
 
     def __post_init__(self) -> None:
-        def number(name: str, ok, rule: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise _bad(name, value, "must be a finite number")
-            if not ok(value):
-                raise _bad(name, value, rule)
-
-        number("temperature", lambda v: v >= 0, "must be >= 0 (0 means greedy)")
-        number("top_p", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-        number("min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-        number("repetition_penalty", lambda v: v > 0, "must be > 0 (1 means no penalty)")
-        number("frequency_penalty", lambda v: True, "")
-        number("presence_penalty", lambda v: True, "")
-        for name, low in (("top_k", 0), ("max_tokens", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise _bad(name, value, f"must be an integer >= {low}")
+        for name, ok, rule in _NUMBER_RULES:
+            setattr(self, name, _finite_number(name, getattr(self, name), ok, rule))
+        self.top_k = _integer("top_k", self.top_k, 0)
+        self.max_tokens = _integer("max_tokens", self.max_tokens, 1)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise _bad("stop", self.stop, "must be a list of non-empty strings")
-        self.stop_token_ids = list(self.stop_token_ids)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise _bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise _bad("seed", self.seed, "must be an integer or None")
+        self.stop = _list_of("stop", self.stop, _is_stop_string, "must be a list of non-empty strings")
+        self.stop_token_ids = _list_of("stop_token_ids", self.stop_token_ids, _is_id, "must be a list of ids >= 0")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingParamsError("ignore_eos", self.ignore_eos, "must be True or False")
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed, 0, SEED_LIMIT)
 
     @property
     def greedy(self) -> bool:
