@@ -13,7 +13,7 @@ import time
 import jinja2
 import pytest
 
-from lmforge.tokenizer import chat
+from lmforge.tokenizer import template_sandbox
 from lmforge.tokenizer.chat import ChatTemplateError, ChatTemplateSecurityError, TemplateLimits, render_chat_template
 
 CANARY_VALUE = "lmforge-canary-5f1e9c"
@@ -215,7 +215,7 @@ def test_limits_can_be_raised_per_call_and_by_default(monkeypatch):
     with pytest.raises(ChatTemplateError, match=r"output_chars=1000"):
         render_chat_template([], template, limits=small)
     assert render_chat_template([], template) == "ab" * 600 + "." * 300
-    monkeypatch.setattr(chat, "DEFAULT_LIMITS", TemplateLimits(loop_iterations=100))
+    monkeypatch.setattr(template_sandbox, "DEFAULT_LIMITS", TemplateLimits(loop_iterations=100))
     with pytest.raises(ChatTemplateError, match=r"loop_iterations=100;"):
         render_chat_template([], template)
     assert render_chat_template([], template, limits=TemplateLimits(loop_iterations=300)).endswith("." * 300)
