@@ -17,8 +17,7 @@ command makes itself end with `raise fail("--flag=value: what was expected")`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
 import typer
@@ -61,15 +60,3 @@ def reports_errors(command: Command) -> Command:
 
     return wrapper  # type: ignore[return-value]
 
-
-def input_files(paths: Sequence[Path]) -> list[Path]:
-    """`data.shards.text_files(paths)` (directories expand to their *.txt); its ValueError for a missing path or an
-    empty list is a user's mistake, raised as an LmforgeError."""
-    from lmforge.data.shards import text_files
-
-    try:
-        return text_files(paths)
-    except LmforgeError:
-        raise
-    except ValueError as e:
-        raise LmforgeError(str(e)) from None

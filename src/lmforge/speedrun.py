@@ -25,7 +25,8 @@ from typing import Annotated, Any
 
 import typer
 
-from lmforge.cli_errors import err, fail, input_files
+from lmforge.cli_errors import err, fail
+from lmforge.data.shards import text_files
 from lmforge.utils.errors import LmforgeError
 
 # model presets: "cpu" fits a 2-core laptop in minutes; "gpu" is for a real accelerator
@@ -50,8 +51,8 @@ def _corpus(out: Path, data: list[Path] | None, n_stories: int) -> tuple[list[Pa
 
     if not data:
         stats = write_corpus(out / "corpus", n_stories, seed=0)
-        return input_files([out / "corpus"]), stats
-    return input_files(data), None
+        return text_files([out / "corpus"]), stats
+    return text_files(data), None
 
 
 def _config(preset: dict[str, Any], out: Path, shards: Path, tok_dir: Path, vocab: int, max_steps: int) -> Any:

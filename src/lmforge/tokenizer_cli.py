@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmforge.cli_errors import fail, input_files, reports_errors
+from lmforge.cli_errors import fail, reports_errors
+from lmforge.data.shards import text_files
 
 app = typer.Typer(help="Train, apply and inspect byte-level BPE tokenizers.", no_args_is_help=True)
 console = Console()
@@ -23,7 +24,7 @@ def _files(option: list[Path] | None, extra: list[Path] | None) -> list[Path]:
     paths = [*(option or []), *(extra or [])]
     if not paths:
         raise fail("no input files (give --input FILE...)")
-    return input_files(paths)
+    return text_files(paths)
 
 
 def _check_utf8(files: list[Path]) -> None:

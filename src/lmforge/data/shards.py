@@ -28,14 +28,15 @@ import numpy as np
 
 from lmforge.tokenizer.pretokenize import cpu_count, iter_pieces, read_chunks
 from lmforge.utils.atomic import atomic_path, atomic_write
+from lmforge.utils.errors import LmforgeError
 
 UNIT_CHARS = 1 << 22
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
 
 
 def text_files(paths: Sequence[str | Path]) -> list[Path]:
-    """The files named by `paths`, a directory standing for its *.txt files (sorted); ValueError naming a
-    path that does not exist, or when no file is found."""
+    """The files named by `paths`, a directory standing for its *.txt files (sorted); FileNotFoundError naming a
+    path that does not exist, LmforgeError when no file is found."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -43,9 +44,10 @@ def text_files(paths: Sequence[str | Path]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise ValueError(f"{p}: no such file or directory")
+            raise FileNotFoundError(f"{p}: no such file or directory")
     if not files:
-        raise ValueError("no input text files")
+        named = ", ".join(map(str, paths)) or "no paths"
+        raise LmforgeError(f"no input text files in {named} (a directory gives its *.txt files)")
     return files
 
 
