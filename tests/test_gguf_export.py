@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 import lmforge
 from lmforge.cli import app
 from lmforge.config import ModelConfig
-from lmforge.io.gguf_export import gguf_tensors, permute_rope_rows, save_gguf
+from lmforge.io.gguf_export import GGUFExportError, gguf_tensors, permute_rope_rows, save_gguf
 from lmforge.io.gguf_model import unpermute_rope_rows
 from lmforge.model.transformer import Transformer
-from lmforge.tokenizer.bpe import train_bpe
+from lmforge.tokenizer.bpe import Tokenizer, train_bpe
 from lmforge.tokenizer.gguf_vocab import QWEN2_PATTERN
-from lmforge.tokenizer.pretokenize import LLAMA3_PATTERN
+from lmforge.tokenizer.pretokenize import GPT2_PATTERN, LLAMA3_PATTERN, SplitRule
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
 VOCAB = 352  # the model's rows; the tokenizer uses fewer, the rest are written as unused "[PAD{id}]"
@@ -221,7 +221,7 @@ def test_rows_that_are_not_whole_blocks_fall_back_to_f16(tmp_path, tokenizers):
 )
 def test_configs_gguf_cannot_carry_are_errors(tmp_path, tokenizers, overrides, field):
     cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=1, n_heads=4, d_ff=96, max_seq_len=64, **overrides)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(GGUFExportError, match=field):
         save_gguf(Transformer(cfg), tokenizers["gpt-2"], tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
@@ -236,8 +236,15 @@ def test_bad_arguments_are_errors(tmp_path, tokenizers):
     with pytest.raises(ValueError, match="only 300 rows"):
         save_gguf(Transformer(small), tok, tmp_path / "m.gguf")
     odd = train_bpe([text(5000)], vocab_size=270, pattern=r"\w+|\W", progress=False, workers=1)
-    with pytest.raises(ValueError, match="pre-tokenizer regex"):
+    with pytest.raises(GGUFExportError, match="pre-tokenizer regex"):
         save_gguf(model, odd, tmp_path / "m.gguf")
+    merged = Tokenizer(tok.vocab, tok.merges, SplitRule(GPT2_PATTERN, "MergedWithNext"), tok.special_tokens)
+    with pytest.raises(GGUFExportError, match="behavior='MergedWithNext'"):
+        save_gguf(model, merged, tmp_path / "m.gguf")
+    inverted = Tokenizer(tok.vocab, tok.merges, SplitRule(GPT2_PATTERN, invert=True), tok.special_tokens)
+    with pytest.raises(GGUFExportError, match="invert=True"):
+        save_gguf(model, inverted, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_export_cli(tmp_path, tokenizers):
@@ -252,7 +259,7 @@ def test_export_cli(tmp_path, tokenizers):
     assert tok.encode(text(2000)) == tokenizers["llama-bpe"].encode(text(2000))
     check_quantization_error(back, model, "q4_0", prompt(tok))
     bad = runner.invoke(app, ["export", str(tmp_path / "hf"), str(out), "--qtype", "q3"])
-    assert bad.exit_code == 1 and "unknown --qtype 'q3'" in bad.output
+    assert bad.exit_code == 1 and "--qtype='q3'" in bad.output
     missing = runner.invoke(app, ["export", str(tmp_path / "nope"), str(tmp_path / "x.gguf")])
     assert missing.exit_code == 1 and "nope" in missing.output and not (tmp_path / "x.gguf").exists()
 

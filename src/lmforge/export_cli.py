@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 
 from lmforge.cli_errors import fail
-from lmforge.utils.errors import LmforgeError
 
 console = Console()
 
@@ -22,7 +21,7 @@ def export_command(
 ) -> None:
     """Export a model and its tokenizer as GGUF (llama.cpp's format; llama, qwen2 and qwen3 models)."""
     import lmforge
-    from lmforge.io.gguf_export import QTYPES, save_gguf
+    from lmforge.io.gguf_export import QTYPES, GGUFExportError, save_gguf
 
     if qtype.lower() not in QTYPES:
         raise fail(f"--qtype={qtype!r}: choose one of {', '.join(QTYPES)}")
@@ -36,9 +35,7 @@ def export_command(
         raise fail(f"{model}: has no tokenizer (a GGUF file needs one)")
     try:
         save_gguf(net, tokenizer, out, qtype)
-    except LmforgeError:
-        raise
-    except ValueError as e:  # gguf_export's "this model cannot be written as GGUF" (the arch, the tokenizer)
+    except GGUFExportError as e:  # this model cannot be written as GGUF (the arch, the tokenizer): name the input
         raise fail(f"{model}: {e}") from None
     seconds = time.perf_counter() - start
     size = out.stat().st_size

@@ -69,6 +69,7 @@ from lmforge.tokenizer.formats import bytes_to_unicode
 from lmforge.tokenizer.gguf_vocab import QWEN2_PATTERN
 from lmforge.tokenizer.pretokenize import DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN
 from lmforge.tokenizer.spm import SentencePieceTokenizer
+from lmforge.utils.errors import LmforgeError
 
 if TYPE_CHECKING:
     from lmforge.model.transformer import Transformer
@@ -83,10 +84,15 @@ _GGUF_NAME = {v: k for k, v in {**_TOP_NAMES, **{f"@.{k}": f"@.{v}" for k, v in 
 _U32, _F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
 
 
+
+class GGUFExportError(LmforgeError):
+    """This model or tokenizer cannot be written as GGUF (an architecture, option or vocabulary GGUF cannot hold)."""
+
+
 def _qtype(qtype: str | GGMLType) -> GGMLType:
     key = qtype.name.lower() if isinstance(qtype, GGMLType) else str(qtype).lower()
     if key not in QTYPES:
-        raise ValueError(f"unknown qtype {qtype!r}: GGUF export writes {', '.join(QTYPES)}")
+        raise GGUFExportError(f"unknown qtype {qtype!r}: GGUF export writes {', '.join(QTYPES)}")
     return QTYPES[key]
 
 
@@ -106,11 +112,11 @@ def _f32(x: float) -> float:
 def _model_metadata(cfg: ModelConfig) -> dict[str, Any]:
     arch = cfg.arch
     if arch not in ARCHES:
-        raise ValueError(f"GGUF export does not support arch={arch!r} (supported: {', '.join(ARCHES)})")
+        raise GGUFExportError(f"GGUF export does not support arch={arch!r} (supported: {', '.join(ARCHES)})")
     if arch == "llama" and cfg.attn_bias:
-        raise ValueError("GGUF export: llama with q/k/v biases is not supported (llama.cpp permutes q/k biases)")
+        raise GGUFExportError("GGUF export: llama with q/k/v biases is not supported (llama.cpp permutes q/k biases)")
     if arch == "llama" and cfg.rotary_fraction != 1.0:
-        raise ValueError("GGUF export: llama with partial rotary (rotary_fraction < 1) is not supported")
+        raise GGUFExportError("GGUF export: llama with partial rotary (rotary_fraction < 1) is not supported")
     meta: dict[str, Any] = {
         f"{arch}.vocab_size": _u32(cfg.vocab_size),
         f"{arch}.context_length": _u32(cfg.max_seq_len),
@@ -160,7 +166,7 @@ def _check_round_trip(cfg: ModelConfig, meta: dict[str, Any], names: list[str], 
     back, want = _comparable(config_from_gguf(stub)), _comparable(cfg)  # type: ignore[arg-type]
     for f in dataclasses.fields(ModelConfig):
         if f.compare and getattr(back, f.name) != getattr(want, f.name):
-            raise ValueError(
+            raise GGUFExportError(
                 f"GGUF export: {cfg.arch} GGUF metadata cannot represent {f.name}={getattr(cfg, f.name)!r} "
                 f"(it would load as {getattr(back, f.name)!r})"
             )
@@ -208,7 +214,7 @@ def gguf_tensors(model: Transformer, qtype: str | GGMLType = "f16") -> dict[str,
     for ours in order:
         name = gguf_name(ours)
         if name is None:
-            raise ValueError(f"GGUF export: parameter {ours!r} has no GGUF tensor name")
+            raise GGUFExportError(f"GGUF export: parameter {ours!r} has no GGUF tensor name")
         t = state[ours].detach().to("cpu", torch.float32)
         if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             t = permute_rope_rows(t, cfg.n_heads if "attn_q" in name else cfg.kv_heads)
@@ -223,7 +229,7 @@ def gguf_tensors(model: Transformer, qtype: str | GGMLType = "f16") -> dict[str,
 
 def _tokenizer_metadata(tok: Tokenizer | SentencePieceTokenizer, vocab_size: int) -> dict[str, Any]:
     if tok.vocab_size > vocab_size:
-        raise ValueError(
+        raise GGUFExportError(
             f"GGUF export: the tokenizer has {tok.vocab_size} token ids but the model's embedding has only "
             f"{vocab_size} rows"
         )
@@ -232,7 +238,8 @@ def _tokenizer_metadata(tok: Tokenizer | SentencePieceTokenizer, vocab_size: int
     elif isinstance(tok, Tokenizer):
         meta = _byte_level_metadata(tok, vocab_size)
     else:
-        raise ValueError(f"GGUF export: cannot write a {type(tok).__name__} (byte-level BPE or SentencePiece only)")
+        kind = type(tok).__name__
+        raise GGUFExportError(f"GGUF export: cannot write a {kind} (byte-level BPE or SentencePiece only)")
     roles = (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))
     for attr, key in (*roles, ("eot_token", "eot")):
         s = getattr(tok, attr, None)
@@ -242,7 +249,7 @@ def _tokenizer_metadata(tok: Tokenizer | SentencePieceTokenizer, vocab_size: int
         if tid is None:
             tid = tok.token_to_id(s if isinstance(tok, SentencePieceTokenizer) else s.encode("utf-8"))
         if tid is None:
-            raise ValueError(f"GGUF export: tokenizer.{attr}={s!r} is not a token of the tokenizer")
+            raise GGUFExportError(f"GGUF export: tokenizer.{attr}={s!r} is not a token of the tokenizer")
         meta[f"tokenizer.ggml.{key}_token_id"] = _u32(tid)
     if tok.chat_template:
         meta["tokenizer.chat_template"] = tok.chat_template
@@ -254,8 +261,14 @@ def _int32s(values: list[int]) -> GGUFValue:
 
 
 def _byte_level_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    rule = tok.split_rule
+    if rule.behavior != "Isolated" or rule.invert:
+        raise GGUFExportError(
+            f"GGUF export: the tokenizer splits text with behavior={rule.behavior!r}, invert={rule.invert}; "
+            "GGUF vocabularies hold only the Isolated, non-inverted split of a named regex"
+        )
     if tok.pattern not in PRE_NAMES:
-        raise ValueError(
+        raise GGUFExportError(
             f"GGUF export: the tokenizer's pre-tokenizer regex {tok.pattern!r} has no llama.cpp name "
             "(GGUF readers know GPT-2, Llama-3, SmolLM and Qwen2's patterns)"
         )
@@ -267,7 +280,7 @@ def _byte_level_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
         tokens[i], types[i] = "".join(table[c] for c in b), NORMAL
     for s, i in tok.special_tokens.items():
         if not s or not set(s) <= alphabet:
-            raise ValueError(
+            raise GGUFExportError(
                 f"GGUF export: special token {s!r} uses characters a byte-level GGUF vocabulary cannot hold"
             )
         tokens[i], types[i] = s, CONTROL
@@ -336,7 +349,7 @@ def save_gguf(
     rounded through `qtype`) and the tokenizer.
     """
     if tokenizer is None:
-        raise ValueError("GGUF export needs a tokenizer: a GGUF file carries its vocabulary")
+        raise GGUFExportError("GGUF export needs a tokenizer: a GGUF file carries its vocabulary")
     path = Path(path)
     meta = gguf_metadata(model, tokenizer, qtype, name or path.stem)
     write_gguf(path, meta, gguf_tensors(model, qtype))
