@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.utils.errors import LmforgeError
 
 
 def _count_params(cfg: ModelConfig) -> int:
@@ -20,7 +21,7 @@ def _count_params(cfg: ModelConfig) -> int:
 
 def describe(path: str | Path) -> dict[str, Any]:
     """Architecture, config fields, parameter count, dtype and file size of a model directory or GGUF file."""
-    from lmforge.io.hf import _open_weights, read_config
+    from lmforge.io.hf import read_model
 
     path = Path(path)
     if not path.exists():
@@ -28,9 +29,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     if path.is_file() and path.suffix == ".gguf":
         return describe_gguf(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    cfg = ModelConfig.from_hf(read_config(path))
-    files = set(_open_weights(path).values())
+        raise LmforgeError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    cfg, sources = read_model(path)  # config.json checked against the safetensors headers before counting
+    files = set(sources.values())
     dtypes = sorted({str(f.get(k).dtype).removeprefix("torch.") for f in files for k in f.keys()})  # noqa: SIM118
     summary: dict[str, Any] = {"architecture": cfg.arch}
     params = _count_params(cfg)
@@ -57,7 +58,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     from collections import Counter
 
     from lmforge.io.gguf import GGUFFile
-    from lmforge.io.gguf_model import config_from_gguf
+    from lmforge.io.gguf_model import check_structure, config_from_gguf
 
     with GGUFFile(path) as gguf:
         summary: dict[str, Any] = {"format": f"GGUF v{gguf.version}", "file size": _human_size(path.stat().st_size)}
@@ -77,7 +78,8 @@ def describe_gguf(path: Path) -> dict[str, Any]:
             summary[key] = value
         try:
             cfg = config_from_gguf(gguf)
-        except ValueError as e:
+            check_structure(gguf, cfg)
+        except LmforgeError as e:
             summary["lmforge"] = f"cannot load: {e}"
             return summary
     return summary | {f"lmforge {k}": v for k, v in _config_rows(cfg).items()}
@@ -89,7 +91,7 @@ def gguf_tensor_rows(path: str | Path) -> list[tuple[str, str, str, str]]:
 
     path = Path(path)
     if path.suffix != ".gguf":
-        raise ValueError(f"{path}: --tensors lists the tensors of a .gguf file")
+        raise LmforgeError(f"{path}: --tensors lists the tensors of a .gguf file")
     with GGUFFile(path) as gguf:
         return [
             (t.name, t.type_name, "x".join(map(str, t.shape)), _human_size(t.n_bytes)) for t in gguf.tensors.values()

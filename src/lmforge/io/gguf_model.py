@@ -17,6 +17,10 @@ llama.cpp's converter permutes the rows of q and k for the `llama` architecture 
 which rotates adjacent pairs (2i, 2i+1), reproduces Hugging Face's rotation of halves (i, i + d/2):
 within each head, row 2i + j of the GGUF tensor is row j·d/2 + i of the original (j ∈ {0, 1}).
 Loading undoes it, so the model keeps the "half" layout of the Hugging Face checkpoint.
+
+Metadata is read with typed getters (a string or array where an integer belongs is a GGUFError
+naming the key), and `check_structure` compares block, head, vocabulary and width counts with the
+tensor infos (header only) before the model is built or any tensor is dequantized.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from lmforge.config import ModelConfig, RopeScaling
 from lmforge.io.gguf import GGUFError, GGUFFile
+from lmforge.io.hf_arch import KeyReader, check_layer_count, expect_shape, speaking_file
 from lmforge.model.transformer import Transformer
 
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -54,51 +59,116 @@ _TOP_NAMES = {
 }
 
 
+def _gguf_keys(arch: str) -> dict[str, str]:
+    """ModelConfig field -> the GGUF metadata key it comes from (for errors in the file's terms)."""
+    keys = {
+        "d_model": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
+        "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length", "d_ff": "feed_forward_length",
+        "max_seq_len": "context_length", "norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+        "rotary_fraction": "rope.dimension_count", "rope_scaling.factor": "rope.scaling.factor",
+        "rope_scaling.original_max_seq_len": "rope.scaling.original_context_length", "vocab_size": "vocab_size",
+    }  # fmt: skip
+    return {field: f"{arch}.{key}" for field, key in keys.items()}
+
+
+def _vocab_size(r: KeyReader, gguf: GGUFFile, arch: str) -> tuple[int, str]:
+    """(vocabulary size, the key it came from): `{arch}.vocab_size`, else the token list's length, else
+    token_embd's rows."""
+    if r.present(f"{arch}.vocab_size"):
+        return r.size(f"{arch}.vocab_size"), f"{arch}.vocab_size"
+    tokens = r.values.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and tokens:
+        return len(tokens), "len(tokenizer.ggml.tokens)"
+    if "token_embd.weight" in gguf.tensors and gguf.tensors["token_embd.weight"].shape:
+        return gguf.tensors["token_embd.weight"].shape[0], "token_embd.weight rows"
+    raise GGUFError(f"{gguf.path}: no vocabulary size ({arch}.vocab_size, tokenizer.ggml.tokens and token_embd.weight)")
+
+
 def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
-    """The `ModelConfig` described by a GGUF file's metadata."""
-    meta = gguf.metadata
-    arch = meta.get("general.architecture")
+    """The `ModelConfig` described by a GGUF file's metadata.
+
+    Every key is read with a typed getter (GGUF values may be strings or arrays where an integer
+    belongs), and ModelConfig's own `ConfigError` is re-raised as a GGUFError naming the GGUF key."""
+    where = str(gguf.path)
+    r = KeyReader(gguf.metadata, where, GGUFError)
+    arch = r.text("general.architecture", None)
     if arch not in ARCHES:
-        raise GGUFError(f"{gguf.path}: general.architecture={arch!r} is not supported ({', '.join(ARCHES)})")
+        raise GGUFError(f"{where}: general.architecture={arch!r} is not supported ({', '.join(ARCHES)})")
+    if r.count(f"{arch}.expert_count", 0):
+        n = r.values[f"{arch}.expert_count"]
+        raise GGUFError(f"{where}: {arch}.expert_count={n}: mixture-of-experts GGUF models are not supported")
+    with speaking_file(where, _gguf_keys(arch), GGUFError):
+        return _config(r, gguf, arch)
 
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise GGUFError(f"{gguf.path}: missing metadata key {arch}.{key}")
-        return value
 
-    d_model, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", d_model // n_heads))
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
-    if vocab is None:
-        vocab = gguf.tensors["token_embd.weight"].shape[0]
+def _config(r: KeyReader, gguf: GGUFFile, arch: str) -> ModelConfig:
+    def k(key: str) -> str:
+        return f"{arch}.{key}"
+
+    d_model, n_heads = r.size(k("embedding_length")), r.size(k("attention.head_count"))
+    if not r.present(k("attention.key_length")) and d_model % n_heads:
+        raise GGUFError(
+            f"{r.where}: {k('embedding_length')}={d_model} is not divisible by {k('attention.head_count')}={n_heads} "
+            f"and {k('attention.key_length')} is not set"
+        )
+    head_dim = r.size(k("attention.key_length"), d_model // n_heads)
     scaling = None
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    kind = r.text(k("rope.scaling.type"), "none")
     if kind in ("linear", "yarn"):
-        orig = meta.get(f"{arch}.rope.scaling.original_context_length")
-        scaling = RopeScaling(kind=kind, factor=float(get("rope.scaling.factor")), original_max_seq_len=orig)
+        orig = r.size(k("rope.scaling.original_context_length"), None)
+        scaling = RopeScaling(kind=kind, factor=r.number(k("rope.scaling.factor")), original_max_seq_len=orig)
     elif kind != "none":
-        raise GGUFError(f"{gguf.path}: {arch}.rope.scaling.type={kind!r} is not supported (linear, yarn)")
+        raise GGUFError(f"{gguf.path}: {k('rope.scaling.type')}={kind!r} is not supported (linear, yarn)")
     if "rope_freqs.weight" in gguf.tensors:
         raise GGUFError(f"{gguf.path}: per-frequency RoPE factors (rope_freqs.weight) are not supported yet")
     return ModelConfig(
         arch=ARCHES[arch],
-        vocab_size=int(vocab),
+        vocab_size=_vocab_size(r, gguf, arch)[0],
         d_model=d_model,
-        n_layers=int(get("block_count")),
+        n_layers=r.size(k("block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        n_kv_heads=r.size(k("attention.head_count_kv"), n_heads),
         head_dim=head_dim,
-        d_ff=int(get("feed_forward_length")),
-        max_seq_len=int(get("context_length", 2048)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        d_ff=r.size(k("feed_forward_length")),
+        max_seq_len=r.size(k("context_length"), 2048),
+        norm_eps=r.number(k("attention.layer_norm_rms_epsilon"), 1e-5),
         attn_bias="blk.0.attn_q.bias" in gguf.tensors,
         qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rotary_fraction=int(get("rope.dimension_count", head_dim)) / head_dim,
+        rope_theta=r.number(k("rope.freq_base"), 10000.0),
+        rotary_fraction=r.size(k("rope.dimension_count"), head_dim) / head_dim,
         rope_scaling=scaling,
         tie_embeddings="output.weight" not in gguf.tensors,
     )
+
+
+def check_structure(gguf: GGUFFile, cfg: ModelConfig) -> None:
+    """The metadata's counts against the tensors present (names and header shapes; nothing is read or
+    dequantized), before any module is built: a `llama.block_count` of 50000 in a file holding 30 blocks
+    is refused at once, naming the key and the blocks found. Also checked: token_embd/output against the
+    vocabulary (and the token list) and embedding_length, attn_q/attn_k against the head counts and
+    key_length, ffn_up against feed_forward_length."""
+    where, arch = str(gguf.path), gguf.metadata["general.architecture"]
+    shapes = {name: info.shape for name, info in gguf.tensors.items()}
+    found = {int(p[1]) for p in (n.split(".", 2) for n in shapes) if p[0] == "blk" and len(p) == 3 and p[1].isdigit()}
+    check_layer_count(cfg.n_layers, found, f"{arch}.block_count", where, "blk.N.", GGUFError)
+    vocab, vocab_key = _vocab_size(KeyReader(gguf.metadata, where, GGUFError), gguf, arch)
+    d, hd = cfg.d_model, cfg.dim_head
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and tokens and len(tokens) != vocab:
+        raise GGUFError(f"{where}: tokenizer.ggml.tokens holds {len(tokens)} tokens but {vocab_key}={vocab}")
+    if cfg.arch == "llama" and hd % 2:
+        raise GGUFError(f"{where}: {arch}.attention.key_length={hd} is odd (llama's q/k rows come in pairs)")
+
+    def expect(name: str, shape: tuple[int, ...], why: str) -> None:
+        expect_shape(shapes, name, shape, why, where, GGUFError)
+
+    for name in ("token_embd.weight", "output.weight"):
+        expect(name, (vocab, d), f"{vocab_key}={vocab} x {arch}.embedding_length={d}")
+    heads = f"{arch}.attention.head_count"
+    for i in range(cfg.n_layers):
+        expect(f"blk.{i}.attn_q.weight", (cfg.n_heads * hd, d), f"{heads}={cfg.n_heads} x head size {hd}")
+        expect(f"blk.{i}.attn_k.weight", (cfg.kv_heads * hd, d), f"{heads}_kv={cfg.kv_heads} x head size {hd}")
+        expect(f"blk.{i}.ffn_up.weight", (cfg.d_ff, d), f"{arch}.feed_forward_length={cfg.d_ff}")
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -121,23 +191,25 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype | None = None, **overri
     """Load the model in a GGUF file (dequantized to float32, then cast to `dtype`)."""
     gguf = GGUFFile(path)
     cfg = config_from_gguf(gguf).replace(**overrides)
+    check_structure(gguf, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
-    state: dict[str, torch.Tensor] = {}
-    for name in gguf.tensors:
+    for name, info in gguf.tensors.items():  # every name and shape, from the header, before dequantizing
         ours = our_name(name)
         if ours is None:
             raise GGUFError(f"{gguf.path}: unexpected tensor {name!r}")
+        if ours not in expected or tuple(info.shape) != tuple(expected[ours].shape):
+            want = tuple(expected[ours].shape) if ours in expected else "no such parameter"
+            raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {tuple(info.shape)}; the config needs {want}")
+    missing = sorted(set(expected) - {our_name(name) for name in gguf.tensors})
+    if missing:
+        raise GGUFError(f"{gguf.path}: missing tensor for {missing[0]} ({len(missing)} in all)")
+    state: dict[str, torch.Tensor] = {}
+    for name in gguf.tensors:
         t = gguf.tensor(name)
         if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             t = unpermute_rope_rows(t, cfg.n_heads if "attn_q" in name else cfg.kv_heads)
-        if ours not in expected or tuple(t.shape) != tuple(expected[ours].shape):
-            want = tuple(expected[ours].shape) if ours in expected else "no such parameter"
-            raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {tuple(t.shape)}; the config needs {want}")
-        state[ours] = t.to(dtype) if dtype is not None else t
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise GGUFError(f"{gguf.path}: missing tensor for {missing[0]} ({len(missing)} in all)")
+        state[our_name(name)] = t.to(dtype) if dtype is not None else t
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()

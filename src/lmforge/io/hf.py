@@ -5,56 +5,128 @@ A directory holds `config.json` and either `model.safetensors` or shards listed 
 memory), maps every checkpoint tensor onto its lmforge parameter with the
 per-architecture tables of `lmforge.io.hf_arch`, and assigns the memory-mapped
 tensors directly, so peak memory stays near one copy of the weights.
+
+Nothing in the directory is trusted before it is checked (`read_model`): config.json's keys are
+typed at the boundary (`hf_arch.config_from_hf`), every safetensors header is validated when opened,
+an index may name only shards inside the model directory (symlinks included; a Hugging Face hub
+cache snapshot may link into its repo's blobs/), and the layer, expert, head, vocabulary and size
+counts are checked against the tensors' header shapes before a single module is built. Every
+failure is one `LmforgeError` naming the file and its key or tensor.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
-from lmforge.io.hf_arch import HF_CLASSES, IGNORED, tensor_maps
+from lmforge.io.hf_arch import HF_CLASSES, IGNORED, CheckpointError, check_structure, config_from_hf, tensor_maps
 from lmforge.io.safetensors_mmap import SafetensorsFile
 from lmforge.model.transformer import Transformer
 from lmforge.utils.atomic import atomic_path, atomic_write
-from lmforge.utils.errors import LmforgeError
 
 SHARD_BYTES = 4 * 1024**3
 KEEP_FP32 = ("score_bias",)  # routing-critical buffers that stay float32 whatever dtype is asked for
 
 
-class CheckpointError(LmforgeError):
-    """A checkpoint's files do not match its config; the message names the tensor or file."""
+INDEX = "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's value; a CheckpointError naming the file when it is not valid UTF-8 JSON."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    """The config.json of a model directory, as a dict (a CheckpointError naming the file otherwise)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    d = _read_json(cfg_path)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{cfg_path}: must be a JSON object, got a {type(d).__name__}")
+    return d
+
+
+def _allowed_roots(path: Path) -> list[Path]:
+    """Where a shard may live: inside the model directory, or for a Hugging Face hub cache snapshot
+    (`<repo>/snapshots/<rev>/`, whose files are symlinks to `<repo>/blobs/`) in that repo's blobs."""
+    root = path.resolve()
+    return [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+
+
+def _shard_path(path: Path, name: Any, index: Path) -> Path:
+    """The file an index's weight_map names, refused when the name leaves the model directory: an
+    absolute path, a `..` component, or a symlink resolving elsewhere."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {name!r:.80}")
+    parts = PurePosixPath(name.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts or PureWindowsPath(name).drive:
+        raise CheckpointError(f"{index}: shard {name!r} is outside the model directory")
+    shard = path / name
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+        target = shard.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise CheckpointError(f"{index}: shard {name!r} cannot be resolved ({e})") from None
+    if not any(target.is_relative_to(root) for root in _allowed_roots(path)):
+        raise CheckpointError(f"{index}: shard {name!r} resolves to {target}, outside the model directory")
+    if not shard.is_file():
+        raise CheckpointError(f"{index}: shard {name!r} does not exist")
+    return shard
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must be an object mapping tensor names to shard file names")
+    return weight_map
 
 
 def _open_weights(path: Path) -> dict[str, SafetensorsFile]:
-    """Checkpoint tensor name -> the file holding it."""
-    index = path / "model.safetensors.index.json"
+    """Checkpoint tensor name -> the file holding it (every header validated by SafetensorsFile)."""
+    index = path / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+        weight_map = _read_weight_map(index)
+        files = {f: SafetensorsFile(_shard_path(path, f, index)) for f in sorted(set(weight_map.values()))}
+        for name, f in weight_map.items():
+            if name not in files[f]:
+                raise CheckpointError(f"{index}: weight_map maps tensor {name!r} to {f}, which does not hold it")
         return {name: files[f] for name, f in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (found: {found})")
+        raise CheckpointError(f"{path}: no model.safetensors or {INDEX} (found: {found})")
     f = SafetensorsFile(single)
     return dict.fromkeys(f.keys(), f)
+
+
+def _canonical(arch: str, names: Iterable[str]) -> dict[str, str]:
+    """Canonical tensor name -> name in the file (the original GPT-2 checkpoints have no "transformer." prefix)."""
+    if arch != "gpt2":
+        return {n: n for n in names}
+    return {(n if n.startswith(("transformer.", "lm_head")) else f"transformer.{n}"): n for n in names}
+
+
+def read_model(path: str | Path, **overrides: Any) -> tuple[ModelConfig, dict[str, SafetensorsFile]]:
+    """A model directory's config and weight files, checked against each other before anything is built:
+    config.json's keys (typed, named in errors), every safetensors header, and the layer, expert, head and
+    size counts against the tensors present (`hf_arch.check_structure`). Returns (config, name -> file)."""
+    path = Path(path)
+    cfg = config_from_hf(read_config(path), where=str(path / "config.json")).replace(**overrides)
+    sources = _open_weights(path)
+    stored = _canonical(cfg.arch, sources)
+    check_structure(cfg, {c: sources[n].shape(n) for c, n in stored.items()}, str(path / "config.json"))
+    return cfg, sources
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
@@ -69,14 +141,11 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> Transformer:
     """Load a Hugging Face model directory as a `Transformer` (eval mode)."""
     path = Path(path)
-    cfg = ModelConfig.from_hf(read_config(path)).replace(**overrides)
+    cfg, sources = read_model(path, **overrides)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
-    sources = _open_weights(path)
-    stored = {n: n for n in sources}  # canonical name -> name in the file
-    if cfg.arch == "gpt2":  # the original GPT-2 checkpoints have no "transformer." prefix
-        stored = {(n if n.startswith(("transformer.", "lm_head")) else f"transformer.{n}"): n for n in sources}
+    stored = _canonical(cfg.arch, sources)  # canonical name -> name in the file
     used: set[str] = set()
     state: dict[str, torch.Tensor] = {}
     for m in tensor_maps(cfg, list(expected)):

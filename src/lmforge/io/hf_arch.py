@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmforge.config import MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from lmforge.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from lmforge.utils.errors import LmforgeError
 
 HF_CLASSES = {
@@ -40,27 +41,170 @@ class UnsupportedArchitectureError(LmforgeError):
     pass
 
 
+class CheckpointError(LmforgeError):
+    """A checkpoint's files do not match its config; the message names the tensor or file
+    (`lmforge.io.hf.CheckpointError`: defined here so the structure checks below can raise it)."""
+
+
+# ---------------------------------------------------------------------------- reading a file's keys
+
+_REQUIRED = object()
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(value: Any) -> str:
+    kind = _KINDS.get(type(value), type(value).__name__)
+    return f"{value!r:.60} ({kind})"
+
+
+class KeyReader:
+    """Typed reads of one file's keys: a config.json object (or a section of it), GGUF metadata.
+
+    This is the boundary between a user's file and `ModelConfig`: each getter checks one key's type
+    (JSON and GGUF values can be strings, lists or null where a number belongs; bools are not
+    integers) and raises `error` naming the file and the key as the file spells it. A null value
+    counts as absent, as transformers treats it; a required key that is absent is an error.
+    """
+
+    def __init__(self, values: Any, where: str, error: type[LmforgeError], label: str = "") -> None:
+        if not isinstance(values, dict):
+            what = label.rstrip(".") or "the file"
+            raise error(f"{where}: {what} must be a JSON object, got {_show(values)}")
+        self.values, self.where, self.error, self.label = values, where, error, label
+
+    def fail(self, key: str, expected: str, value: Any) -> LmforgeError:
+        return self.error(f"{self.where}: {self.label}{key} must be {expected}, got {_show(value)}")
+
+    def present(self, key: str) -> bool:
+        return self.values.get(key) is not None
+
+    def _checked(self, key: str, default: Any, ok: Callable[[Any], bool], expected: str) -> Any:
+        """The value of `key` when `ok(value)`; `default` when absent or null (an error if required)."""
+        value = self.values.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise self.error(f"{self.where}: missing key {self.label}{key}")
+            return default
+        if not ok(value):
+            raise self.fail(key, expected, value)
+        return value
+
+    def size(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A positive integer (a count or dimension)."""
+        return self._checked(key, default, lambda v: _is_int(v) and v > 0, "a positive integer")
+
+    def count(self, key: str, default: Any = _REQUIRED) -> Any:
+        return self._checked(key, default, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+
+    def number(self, key: str, default: Any = _REQUIRED, positive: bool = False) -> Any:
+        """A finite real number (an integer is accepted, returned as a float), > 0 when `positive`."""
+        def ok(v: Any) -> bool:
+            real = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            return real and (v > 0 or not positive)
+
+        v = self._checked(key, default, ok, "a finite number" + (" > 0" if positive else ""))
+        return v if v is default else float(v)
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> Any:
+        return self._checked(key, default, lambda v: isinstance(v, bool), "true or false")
+
+    def text(self, key: str, default: Any = _REQUIRED) -> Any:
+        return self._checked(key, default, lambda v: isinstance(v, str), "a string")
+
+    def counts(self, key: str) -> tuple[int, ...]:
+        """A list of non-negative integers (absent: empty)."""
+        ok = lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)
+        return tuple(self._checked(key, (), ok, "a list of non-negative integers"))
+
+    def texts(self, key: str) -> list[str] | None:
+        ok = lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)
+        return self._checked(key, None, ok, "a list of strings")
+
+    def section(self, key: str) -> KeyReader:
+        """A nested object (absent or null: an empty one)."""
+        v = self.values.get(key)
+        return KeyReader({} if v is None else v, self.where, self.error, f"{self.label}{key}.")
+
+
+@contextmanager
+def speaking_file(where: str, keys: dict[str, str], error: type[LmforgeError]) -> Iterator[None]:
+    """Re-raise a `ConfigError` about a ModelConfig field as `error` naming the file and its own keys.
+
+    `keys` maps ModelConfig field names (as ConfigError spells them: ``n_layers``, ``moe.top_k``) to the
+    file's keys (``num_hidden_layers``, ``num_experts_per_tok``). Errors already naming the file pass."""
+    try:
+        yield
+    except ConfigError as e:
+        if str(e).startswith(f"{where}:"):
+            raise
+        names = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
+        text = re.sub(rf"(?<![\w.])(?:{names})(?![\w])", lambda m: keys[m.group(0)], str(e))
+        raise error(f"{where}: {text.removeprefix('invalid ')}") from None
+
+
+def _hf_keys(arch: str, rope: str) -> dict[str, str]:
+    """ModelConfig field -> the config.json key it comes from (`rope`: the section RoPE settings came from)."""
+    if arch == "gpt2":
+        return {
+            "d_model": "n_embd", "n_layers": "n_layer", "n_heads": "n_head", "d_ff": "n_inner",
+            "max_seq_len": "n_positions", "norm_eps": "layer_norm_epsilon",
+        }  # fmt: skip
+    experts = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts"}.get(arch, "n_routed_experts")
+    keys = {
+        "d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "max_seq_len": "max_position_embeddings",
+        "norm_eps": "rms_norm_eps", "attn_softcap": "attn_logit_softcapping", "attn_scale": "query_pre_attn_scalar",
+        "final_softcap": "final_logit_softcapping", "layer_types[...]": "layer_types",
+        "rope_theta": f"{rope}rope_theta",
+        "rope_scaling.kind": f"{rope}rope_type", "rope_scaling.factor": f"{rope}factor",
+        "rope_scaling.original_max_seq_len": f"{rope}original_max_position_embeddings",
+        "moe.n_experts": experts, "n_experts": experts, "moe.top_k": "num_experts_per_tok",
+        "moe.d_expert": "intermediate_size" if arch == "mixtral" else "moe_intermediate_size",
+        "moe.layer_step": "decoder_sparse_step", "moe.first_k_dense": "first_k_dense_replace",
+        "moe.aux_loss_coef": "router_aux_loss_coef", "moe.scoring": "scoring_func",
+        "moe.dense_layers": "mlp_only_layers",
+    }  # fmt: skip
+    for name in ("mscale", "mscale_all_dim", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
+        keys[f"rope_scaling.{name}"] = f"{rope}{name}"
+    for name in ("n_group", "topk_group", "n_shared_experts", "routed_scaling_factor", "norm_topk_prob"):
+        keys[f"moe.{name}"] = name
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank"):
+        keys[f"mla.{name}"] = name
+    return keys
+
+
 # ---------------------------------------------------------------------------- config
 
 
-def _rope_from_hf(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    params = d.get("rope_parameters") or {**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 10000.0)}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
+def _rope_section(r: KeyReader) -> KeyReader:
+    """Where RoPE settings live: `rope_parameters` (transformers >= 5) or the older `rope_scaling`."""
+    return r.section("rope_parameters") if r.values.get("rope_parameters") else r.section("rope_scaling")
+
+
+def _rope_from_hf(r: KeyReader) -> tuple[float, RopeScaling | None]:
+    p = _rope_section(r)
+    theta = p.number("rope_theta", r.number("rope_theta", 10000.0))
+    kind = p.text("rope_type", None) or p.text("type", "default")
     if kind == "default":
         return theta, None
     if kind not in ("linear", "dynamic", "yarn", "llama3"):
-        raise UnsupportedArchitectureError(f"rope_type {kind!r} is not supported (linear, dynamic, yarn, llama3)")
-    orig = params.get("original_max_position_embeddings")
-    factor = params.get("factor")
+        raise UnsupportedArchitectureError(
+            f"{r.where}: {p.label}rope_type {kind!r} is not supported (linear, dynamic, yarn, llama3)"
+        )
+    orig = p.size("original_max_position_embeddings", None)
+    factor = p.number("factor", None)
     if kind == "dynamic":
-        orig = d.get("max_position_embeddings")
+        orig = r.size("max_position_embeddings", None)
     if factor is None and orig:
-        factor = d["max_position_embeddings"] / orig
-    fields = {k: params[k] for k in ("low_freq_factor", "high_freq_factor", "mscale", "mscale_all_dim") if k in params}
-    fields.update(
-        {k: params[k] for k in ("beta_fast", "beta_slow", "attention_factor", "truncate") if params.get(k) is not None}
-    )
+        factor = r.size("max_position_embeddings") / orig
+    names = ("low_freq_factor", "high_freq_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow")
+    fields: dict[str, Any] = {k: p.number(k) for k in (*names, "attention_factor") if p.present(k)}
+    if p.present("truncate"):
+        fields["truncate"] = p.flag("truncate")
     return theta, RopeScaling(kind=kind, factor=float(factor or 1.0), original_max_seq_len=orig, **fields)
 
 
@@ -83,20 +227,21 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _pad_id(d: dict[str, Any]) -> int | None:
+def _pad_id(d: dict[str, Any], vocab_size: int) -> int | None:
+    """pad_token_id when it indexes the vocabulary; configs often carry one that does not (kept in `extra` then)."""
     pad = d.get("pad_token_id")
-    return pad if isinstance(pad, int) and 0 <= pad < d["vocab_size"] else None
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab_size else None
 
 
-def _layer_types(d: dict[str, Any], n_layers: int) -> tuple[str, ...] | None:
+def _layer_types(r: KeyReader, n_layers: int) -> tuple[str, ...] | None:
     """Per-layer attention kinds; derived like transformers does when config.json predates `layer_types`."""
-    if d.get("sliding_window") is None or d.get("use_sliding_window") is False:
+    if not r.present("sliding_window") or r.flag("use_sliding_window", None) is False:
         return None
-    types = d.get("layer_types")
-    if not types and d.get("model_type") == "gemma2":
+    types = r.texts("layer_types")
+    if not types and r.values.get("model_type") == "gemma2":
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
     if not types:
-        start = d.get("max_window_layers", 0)
+        start = r.count("max_window_layers", 0)
         types = ["sliding_attention" if i >= start else "full_attention" for i in range(n_layers)]
     return tuple("sliding" if t == "sliding_attention" else "full" for t in types[:n_layers])
 
@@ -165,41 +310,64 @@ _CONSUMED = {
 }
 
 
-def config_from_hf(d: dict[str, Any]) -> ModelConfig:
-    arch = d.get("model_type")
+def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face `config.json` dict (`where`: the file, named in errors).
+
+    Every key is read with a typed getter, and a `ConfigError` from ModelConfig's own checks is
+    re-raised naming config.json's key (``num_hidden_layers``), not the ModelConfig field (``n_layers``)."""
+    r = KeyReader(d, where, ConfigError)
+    arch = r.text("model_type", None)
     if arch not in SUPPORTED:
         raise UnsupportedArchitectureError(
-            f"model_type {arch!r} is not supported; lmforge loads: {', '.join(SUPPORTED)}"
+            f"{where}: model_type {arch!r} is not supported; lmforge loads: {', '.join(SUPPORTED)}"
         )
+    with speaking_file(where, _hf_keys(arch, _rope_section(r).label), ConfigError):
+        return _gpt2_from_hf(r) if arch == "gpt2" else _llama_family_from_hf(r, arch)
+
+
+def _gpt2_from_hf(r: KeyReader) -> ModelConfig:
+    d = r.values
     extra = {k: v for k, v in d.items() if k not in _CONSUMED}
-    if arch == "gpt2":  # GPT-2's embedding has no padding row: keep pad_token_id as plain metadata
-        extra.update({k: d[k] for k in ("pad_token_id",) if k in d})
-        return ModelConfig(
-            arch=arch, vocab_size=d["vocab_size"], d_model=d["n_embd"], n_layers=d["n_layer"], n_heads=d["n_head"],
-            d_ff=d.get("n_inner") or 4 * d["n_embd"], max_seq_len=d["n_positions"], norm="layernorm",
-            norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp=_GPT2_ACT[d.get("activation_function", "gelu_new")],
-            mlp_bias=True, attn_bias=True, attn_out_bias=True, position="learned",
-            tie_embeddings=d.get("tie_word_embeddings", True), extra=extra,
-        )  # fmt: skip
-    theta, scaling = _rope_from_hf(d)
-    n_layers = d["num_hidden_layers"]
-    bias = bool(d.get("attention_bias", False))
-    act = d.get("hidden_activation") or d.get("hidden_act", "silu")
-    common: dict[str, Any] = dict(
-        arch=arch, vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=n_layers,
-        n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        head_dim=d.get("head_dim"), d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
-        norm_eps=d.get("rms_norm_eps", 1e-6), mlp=_MLP_ACT.get(act, "swiglu"), mlp_bias=bool(d.get("mlp_bias", False)),
-        attn_bias=bias, attn_out_bias=bias, rope_theta=theta, rope_scaling=scaling,
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)), pad_token_id=_pad_id(d), extra=extra,
+    extra.update({k: d[k] for k in ("pad_token_id",) if k in d})  # GPT-2's embedding has no padding row
+    act = r.text("activation_function", "gelu_new")
+    if act not in _GPT2_ACT:
+        raise UnsupportedArchitectureError(
+            f"{r.where}: activation_function {act!r} is not supported ({', '.join(_GPT2_ACT)})"
+        )
+    n_embd, n_head = r.size("n_embd"), r.size("n_head")
+    if n_embd % n_head:
+        raise ConfigError(f"{r.where}: n_embd={n_embd} is not divisible by n_head={n_head}")
+    return ModelConfig(
+        arch="gpt2", vocab_size=r.size("vocab_size"), d_model=n_embd, n_layers=r.size("n_layer"),
+        n_heads=n_head, d_ff=r.size("n_inner", 4 * n_embd), max_seq_len=r.size("n_positions"),
+        norm="layernorm", norm_eps=r.number("layer_norm_epsilon", 1e-5), mlp=_GPT2_ACT[act],
+        mlp_bias=True, attn_bias=True, attn_out_bias=True, position="learned",
+        tie_embeddings=r.flag("tie_word_embeddings", True), extra=extra,
     )  # fmt: skip
+
+
+def _llama_family_from_hf(r: KeyReader, arch: str) -> ModelConfig:
+    d = r.values
+    theta, scaling = _rope_from_hf(r)
+    n_layers, n_heads, vocab = r.size("num_hidden_layers"), r.size("num_attention_heads"), r.size("vocab_size")
+    bias = r.flag("attention_bias", False)
+    act = r.text("hidden_activation", None) or r.text("hidden_act", "silu")
     if act not in _MLP_ACT:
-        raise UnsupportedArchitectureError(f"hidden_act {act!r} is not supported ({', '.join(_MLP_ACT)})")
+        raise UnsupportedArchitectureError(f"{r.where}: hidden_act {act!r} is not supported ({', '.join(_MLP_ACT)})")
+    common: dict[str, Any] = dict(
+        arch=arch, vocab_size=vocab, d_model=r.size("hidden_size"), n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=r.size("num_key_value_heads", n_heads),
+        head_dim=r.size("head_dim", None), d_ff=r.size("intermediate_size"),
+        max_seq_len=r.size("max_position_embeddings", 2048), norm_eps=r.number("rms_norm_eps", 1e-6),
+        mlp=_MLP_ACT[act], mlp_bias=r.flag("mlp_bias", False), attn_bias=bias, attn_out_bias=bias,
+        rope_theta=theta, rope_scaling=scaling, tie_embeddings=r.flag("tie_word_embeddings", False),
+        pad_token_id=_pad_id(d, vocab), extra={k: v for k, v in d.items() if k not in _CONSUMED},
+    )  # fmt: skip
     if arch in ("mistral", "mixtral"):
-        common["sliding_window"] = d.get("sliding_window")
+        common["sliding_window"] = r.size("sliding_window", None)
     if arch in ("qwen2", "qwen3", "qwen3_moe", "gemma2"):
-        common["layer_types"] = _layer_types(d, n_layers)
-        common["sliding_window"] = d.get("sliding_window") if common["layer_types"] else None
+        common["layer_types"] = _layer_types(r, n_layers)
+        common["sliding_window"] = r.size("sliding_window", None) if common["layer_types"] else None
     if arch == "qwen2":
         common.update(attn_bias=True, attn_out_bias=False)
     if arch in ("qwen3", "qwen3_moe"):
@@ -207,49 +375,53 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     if arch == "gemma2":
         common.update(
             norm_unit_offset=True, post_norms=True, embed_scale=True,
-            attn_scale=d.get("query_pre_attn_scalar", 256) ** -0.5,
-            attn_softcap=d.get("attn_logit_softcapping"), final_softcap=d.get("final_logit_softcapping"),
+            attn_scale=r.number("query_pre_attn_scalar", 256, positive=True) ** -0.5,
+            attn_softcap=r.number("attn_logit_softcapping", None),
+            final_softcap=r.number("final_logit_softcapping", None),
         )  # fmt: skip
     if arch == "mixtral":
         common["moe"] = MoEConfig(
-            n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"], d_expert=d["intermediate_size"],
-            aux_loss_coef=d.get("router_aux_loss_coef", 0.0),
+            n_experts=r.size("num_local_experts"), top_k=r.size("num_experts_per_tok"),
+            d_expert=r.size("intermediate_size"), aux_loss_coef=r.number("router_aux_loss_coef", 0.0),
         )  # fmt: skip
     if arch == "qwen3_moe":
         common["moe"] = MoEConfig(
-            n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"],
-            d_expert=d["moe_intermediate_size"],
-            norm_topk_prob=bool(d.get("norm_topk_prob", False)), layer_step=d.get("decoder_sparse_step", 1),
-            dense_layers=tuple(d.get("mlp_only_layers") or ()), aux_loss_coef=d.get("router_aux_loss_coef", 0.0),
+            n_experts=r.size("num_experts", None) or r.size("num_local_experts"),
+            top_k=r.size("num_experts_per_tok"), d_expert=r.size("moe_intermediate_size"),
+            norm_topk_prob=r.flag("norm_topk_prob", False), layer_step=r.size("decoder_sparse_step", 1),
+            dense_layers=r.counts("mlp_only_layers"), aux_loss_coef=r.number("router_aux_loss_coef", 0.0),
         )  # fmt: skip
     if arch in ("deepseek_v2", "deepseek_v3"):
-        common.update(_deepseek_from_hf(d, arch, scaling))
+        common.update(_deepseek_from_hf(r, arch, scaling))
     return ModelConfig(**common)
 
 
-def _deepseek_from_hf(d: dict[str, Any], arch: str, scaling: RopeScaling | None) -> dict[str, Any]:
+def _deepseek_from_hf(r: KeyReader, arch: str, scaling: RopeScaling | None) -> dict[str, Any]:
     mla = MLAConfig(
-        kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
-        qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"], q_lora_rank=d.get("q_lora_rank"),
+        kv_lora_rank=r.size("kv_lora_rank"), qk_nope_head_dim=r.size("qk_nope_head_dim"),
+        qk_rope_head_dim=r.size("qk_rope_head_dim"), v_head_dim=r.size("v_head_dim"),
+        q_lora_rank=r.size("q_lora_rank", None),
     )  # fmt: skip
     scale = (mla.qk_nope_head_dim + mla.qk_rope_head_dim) ** -0.5
     if scaling is not None and scaling.mscale_all_dim:  # transformers applies it for any scaling kind
         m = 0.1 * scaling.mscale_all_dim * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
         scale = scale * m * m
-    group_limited = d.get("topk_method", "noaux_tc" if arch == "deepseek_v3" else "greedy") != "greedy"
+    group_limited = r.text("topk_method", "noaux_tc" if arch == "deepseek_v3" else "greedy") != "greedy"
+    v3 = arch == "deepseek_v3"
     moe = MoEConfig(
-        n_experts=d["n_routed_experts"], top_k=d["num_experts_per_tok"], d_expert=d["moe_intermediate_size"],
-        scoring="sigmoid" if arch == "deepseek_v3" else d.get("scoring_func", "softmax"),
-        norm_topk_prob=arch == "deepseek_v3" and bool(d.get("norm_topk_prob", True)),  # V2 never renormalises
-        group_score="top2_sum" if arch == "deepseek_v3" else "max",
-        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-        n_group=d.get("n_group") or 1 if group_limited else 1,
-        topk_group=d.get("topk_group") or 1 if group_limited else 1,
-        score_correction_bias=arch == "deepseek_v3", n_shared_experts=d.get("n_shared_experts") or 0,
-        first_k_dense=d.get("first_k_dense_replace", 0),  # transformers ignores moe_layer_freq: kept in extra
-        aux_loss_coef=d.get("router_aux_loss_coef", 0.0) or 0.0,
+        n_experts=r.size("n_routed_experts"), top_k=r.size("num_experts_per_tok"),
+        d_expert=r.size("moe_intermediate_size"),
+        scoring="sigmoid" if v3 else r.text("scoring_func", "softmax"),
+        norm_topk_prob=v3 and r.flag("norm_topk_prob", True),  # V2 never renormalises
+        group_score="top2_sum" if v3 else "max",
+        routed_scaling_factor=r.number("routed_scaling_factor", 1.0),
+        n_group=r.count("n_group", 0) or 1 if group_limited else 1,
+        topk_group=r.count("topk_group", 0) or 1 if group_limited else 1,
+        score_correction_bias=v3, n_shared_experts=r.count("n_shared_experts", 0),
+        first_k_dense=r.count("first_k_dense_replace", 0),  # transformers ignores moe_layer_freq: kept in extra
+        aux_loss_coef=r.number("router_aux_loss_coef", 0.0),
     )  # fmt: skip
-    interleaved = arch == "deepseek_v2" or d.get("rope_interleave", True)  # V2 always rotates pairs
+    interleaved = arch == "deepseek_v2" or r.flag("rope_interleave", True)  # V2 always rotates pairs
     return dict(mla=mla, moe=moe, attn_scale=scale, rope_layout="interleaved" if interleaved else "half", head_dim=None)
 
 
@@ -326,6 +498,93 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.arch == "deepseek_v2":
         d["topk_method"] = "group_limited_greedy" if m.n_group > 1 else "greedy"
     return d
+
+
+# ---------------------------------------------------------------------------- structure
+
+
+def spans(indices: set[int]) -> str:
+    """Sorted integers as ranges: {0, 1, 2, 5} -> '0..2, 5' (at most 6 ranges shown)."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs[:6])
+    return (text + ", ...") if len(runs) > 6 else text or "none"
+
+
+def check_layer_count(
+    n: int, found: set[int], key: str, where: str, what: str, error: type[LmforgeError], extra_ok: bool = False
+) -> None:
+    """`n` layers declared by `key` must be exactly the layer indices the file's tensors use (`found`)
+    (`extra_ok`: indices >= n may follow, as DeepSeek-V3's multi-token-prediction layers do)."""
+    have = sum(i < n for i in found)
+    if have != n or (not extra_ok and any(i >= n for i in found)):
+        raise error(f"{where}: {key}={n}, but the tensors hold layers {spans(found)} ({what})")
+
+
+def expect_shape(
+    shapes: dict[str, tuple[int, ...]], name: str, shape: tuple[int, ...], why: str, where: str,
+    error: type[LmforgeError],
+) -> None:
+    """Tensor `name`, when present, must have `shape`, which the keys in `why` (``vocab_size=96 x ...``) imply."""
+    if name in shapes and tuple(shapes[name]) != shape:
+        raise error(f"{where}: tensor {name!r} has shape {tuple(shapes[name])}; {why} needs {shape}")
+
+
+_LAYER = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.")
+
+
+def check_structure(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """config.json's counts against the checkpoint's tensors (names and header shapes; nothing is read),
+    before any module is built: layers, experts, vocabulary and hidden size, heads, MLP width.
+
+    `shapes` uses canonical names (GPT-2's with the "transformer." prefix). A `num_hidden_layers` of
+    50000 when the files hold 30 layers is refused at once, naming the key and the layers found,
+    instead of building 50000 (meta) modules first."""
+    keys = {"vocab_size": "vocab_size", **_hf_keys(cfg.arch, "")}
+    gpt2 = cfg.arch == "gpt2"
+    prefix = "transformer.h" if gpt2 else "model.layers"
+    found = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+    check_layer_count(
+        cfg.n_layers, found, keys["n_layers"], where, f"{prefix}.N.", CheckpointError, cfg.arch == "deepseek_v3"
+    )
+
+    def expect(name: str, shape: tuple[int, ...], why: str) -> None:
+        expect_shape(shapes, name, shape, why, where, CheckpointError)
+
+    d, v = cfg.d_model, cfg.vocab_size
+    embed = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
+    expect(embed, (v, d), f"vocab_size={v} x {keys['d_model']}={d}")
+    if gpt2:
+        expect("transformer.wpe.weight", (cfg.max_seq_len, d), f"n_positions={cfg.max_seq_len}")
+    for i in range(cfg.n_layers):
+        if gpt2:
+            expect(f"{prefix}.{i}.mlp.c_fc.weight", (d, cfg.d_ff), f"n_inner={cfg.d_ff}")
+            continue
+        if not cfg.is_moe_layer(i) and f"{prefix}.{i}.mlp.up_proj.weight" in shapes:
+            expect(f"{prefix}.{i}.mlp.up_proj.weight", (cfg.d_ff, d), f"intermediate_size={cfg.d_ff}")
+        if cfg.mla is None:
+            hd = cfg.dim_head
+            for proj, n, key in (("q", cfg.n_heads, "n_heads"), ("k", cfg.kv_heads, "n_kv_heads")):
+                why = f"{keys[key]}={n} x head_dim={hd}"
+                expect(f"{prefix}.{i}.self_attn.{proj}_proj.weight", (n * hd, d), why)
+    if cfg.moe is not None:
+        experts: dict[int, set[int]] = {}
+        for name in shapes:
+            if m := _EXPERT.match(name):
+                experts.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        n = cfg.moe.n_experts
+        for i in (i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)):
+            got = experts.get(i, set())
+            if len(got) != n or max(got, default=-1) != n - 1:  # distinct indices: exactly 0..n-1
+                raise CheckpointError(
+                    f"{where}: {keys['moe.n_experts']}={n}, but layer {i} holds experts {spans(got)} "
+                    f"({prefix}.{i}.mlp.experts.N.)"
+                )
 
 
 # ---------------------------------------------------------------------------- tensors
