@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from lmforge.config import ModelConfig, RopeScaling
+from lmforge.io.file_keys import KeyReader, check_layer_count, expect_shape, speaking_file
 from lmforge.io.gguf import GGUFError, GGUFFile
-from lmforge.io.hf_arch import KeyReader, check_layer_count, expect_shape, speaking_file
 from lmforge.model.transformer import Transformer
 
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
