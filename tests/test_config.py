@@ -9,6 +9,7 @@ from hf_reference import hf_config
 from lmforge.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from lmforge.io.hf_arch import SUPPORTED, UnsupportedArchitectureError, config_from_hf
 from lmforge.model.transformer import Transformer
+from lmforge.utils.errors import LmforgeError
 
 
 @pytest.mark.parametrize(
@@ -27,12 +28,36 @@ from lmforge.model.transformer import Transformer
         ({"attn_softcap": -1.0}, "attn_softcap"),
         ({"attn_backend": "flash9"}, "attn_backend"),
         ({"pad_token_id": 10**6}, "pad_token_id"),
+        ({"pad_token_id": "1"}, "pad_token_id"),
         ({"vocab_size": "many"}, "vocab_size"),
+        ({"vocab_size": True}, "vocab_size"),
+        ({"vocab_size": 2**63}, "vocab_size"),  # outside int64
+        ({"n_layers": 2**64}, "n_layers"),
+        ({"vocab_size": 2**40, "d_model": 2**40, "head_dim": 64}, "vocab_size"),  # vocab x d_model overflows int64
+        ({"rope_theta": float("nan")}, "rope_theta"),
+        ({"rope_theta": float("inf")}, "rope_theta"),
+        ({"rope_theta": 0.0}, "rope_theta"),
+        ({"rope_theta": "1e4"}, "rope_theta"),
+        ({"norm_eps": float("inf")}, "norm_eps"),
+        ({"norm_eps": float("nan")}, "norm_eps"),
+        ({"attn_scale": float("nan")}, "attn_scale"),
+        ({"final_softcap": float("inf")}, "final_softcap"),
+        ({"rotary_fraction": float("nan")}, "rotary_fraction"),
+        ({"rotary_fraction": "half"}, "rotary_fraction"),
+        ({"layer_types": 3}, "layer_types"),
     ],
 )
 def test_bad_value_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"\b{field}\b"):
         ModelConfig(**changes)
+
+
+def rope(kind: str, **kw) -> RopeScaling:
+    return RopeScaling(kind=kind, original_max_seq_len=64, **kw)
+
+
+def moe(**kw) -> MoEConfig:
+    return MoEConfig(n_experts=4, top_k=2, d_expert=8, **kw)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +67,17 @@ def test_bad_value_names_the_field(changes, field):
         (lambda: RopeScaling(kind="llama3", factor=8.0), "rope_scaling.original_max_seq_len"),
         (lambda: MLAConfig(kv_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8), "mla.kv_lora_rank"),
         (lambda: MoEConfig(n_experts=4, top_k=5, d_expert=8), "moe.top_k"),
+        (lambda: RopeScaling(kind="linear", factor=float("inf")), "rope_scaling.factor"),
+        (lambda: rope("yarn", attention_factor=float("nan")), "rope_scaling.attention_factor"),
+        (lambda: rope("yarn", beta_fast=float("inf")), "rope_scaling.beta_fast"),
+        (lambda: rope("llama3", low_freq_factor=2.0, high_freq_factor=2.0), "rope_scaling.high_freq_factor"),
+        (lambda: RopeScaling(kind="dynamic", original_max_seq_len=2**63), "rope_scaling.original_max_seq_len"),
+        (lambda: moe(routed_scaling_factor=float("nan")), "moe.routed_scaling_factor"),
+        (lambda: moe(aux_loss_coef=float("inf")), "moe.aux_loss_coef"),
+        (lambda: moe(dense_layers=(-1,)), r"moe.dense_layers\[0\]"),
+        (lambda: moe(first_k_dense="1"), "moe.first_k_dense"),
+        (lambda: MLAConfig(kv_lora_rank=2**63, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8), "mla.kv_lora"),
+        (lambda: ModelConfig(moe=MoEConfig(n_experts=2**20, top_k=2, d_expert=2**40)), "moe.d_expert"),  # overflow
     ],
 )
 def test_nested_bad_value_names_the_field(make, field):
@@ -65,6 +101,15 @@ def test_to_hf_is_accepted_by_transformers(arch):
     cfg = config_from_hf(hf_config(arch).to_dict())
     hf = transformers.AutoConfig.for_model(**cfg.to_hf())
     assert config_from_hf(hf.to_dict()) == cfg
+
+
+def test_a_nan_rope_theta_in_config_json_is_refused():
+    """The value checks live in ModelConfig, so they also cover configs mapped from config.json (JSON allows NaN)."""
+    d = hf_config("llama").to_dict()
+    d.pop("rope_parameters", None)
+    d["rope_theta"] = float("nan")
+    with pytest.raises(LmforgeError, match="rope_theta"):
+        ModelConfig.from_hf(d)
 
 
 def test_unsupported_architecture_is_named():

@@ -95,3 +95,39 @@ def test_torchrun_equals_one_process(shards, tmp_path, strategy):
     two_weights = two_model.state_dict()
     for name, value in one_model.state_dict().items():
         torch.testing.assert_close(two_weights[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def one_error_line(result) -> str:
+    """The command failed with exactly one `error:` line on stderr, its last (after any progress bar), and no
+    traceback; returns it."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert result.exit_code == 1 and errors == lines[-1:] and lines[-1].startswith("error: "), result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    return lines[-1]
+
+
+def test_resume_refuses_a_malicious_checkpoint(shards, tmp_path):
+    from lmforge.train.checkpoint import FORMAT
+    from test_checkpoint_safety import Touch  # unpickling it runs `touch MARKER`
+
+    out, marker = tmp_path / "run", tmp_path / "MARKER"
+    (out / "checkpoints").mkdir(parents=True)
+    evil = {"format": FORMAT, "step": 5, "extra": Touch(marker, "os.system")}
+    torch.save(evil, out / "checkpoints" / "step_00000005.pt")
+    line = one_error_line(runner.invoke(app, args(shards, out)))
+    assert "step_00000005.pt: not a safe checkpoint, refusing to unpickle it" in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["--set=model.attn_scale=1e30"], "step 1: the gradient norm is nan"),  # passes the config, diverges at once
+        (["--set=optim.lr=nan"], "invalid optim.lr=nan"),
+        (["--set=train.seed=-1"], "invalid train.seed=-1"),
+    ],
+)
+def test_training_and_config_errors_are_one_line(shards, tmp_path, sets, expected):
+    line = one_error_line(runner.invoke(app, args(shards, tmp_path / "run", "--set=train.max_steps=8", *sets)))
+    assert expected in line

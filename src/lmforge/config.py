@@ -4,7 +4,9 @@ A `ModelConfig` is the single source of truth for the shape of a `Transformer`.
 Architecture families differ only in field values (see `lmforge.io.hf_arch` for
 the translation to and from Hugging Face `config.json`), never in code paths
 chosen by name. Every field is validated on construction; a bad value raises
-`ConfigError` naming the field and what is allowed.
+`ConfigError` naming the field and what is allowed: integers are below 2**63 (int64, as torch and every file
+format store them) and no bool, floats are finite (a NaN rope_theta or an infinite norm_eps can only give NaN
+logits), and no weight matrix has more elements than an int64 counts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 LAYER_TYPES = ("full", "sliding")
 SCORINGS = ("softmax", "sigmoid")
 BACKENDS = ("sdpa", "eager")
+INT64_LIMIT = 2**63  # every integer field is below it
 
 
 class ConfigError(LmforgeError):
@@ -35,8 +38,31 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"invalid {name}={value!r}: {allowed}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A real number (int or float, not bool) that is neither NaN nor infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(name: str, value: Any, low: int = 0) -> None:
+    _check(_is_int(value) and low <= value < INT64_LIMIT, name, value, f"must be an integer >= {low} (< 2**63)")
+
+
 def _positive(name: str, value: Any) -> None:
-    _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+    _check(_is_int(value) and 0 < value < INT64_LIMIT, name, value, "must be a positive integer (< 2**63)")
+
+
+def _finite(name: str, value: Any, above: float | None = None, at_least: float | None = None,
+            optional: bool = False) -> None:  # fmt: skip
+    """`value` is a finite number (or None when `optional`), and > `above` / >= `at_least` when given."""
+    if value is None and optional:
+        return
+    ok = _is_finite(value) and (above is None or value > above) and (at_least is None or value >= at_least)
+    bound = f" > {above}" if above is not None else f" >= {at_least}" if at_least is not None else ""
+    _check(ok, name, value, ("must be None or a finite number" if optional else "must be a finite number") + bound)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -63,14 +89,23 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         _choice("rope_scaling.kind", self.kind, ROPE_SCALINGS)
-        _check(self.factor > 0, "rope_scaling.factor", self.factor, "must be > 0")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _finite(f"rope_scaling.{name}", getattr(self, name), above=0)
+        for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            _finite(f"rope_scaling.{name}", getattr(self, name))
+        _finite("rope_scaling.attention_factor", self.attention_factor, above=0, optional=True)
+        if self.original_max_seq_len is not None:
+            _positive("rope_scaling.original_max_seq_len", self.original_max_seq_len)
         if self.kind in ("llama3", "yarn") or (self.kind == "dynamic" and self.original_max_seq_len):
             _check(
-                self.original_max_seq_len is not None and self.original_max_seq_len > 0,
+                self.original_max_seq_len is not None,
                 "rope_scaling.original_max_seq_len",
                 self.original_max_seq_len,
                 f"a positive integer is required for {self.kind} scaling",
             )
+        if self.kind == "llama3":  # the smoothing divides by their difference
+            _check(self.high_freq_factor != self.low_freq_factor, "rope_scaling.high_freq_factor",
+                   self.high_freq_factor, "must differ from low_freq_factor for llama3 scaling")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -134,10 +169,16 @@ class MoEConfig:
         )
         if self.group_score == "top2_sum" and self.topk_group < self.n_group:
             _check(group_size >= 2, "moe.n_group", self.n_group, "top2_sum group scores need >= 2 experts per group")
-        _check(self.n_shared_experts >= 0, "moe.n_shared_experts", self.n_shared_experts, "must be >= 0")
-        _check(self.first_k_dense >= 0, "moe.first_k_dense", self.first_k_dense, "must be >= 0")
+        _integer("moe.n_shared_experts", self.n_shared_experts)
+        _integer("moe.first_k_dense", self.first_k_dense)
+        _check(isinstance(self.dense_layers, tuple | list), "moe.dense_layers", self.dense_layers, "must be a list")
+        for i, layer in enumerate(self.dense_layers):
+            _integer(f"moe.dense_layers[{i}]", layer)
         if self.d_shared is not None:
             _positive("moe.d_shared", self.d_shared)
+        _finite("moe.routed_scaling_factor", self.routed_scaling_factor)
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            _finite(f"moe.{name}", getattr(self, name), at_least=0)
 
     @property
     def shared_size(self) -> int:
@@ -208,19 +249,21 @@ class ModelConfig:
         if self.head_dim is not None:
             _positive("head_dim", self.head_dim)
         _choice("norm", self.norm, NORMS)
-        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _finite("norm_eps", self.norm_eps, above=0)
+        _finite("rope_theta", self.rope_theta, above=0)
         _choice("mlp", self.mlp, MLPS)
         _choice("position", self.position, POSITIONS)
         _choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
         _choice("attn_backend", self.attn_backend, BACKENDS)
-        _check(0 < self.rotary_fraction <= 1, "rotary_fraction", self.rotary_fraction, "must be in (0, 1]")
+        _check(_is_finite(self.rotary_fraction) and 0 < self.rotary_fraction <= 1, "rotary_fraction",
+               self.rotary_fraction, "must be in (0, 1]")  # fmt: skip
         rot = self.rotary_dim
         _check(rot % 2 == 0, "rotary_fraction", self.rotary_fraction, f"gives odd rotary dim {rot}")
         if self.sliding_window is not None:
             _positive("sliding_window", self.sliding_window)
         if self.layer_types is not None:
             _check(
-                len(self.layer_types) == self.n_layers,
+                isinstance(self.layer_types, tuple | list) and len(self.layer_types) == self.n_layers,
                 "layer_types",
                 self.layer_types,
                 f"needs one entry per layer ({self.n_layers})",
@@ -234,13 +277,30 @@ class ModelConfig:
                 "has sliding layers but sliding_window is not set",
             )
         for name in ("attn_softcap", "final_softcap", "attn_scale"):
-            v = getattr(self, name)
-            if v is not None:
-                _check(v > 0, name, v, "must be > 0 or None")
+            _finite(name, getattr(self, name), above=0, optional=True)
         if self.pad_token_id is not None:
-            _check(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", self.pad_token_id, "must index the vocab")
+            _check(_is_int(self.pad_token_id) and 0 <= self.pad_token_id < self.vocab_size, "pad_token_id",
+                   self.pad_token_id, "must index the vocab")  # fmt: skip
         if self.mla is not None:
             _check(self.position == "rope", "position", self.position, "MLA needs rope")
+        self._check_tensor_sizes()
+
+    def _check_tensor_sizes(self) -> None:
+        """No weight has more elements than an int64 counts (each field is < 2**63, their products may not be)."""
+        d, n = self.d_model, self.n_heads
+        sizes = [("vocab_size", self.vocab_size, "vocab_size * d_model", self.vocab_size * d),
+                 ("max_seq_len", self.max_seq_len, "max_seq_len * d_model", self.max_seq_len * d),
+                 ("d_ff", self.d_ff, "d_model * d_ff", d * self.d_ff),
+                 ("n_heads", n, "n_heads * head_dim * d_model", n * self.dim_head * d)]  # fmt: skip
+        if (m := self.moe) is not None:
+            sizes.append(("moe.d_expert", m.d_expert, "n_experts * d_expert * d_model", m.n_experts * m.d_expert * d))
+            sizes.append(("moe.d_shared", m.d_shared, "the shared experts' size * d_model", m.shared_size * d))
+        if (a := self.mla) is not None:
+            q_rows, kv_rows = n * (a.qk_nope_head_dim + a.qk_rope_head_dim), n * (a.qk_nope_head_dim + a.v_head_dim)
+            sizes.append(("mla.q_lora_rank", a.q_lora_rank, "the q projection", q_rows * (a.q_lora_rank or d)))
+            sizes.append(("mla.kv_lora_rank", a.kv_lora_rank, "the kv up-projection", kv_rows * a.kv_lora_rank))
+        for name, value, what, numel in sizes:
+            _check(numel < INT64_LIMIT, name, value, f"gives {what} = {numel} elements, more than 2**63")
 
     # derived sizes -------------------------------------------------------
     @property

@@ -6,6 +6,10 @@ Several processes: `torchrun --standalone --nproc_per_node=N -m lmforge train RU
 The run directory (`train.out_dir`) receives config.toml (the resolved config), log.jsonl, loss.png,
 checkpoints/ (the run resumes from the newest one), and at the end the model as a Hugging Face directory
 (`hf/`) and, when the format can hold it, a GGUF file (`model.gguf`).
+
+A mistake in the config, a checkpoint that cannot be resumed (corrupt, foreign, or not safe to unpickle) and a
+run that diverges (a non-finite loss) end the command with one `error:` line and exit status 1: they are
+`LmforgeError`s, which `lmforge.cli` reports (`cli_errors.reports_errors`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
     import torch
 
     import lmforge
+    from lmforge.config import ConfigError
     from lmforge.data.loader import RandomWindowLoader, SequentialLoader, TokenDataset
     from lmforge.train import distributed
     from lmforge.train.loss import ModelLoss
@@ -36,10 +41,10 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
 
     data, loop = cfg.data, cfg.train
     if data.shards is None:
-        raise ValueError("data.shards: no token shards given (make them with `lmforge tokenizer encode`)")
+        raise ConfigError("data.shards: no token shards given (make them with `lmforge tokenizer encode`)")
     dataset = TokenDataset(data.shards)
     if dataset.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the shards' {dataset.vocab_size}")
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the shards' {dataset.vocab_size}")
     train_split, val_split = dataset.split(data.val_fraction)
     info = distributed.setup(cfg.dist.backend, loop.device)
     rows = data.batch_size * data.grad_accum * info.world_size  # the global batch of one optimizer step
@@ -63,8 +68,8 @@ def build_trainer(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
         eval_steps=loop.eval_steps, checkpoint_every=loop.checkpoint_every, keep_last=loop.keep_last,
         tokenizer=tokenizer, sample_every=loop.sample_every,
         time_budget_s=loop.time_budget_min * 60 if loop.time_budget_min else None, progress=progress,
-        tensorboard=loop.tensorboard,
-        dist=info, parallel=parallel,
+        tensorboard=loop.tensorboard, skip_nonfinite=loop.skip_nonfinite,
+        max_consecutive_skips=loop.max_consecutive_skips, dist=info, parallel=parallel,
     )  # fmt: skip
     return trainer, tokenizer
 
@@ -99,13 +104,15 @@ def train_command(
     from lmforge.train import distributed
     from lmforge.train.checkpoint import gather_model
     from lmforge.train.config import load_train_config, save_resolved
+    from lmforge.utils.errors import LmforgeError
 
+    cfg = load_train_config(config, set_ or [])
     try:
-        cfg = load_train_config(config, set_ or [])
         trainer, tokenizer = build_trainer(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
+    except LmforgeError:
+        raise
+    except ValueError as e:  # the trainer's and the data loader's checks of values the config set
+        raise ConfigError(str(e)) from None
     run_dir = Path(cfg.train.out_dir)
     if trainer.dist.is_main:
         save_resolved(cfg, run_dir)

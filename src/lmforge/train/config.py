@@ -48,9 +48,14 @@ Overrides `section.field=value` (e.g. `optim.lr=3e-4`, `model.moe.n_experts=8`, 
 
 Validation: an unknown section or field raises `ConfigError` naming it with the closest valid name; a value of the
 wrong type names `section.field`, the expected type and the value; an out-of-range value names `section.field` and
-what is allowed; a TOML syntax error names the file and the line. Integers are accepted for floats, and integral
-floats (`1e4`) for integers. `save_resolved` writes the fully resolved config (every field, defaults included) as
-`config.toml` in the run directory, and `load_train_config` of that file gives back an equal `TrainConfig`.
+what is allowed; a TOML syntax error names the file and the line. Values that can only make the loss NaN or
+overflow are refused up front: every float must be finite (TOML's `nan` and `inf` are valid literals), the learning
+rates must be in (0, MAX_LR] (10: far above any rate that trains; AdamW uses ~1e-3, Muon ~0.02, SGD ~0.1-1),
+eps > 0, weight decay >= 0, betas and momentum in [0, 1), grad_clip > 0 or none; every integer (sizes, steps,
+seeds) must be below 2**63; `train.device = "cuda"` (and `dist.backend = "nccl"`) needs CUDA on this machine.
+Integers are accepted for floats, and integral floats (`1e4`) for integers. `save_resolved` writes the fully
+resolved config (every field, defaults included) as `config.toml` in the run directory, and `load_train_config` of
+that file gives back an equal `TrainConfig`.
 """
 
 from __future__ import annotations
@@ -58,16 +63,28 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import tomllib
 import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from lmforge.config import PRESETS, ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
+import torch
+
+from lmforge.config import (
+    PRESETS,
+    ConfigError,
+    MLAConfig,
+    ModelConfig,
+    MoEConfig,
+    RopeScaling,
+    _check,
+    _finite,
+    _integer,
+    _is_finite,
+)
 from lmforge.train.distributed import STRATEGIES as DIST_STRATEGIES
 from lmforge.train.optim import OPTIMIZERS
 from lmforge.train.schedule import Schedule
@@ -79,19 +96,11 @@ LOADERS = ("random", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 CONFIG_FILE = "config.toml"
+MAX_LR = 10.0  # a learning rate above it can only diverge
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # checks shared by the sections
-
-
-def _fail(name: str, value: Any, allowed: str) -> NoReturn:
-    raise ConfigError(f"invalid {name}={value!r}: {allowed}")
-
-
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        _fail(name, value, allowed)
 
 
 def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -99,18 +108,13 @@ def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
     _check(value in choices, name, value, f"must be one of {', '.join(choices)}")
 
 
-def _at_least(name: str, value: float, low: float) -> None:
-    _check(value >= low, name, value, f"must be >= {low}")
-
-
-def _positive(name: str, value: float | None, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    _check(value is not None and value > 0 and math.isfinite(value), name, value, "must be > 0")
-
-
 def _unit(name: str, value: float) -> None:
-    _check(0.0 <= value < 1.0, name, value, "must be in [0, 1)")
+    _check(_is_finite(value) and 0.0 <= value < 1.0, name, value, "must be in [0, 1)")
+
+
+def _lr(name: str, value: float | None, optional: bool = False) -> None:
+    _finite(name, value, above=0, optional=optional)
+    _check(value is None or value <= MAX_LR, name, value, f"must be <= {MAX_LR} (higher rates only diverge)")
 
 
 def _unknown(kind: str, name: str, valid: Iterable[str]) -> ConfigError:
@@ -139,7 +143,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum"):
-            _at_least(f"data.{name}", getattr(self, name), 1)
+            _integer(f"data.{name}", getattr(self, name), 1)
+        _integer("data.seed", self.seed)
         _unit("data.val_fraction", self.val_fraction)
         _choice("data.loader", self.loader, LOADERS)
 
@@ -159,15 +164,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, OPTIMIZERS)
-        _positive("optim.lr", self.lr)
-        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        _lr("optim.lr", self.lr)
+        _finite("optim.weight_decay", self.weight_decay, at_least=0)
         for i, beta in enumerate(self.betas):
             _unit(f"optim.betas[{i}]", beta)
-        _positive("optim.eps", self.eps)
+        _finite("optim.eps", self.eps, above=0)
         if self.momentum is not None:
             _unit("optim.momentum", self.momentum)
-        _positive("optim.adamw_lr", self.adamw_lr, optional=True)
-        _positive("optim.grad_clip", self.grad_clip, optional=True)
+        _lr("optim.adamw_lr", self.adamw_lr, optional=True)
+        _finite("optim.grad_clip", self.grad_clip, above=0, optional=True)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `build_optimizer(self.name, model, self.lr, self.weight_decay, **kwargs)`."""
@@ -195,6 +200,11 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd only
     decay_shape: str = "1-sqrt"  # wsd only: one of `lmforge.train.schedule.DECAY_SHAPES`
+
+    def __post_init__(self) -> None:  # the rest is checked by `Schedule` (see `build`)
+        _integer("schedule.warmup_steps", self.warmup_steps)
+        if self.total_steps is not None:
+            _integer("schedule.total_steps", self.total_steps, 1)
 
     def build(self, max_steps: int) -> Schedule:
         """The `Schedule` for a run of `max_steps` steps (raises `ConfigError` naming schedule.<field>)."""
@@ -232,20 +242,24 @@ class LoopConfig:
     keep_last: int = 2  # checkpoints kept on disk; 0: all
     out_dir: str = "runs/default"
     seed: int = 1337
-    device: str = "auto"  # "auto": cuda when available, else cpu
+    device: str = "auto"  # "auto": cuda when available, else cpu; "cuda" needs it
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient norm is not finite, instead of stopping
+    max_consecutive_skips: int = 10  # ... but stop after this many skipped steps in a row
 
     def __post_init__(self) -> None:
-        _at_least("train.max_steps", self.max_steps, 1)
-        _positive("train.time_budget_min", self.time_budget_min, optional=True)
+        _integer("train.max_steps", self.max_steps, 1)
+        _finite("train.time_budget_min", self.time_budget_min, above=0, optional=True)
         _choice("train.precision", self.precision, PRECISIONS)
-        _check(self.z_loss >= 0 and math.isfinite(self.z_loss), "train.z_loss", self.z_loss, "must be >= 0")
+        _finite("train.z_loss", self.z_loss, at_least=0)
         _unit("train.label_smoothing", self.label_smoothing)
-        for name in ("eval_every", "sample_every", "checkpoint_every", "keep_last"):
-            _at_least(f"train.{name}", getattr(self, name), 0)
-        for name in ("eval_steps", "log_every"):
-            _at_least(f"train.{name}", getattr(self, name), 1)
+        for name in ("eval_every", "sample_every", "checkpoint_every", "keep_last", "seed"):
+            _integer(f"train.{name}", getattr(self, name))
+        for name in ("eval_steps", "log_every", "max_consecutive_skips"):
+            _integer(f"train.{name}", getattr(self, name), 1)
         _check(bool(self.out_dir), "train.out_dir", self.out_dir, "must not be empty")
         _choice("train.device", self.device, DEVICES)
+        _check(self.device != "cuda" or torch.cuda.is_available(), "train.device", self.device,
+               "CUDA is not available on this machine (torch.cuda.is_available() is False): use cpu")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -289,6 +303,8 @@ class TrainConfig:
             self.dist.backend,
             "nccl needs train.device cuda or auto",
         )
+        _check(self.dist.backend != "nccl" or torch.cuda.is_available(), "dist.backend", self.dist.backend,
+               "nccl needs CUDA, which is not available on this machine; use gloo or auto")  # fmt: skip
 
     def lr_schedule(self) -> Schedule:
         return self.schedule.build(self.train.max_steps)

@@ -9,11 +9,19 @@ One step s (s = 0, 1, ...):
                  + MoE auxiliary losses / grad_accum
         loss_m.backward()                                     (gradients add up to those of the whole batch)
     g_norm  <- ||grad||_2 over all parameters; gradients scaled by min(1, clip / g_norm)
-    optimizer.step(); zero the gradients
+    optimizer.step() if the loss and g_norm are finite; zero the gradients
 
 Dividing each micro-batch's summed loss by the token count of the *whole* batch makes accumulation exact:
 `grad_accum = 4` computes the same update as one batch 4x larger (tested), even when micro-batches count
 different numbers of tokens.
+
+A non-finite loss or gradient norm (a learning rate far too high, bad data, an overflow) stops the run with a
+`NonFiniteError` naming the step, before that step's update touches the weights, so the last checkpoint and the
+weights in memory are the last good ones. The check costs one host sync per optimizer step (the loss and the norm,
+which clipping computes anyway, are read together), none per micro-batch. With `skip_nonfinite=True` such a step
+is skipped instead (no update; a `{"step", "skipped"}` record in the log, counted in `skipped_steps`), and
+`max_consecutive_skips` skipped steps in a row still stop the run. With fp16 the gradient scaler owns non-finite
+gradients (it skips the step and lowers the scale, by design); only a non-finite loss counts there.
 
 Options: bf16 autocast (CPU and CUDA) or fp16 autocast with a gradient scaler (CUDA), activation checkpointing
 (each block's activations are recomputed in backward: memory O(layers) block inputs instead of every
@@ -47,15 +55,23 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lmforge.train.checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import DistInfo, all_reduce_sum
 from lmforge.train.loss import ModelLoss, moe_loss_coefs, total_loss
 from lmforge.train.plot import plot_losses
 from lmforge.train.schedule import Schedule, set_lr
 from lmforge.utils.atomic import atomic_write
+from lmforge.utils.errors import LmforgeError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # training precision -> dtype
 PRECISIONS = tuple(DTYPES)
+
+
+class NonFiniteError(LmforgeError, RuntimeError):
+    """Training produced a non-finite loss or gradient norm (the run diverged); the message names the step.
+
+    An `LmforgeError` because its cause is almost always a setting the user chose (the learning rate, the
+    precision, the data), so the CLI prints it as one `error:` line."""
 
 
 class Batches(Protocol):
@@ -87,6 +103,31 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 102
     return 2 * size**3 / best
 
 
+_PLAIN = (str, int, float, bool, type(None))  # what a log record holds (JSON values)
+
+
+def _restored_history(path: Path, extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """The log records a checkpoint carries, each a flat dict of JSON values with an integer "step"."""
+    history = extra.get("history", [])
+    if not isinstance(history, list):
+        raise CheckpointError(f"{path}: extra['history'] is a {type(history).__name__}, expected a list of records")
+    for i, record in enumerate(history):
+        ok = isinstance(record, dict) and all(isinstance(k, str) and isinstance(v, _PLAIN) for k, v in record.items())
+        step = record.get("step") if ok else None
+        if not (isinstance(step, int) and not isinstance(step, bool)):
+            raise CheckpointError(f"{path}: extra['history'][{i}] is not a log record (a flat dict of plain values "
+                                  "with an integer 'step')")  # fmt: skip
+    return history
+
+
+def _counter(path: Path, extra: dict[str, Any], key: str) -> int:
+    """A non-negative integer of a checkpoint's extra (0 when absent: checkpoints from before it existed)."""
+    value = extra.get(key, 0)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise CheckpointError(f"{path}: extra[{key!r}] is {value!r}, expected an integer >= 0")
+    return value
+
+
 def _summary_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -113,7 +154,7 @@ class Trainer:
         val_data: Batches | None = None,
         run_dir: str | Path | None = None,
         grad_accum: int = 1,
-        grad_clip: float = 1.0,
+        grad_clip: float | None = 1.0,
         precision: str = "fp32",
         compile: bool = False,
         activation_checkpointing: bool = False,
@@ -131,6 +172,8 @@ class Trainer:
         time_budget_s: float | None = None,
         progress: bool = True,
         tensorboard: bool = False,
+        skip_nonfinite: bool = False,
+        max_consecutive_skips: int = 10,
         dist: DistInfo | None = None,
         parallel: torch.nn.Module | None = None,
     ) -> None:
@@ -138,9 +181,13 @@ class Trainer:
             ("max_steps", max_steps, 1),
             ("grad_accum", grad_accum, 1),
             ("log_every", log_every, 1),
+            ("max_consecutive_skips", max_consecutive_skips, 1),
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"invalid {name}={value!r}: must be an integer >= {low}")
+        grad_clip = 0.0 if grad_clip is None else grad_clip
+        if not (isinstance(grad_clip, int | float) and math.isfinite(grad_clip) and grad_clip >= 0):
+            raise ValueError(f"invalid grad_clip={grad_clip!r}: must be a finite number >= 0 (0 or None: no clipping)")
         if precision not in PRECISIONS:
             raise ValueError(f"invalid precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
         self.device = next(model.parameters()).device
@@ -149,6 +196,8 @@ class Trainer:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.train_data, self.val_data = train_data, val_data
         self.max_steps, self.grad_accum, self.grad_clip = max_steps, grad_accum, grad_clip
+        self.skip_nonfinite, self.max_consecutive_skips = bool(skip_nonfinite), max_consecutive_skips
+        self.skipped_steps = self.skip_streak = 0  # steps skipped in all, and in a row up to the last one
         self.precision, self.chunked_ce = precision, chunked_ce
         self.z_loss, self.label_smoothing = z_loss, label_smoothing
         self.log_every, self.eval_every, self.eval_steps = log_every, eval_every, eval_steps
@@ -206,20 +255,46 @@ class Trainer:
             ce_total += ce_sum.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        ce_total = all_reduce_sum(ce_total, self.dist)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        ce_total = all_reduce_sum(ce_total, self.dist)  # every rank sees the same loss and norm: the same decision
+        loss, norm = torch.stack([ce_total / counted, grad_norm.float()]).tolist()  # the step's one host sync
         lr = self.optimizer.param_groups[0]["lr"]
-        return {"loss": (ce_total / counted).item(), "lr": lr, "lr_factor": lr_factor, "grad_norm": grad_norm.item(),
+        if self._update_is_finite(step, loss, norm, lr):
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "lr": lr, "lr_factor": lr_factor, "grad_norm": norm, "skipped_steps": self.skipped_steps,
                 "tokens": ids.numel() * ranks, "seq_len": ids.shape[1]}  # fmt: skip
+
+    def _update_is_finite(self, step: int, loss: float, grad_norm: float, lr: float) -> bool:
+        """Whether the update of `step` may be applied; raises `NonFiniteError`, or with `skip_nonfinite` counts
+        the skipped step (and raises after `max_consecutive_skips` in a row)."""
+        problems = [f"the loss is {loss}"] if not math.isfinite(loss) else []
+        if not math.isfinite(grad_norm) and self.scaler is None:  # fp16: the scaler skips such steps itself
+            problems.append(f"the gradient norm is {grad_norm}")
+        if not problems:
+            self.skip_streak = 0
+            return True
+        n, problem = step + 1, " and ".join(problems)
+        if not self.skip_nonfinite:
+            raise NonFiniteError(f"step {n}: {problem} (lr {lr:.3g}); the update was not applied. Lower the "
+                                 "learning rate or check the data and precision, or skip such steps with "
+                                 "skip_nonfinite (train.skip_nonfinite = true)")  # fmt: skip
+        self.skipped_steps += 1
+        self.skip_streak += 1
+        self._log({"step": n, "skipped": problem})
+        if self.skip_streak >= self.max_consecutive_skips:
+            first = n - self.skip_streak + 1
+            raise NonFiniteError(f"steps {first}-{n}: {problem} (lr {lr:.3g}) at {self.skip_streak} steps in a row "
+                                 f"(max_consecutive_skips={self.max_consecutive_skips}); stopping")  # fmt: skip
+        return False
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
@@ -287,14 +362,15 @@ class Trainer:
         if path is None:
             return
         self.step, extra = load_checkpoint(path, self.model, self.optimizer)
-        self.history = [r for r in extra.get("history", []) if r["step"] <= self.step]
+        self.history = [r for r in _restored_history(path, extra) if r["step"] <= self.step]
+        self.skipped_steps, self.skip_streak = (_counter(path, extra, key) for key in ("skipped_steps", "skip_streak"))
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         if self.dist.is_main:
             atomic_write(self.run_dir / "log.jsonl", lines)  # drop what was logged after the checkpoint
 
     def _checkpoint(self) -> None:  # every rank takes part (FSDP2 gathers the shards); rank 0 writes
         if self.run_dir is not None:
-            extra = {"history": self.history}
+            extra = {"history": self.history, "skipped_steps": self.skipped_steps, "skip_streak": self.skip_streak}
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, keep_last=self.keep_last)
 
     def _steps(self) -> Iterator[int]:
