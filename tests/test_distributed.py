@@ -48,7 +48,7 @@ def test_two_processes_equal_one(tmp_path, strategy, chunked):
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "step_00000006.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoints" / "step_00000006.pt", weights_only=True)["model"]
 
 
 @pytest.mark.slow
