@@ -27,6 +27,7 @@ import typer
 
 from lmforge.cli_errors import err, fail
 from lmforge.data.shards import text_files
+from lmforge.utils.atomic import atomic_write
 from lmforge.utils.errors import LmforgeError
 
 # model presets: "cpu" fits a 2-core laptop in minutes; "gpu" is for a real accelerator
@@ -131,7 +132,7 @@ def run(out: Path, minutes: float, data: list[Path] | None, preset_name: str, n_
     t = _stage("samples", timings, t)
     timings["total"] = time.perf_counter() - begin
     report = _report(cfg, last, trainer, stats, corpus_bytes, manifest, samples, timings, written, torch.__version__)
-    (out / "report.md").write_text(report, encoding="utf-8")
+    atomic_write(out / "report.md", report)
     return out / "report.md"
 
 
