@@ -199,6 +199,8 @@ CASES = [
     (("optimizer", "param_groups", 0, "initial_lr"), "x", r"\[0\]\['initial_lr'\] is 'x', expected a number"),
     (("optimizer", "state", 0, "exp_avg_sq"), _DROP, r"\['state'\]\[0\] has keys \['exp_avg', 'step'\], the optimizer"),
     (("optimizer", "state", 0, "step"), -1, r"\['state'\]\[0\]\['step'\] is -1, expected a count"),
+    (("optimizer", "state", 0, "step"), -1.0, r"\['state'\]\[0\]\['step'\] is -1.0, expected a count"),
+    (("optimizer", "state", 0, "step"), 2.5, r"\['state'\]\[0\]\['step'\] is 2.5, expected a count"),
     (("sharded",), "no", r"sharded is 'no', expected True or False"),
     (("extra",), [], r"extra is a list, expected a dict"),
     (("rng", "torch"), torch.zeros(4, dtype=torch.uint8), r"rng\['torch'\] has shape \(4,\), expected \(5056,\)"),

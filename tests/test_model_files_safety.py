@@ -351,6 +351,16 @@ def test_hf_counts_are_checked_against_the_tensors(tmp_path, model_dir, change, 
     expect_error(path, CheckpointError, *words)
 
 
+def test_a_weight_stored_as_integers_is_refused(tmp_path, model_dir):
+    """A float parameter whose safetensors entry says I32 (a consistent header, so safetensors reads it)."""
+    path = copy_dir(model_dir, tmp_path / "m")
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].view(torch.int32)
+    (path / "model.safetensors").unlink()
+    save_file(tensors, path / "model.safetensors")
+    expect_error(path, CheckpointError, "'model.norm.weight' has dtype torch.int32", "floating-point", file=str(path))
+
+
 def test_huge_layer_count_is_a_four_byte_edit_refused_fast(tmp_path, model_dir):
     path = copy_dir(model_dir, tmp_path / "m")
     text = (model_dir / "config.json").read_text()

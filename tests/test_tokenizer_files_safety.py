@@ -11,6 +11,7 @@ import base64
 import copy
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import tokenizers
 from tokenizers import Regex
 from tokenizers import pre_tokenizers as hf_pre
 
+import lmforge
 from lmforge.tokenizer import GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer, train_bpe
 from lmforge.tokenizer.formats import (
     TokenizerFileError,
@@ -262,6 +264,15 @@ def test_a_vocabulary_without_some_byte_tokens_loads_and_names_the_byte_it_canno
     assert tok.encode("abc") == [257]
     with pytest.raises(LmforgeError, match=r"byte 0x04"):
         tok.encode("a\x04")
+
+
+def test_the_byte_error_names_the_file_the_tokenizer_came_from(tmp_path):
+    data = tokenizer_json_with(BYTE_LEVEL | {"use_regex": True})
+    del data["model"]["vocab"][bytes_to_unicode()[4]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    tok = lmforge.load_tokenizer(tmp_path)
+    with pytest.raises(LmforgeError, match=rf"^{re.escape(str(tmp_path))}: cannot encode b'\\x04': byte 0x04"):
+        tok.encode("\x04")
 
 
 # ----------------------------------------------------------------------------------------------------------------

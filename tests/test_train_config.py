@@ -292,3 +292,14 @@ def test_optimizer_kwargs_build_every_optimizer(name):
         assert tuple(group["betas"]) == (0.85, 0.9)
     if name in ("sgd", "muon"):
         assert group["momentum"] == 0.8
+
+
+def test_field_errors_name_the_toml_file_and_its_overrides(tmp_path):
+    path = write(tmp_path, "[optim]\nlr = 1e30\n")
+    assert error(path).startswith(f"{path}: invalid optim.lr=1e+30")
+    assert error(write(tmp_path, "", "empty.toml"), "optim.lr=-1").startswith(
+        f"{tmp_path / 'empty.toml'} (with --set optim.lr=-1): invalid optim.lr=-1"
+    )
+    assert error(None, "optim.lr=-1").startswith("invalid optim.lr=-1")
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\n")
+    assert error(tmp_path / "latin1.toml") == f"{tmp_path / 'latin1.toml'}: not UTF-8 text (byte 5)"

@@ -51,7 +51,9 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
         from lmforge.tokenizer.gguf_vocab import tokenizer_from_gguf
 
         with GGUFFile(path) as gguf:
-            return tokenizer_from_gguf(gguf.metadata, str(path))
+            tok = tokenizer_from_gguf(gguf.metadata, str(path))
+        tok.source = str(path)
+        return tok
     return load_any(path, **kwargs)
 
 

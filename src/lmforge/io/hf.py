@@ -159,6 +159,9 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
                     f"{path}: tensor {m.theirs[0]!r} has shape {tuple(t.shape)}; "
                     f"the config needs {tuple(expected[name].shape)} for {name}"
                 )
+            if t.is_floating_point() != expected[name].is_floating_point():
+                kind = "a floating-point" if expected[name].is_floating_point() else f"a {expected[name].dtype}"
+                raise CheckpointError(f"{path}: tensor {m.theirs[0]!r} has dtype {t.dtype}; {name} needs {kind} tensor")
             keep = not t.is_floating_point() or name.endswith(KEEP_FP32)
             state[name] = t.to(dtype) if dtype is not None and not keep else t
     extra = [n for n in stored if n not in used and not _ignored(n, cfg)]

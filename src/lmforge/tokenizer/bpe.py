@@ -252,6 +252,7 @@ class Tokenizer:
     model_max_length: int | None = None
     eot_token: str | None = None  # end of turn (GGUF tokenizer.ggml.eot_token_id): generation stops there too
     add_bos_token: bool = False  # encode_prompt puts bos_token first
+    source: str | None = None  # the file or directory it was loaded from, named in encode errors
 
     def __init__(
         self,
@@ -335,7 +336,8 @@ class Tokenizer:
         ids = [self._byte_ids[b] for b in data]
         if None in ids:
             raise LmforgeError(
-                f"cannot encode {data[:40]!r}: byte {data[ids.index(None)]:#04x} has no token in this vocabulary"
+                f"{self.source or 'tokenizer'}: cannot encode {data[:40]!r}: byte {data[ids.index(None)]:#04x} has "
+                "no token in this vocabulary"
             )
         return merge_ranked(ids, self._ranks, self._merged)
 

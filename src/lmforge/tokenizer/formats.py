@@ -815,8 +815,13 @@ def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
 def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
     """Load a tokenizer from a directory (tokenizer.json preferred, else vocab.json + merges.txt, else a single
     ``*.tiktoken`` file) or from a ``tokenizer.json`` / ``.tiktoken`` file. `kwargs` go to `load_tiktoken`
-    (pattern, special_tokens) for rank files."""
-    path = Path(path)
+    (pattern, special_tokens) for rank files. ``tok.source`` is `path`, named by encode errors."""
+    tok = _load_any(Path(path), **kwargs)
+    tok.source = str(path)
+    return tok
+
+
+def _load_any(path: Path, **kwargs: Any) -> Tokenizer:
     if kwargs and not (path.suffix == ".tiktoken" or (path.is_dir() and not (path / "tokenizer.json").exists())):
         raise TypeError(f"load_tokenizer: {', '.join(kwargs)} only apply to .tiktoken rank files")
     if path.is_dir():

@@ -521,8 +521,14 @@ def _check_state_entry(check: _Checker, field: str, state: Any, probed: tuple[di
                 check.fail(where, f"has dtype {value.dtype}, the optimizer keeps {ref.dtype}")
         elif ref is not None and not _same_kind(value, ref):
             check.fail(where, f"is {_describe(value)}, expected {_kind(ref)}")
-        if isinstance(value, int) and not 0 <= value < _INT64:
-            check.fail(where, f"is {value}, expected a count in [0, 2**63)")
+        count = value.item() if key == "step" and isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if (isinstance(value, int) or key == "step") and not _is_count(count):
+            check.fail(where, f"is {count}, expected a count in [0, 2**63)")
+
+
+def _is_count(value: Any) -> bool:
+    """A whole number in [0, 2**63) (optimizers keep step counts as ints, floats or 0-d tensors)."""
+    return isinstance(value, int | float) and math.isfinite(value) and value == int(value) and 0 <= value < _INT64
 
 
 def _check_optimizer(

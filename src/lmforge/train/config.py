@@ -531,11 +531,20 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None  # tomllib's message ends "(at line L, column C)"
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """The `TrainConfig` of the TOML file at `path` (None: no file, all defaults) with `overrides` applied in order."""
+    """The `TrainConfig` of the TOML file at `path` (None: no file, all defaults) with `overrides` applied in order.
+    A `ConfigError` about a field names the file (and says when --set overrides were applied to it)."""
     d = read_toml(path) if path is not None else {}
     for override in overrides:
         apply_override(d, override)
-    return from_dict(d)
+    try:
+        return from_dict(d)
+    except ConfigError as e:
+        if path is None:
+            raise
+        origin = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
+        raise ConfigError(f"{origin}: {e}") from None
