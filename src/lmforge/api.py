@@ -68,6 +68,4 @@ def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = Non
         return
     from lmforge.io.hf import save_hf
 
-    save_hf(model, path)
-    if tokenizer is not None:
-        tokenizer.save(path)
+    save_hf(model, path, tokenizer=tokenizer)

@@ -29,7 +29,7 @@ from lmforge.config import ModelConfig
 from lmforge.io.hf_arch import HF_CLASSES, IGNORED, CheckpointError, check_structure, config_from_hf, tensor_maps
 from lmforge.io.safetensors_mmap import SafetensorsFile
 from lmforge.model.transformer import Transformer
-from lmforge.utils.atomic import atomic_path, atomic_write
+from lmforge.utils.atomic import atomic_directory, atomic_path, atomic_write
 
 SHARD_BYTES = 4 * 1024**3
 KEEP_FP32 = ("score_bias",)  # routing-critical buffers that stay float32 whatever dtype is asked for
@@ -187,10 +187,13 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_hf(model: Transformer, path: str | Path, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write `config.json` and safetensors weights (sharded with an index above `shard_bytes`)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def save_hf(
+    model: Transformer, path: str | Path, shard_bytes: int = SHARD_BYTES, tokenizer: Any | None = None
+) -> None:
+    """Write `config.json` and safetensors weights (sharded with an index above `shard_bytes`), and the
+    tokenizer's files when given. The directory is replaced whole (`atomic_directory`): a reader, or a process
+    killed mid-save, sees the old model or the new one, never a mix; other files already in it are kept, and
+    the old version's weight files and index are not."""
     tensors = hf_state_dict(model)
     config = model.config.to_hf()
     config["architectures"] = [HF_CLASSES[model.config.arch]]
@@ -204,15 +207,23 @@ def save_hf(model: Transformer, path: str | Path, shard_bytes: int = SHARD_BYTES
             size = 0
         shards[-1][name] = t
         size += nbytes
-    if len(shards) == 1:
-        _atomic_save_tensors(shards[0], path / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save_tensors(shard, path / fname)
-            weight_map.update(dict.fromkeys(shard, fname))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(path / "model.safetensors.index.json", json.dumps(index, indent=2))
-    atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_directory(path, replaces=_is_weight_file) as out:
+        if len(shards) == 1:
+            _atomic_save_tensors(shards[0], out / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                _atomic_save_tensors(shard, out / fname)
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            atomic_write(out / INDEX, json.dumps(index, indent=2))
+        atomic_write(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(out)
+
+
+def _is_weight_file(name: str) -> bool:
+    """A file of a model's weights (a shard or the index) that a new save replaces rather than keeps."""
+    return name == INDEX or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name) is not None
