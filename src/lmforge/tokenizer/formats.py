@@ -74,7 +74,7 @@ from lmforge.tokenizer.pretokenize import (
     SPLIT_BEHAVIORS,
     SplitRule,
 )
-from lmforge.utils.atomic import atomic_write
+from lmforge.utils.atomic import atomic_directory, atomic_write
 from lmforge.utils.errors import LmforgeError
 
 __all__ = [
@@ -802,14 +802,19 @@ def save_vocab_merges(tok: Tokenizer, directory: str | Path) -> None:
 def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
     """Write tokenizer.json + tokenizer_config.json + tokenizer.tiktoken into `directory`.
 
-    The rank file is skipped, with a warning, when the vocabulary cannot be expressed as tiktoken ranks.
+    The rank file is skipped, with a warning, when the vocabulary cannot be expressed as tiktoken ranks. The
+    directory is replaced whole (`atomic_directory`): the three files always belong to one tokenizer, other files
+    in it (a model's weights) are kept.
     """
-    directory = Path(directory)
-    save_hf_tokenizer(tok, directory)
-    try:
-        save_tiktoken(tok, directory / "tokenizer.tiktoken")
-    except ValueError as e:
-        warnings.warn(f"tokenizer.tiktoken not written: {e}", stacklevel=2)
+    with atomic_directory(directory, replaces=SAVED_FILES.__contains__) as out:
+        save_hf_tokenizer(tok, out)
+        try:
+            save_tiktoken(tok, out / "tokenizer.tiktoken")
+        except ValueError as e:
+            warnings.warn(f"tokenizer.tiktoken not written: {e}", stacklevel=2)
+
+
+SAVED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.tiktoken")  # what save_tokenizer writes
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
