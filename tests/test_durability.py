@@ -163,8 +163,9 @@ def test_tokenizer_files_are_whole_after_sigkill(tmp_path, tokenizers):
 
     def check() -> None:
         version = which_version(folder / "tokenizer.json", expected["tokenizer.json"])
-        for rel in expected:  # the three files always belong to the same tokenizer
-            assert which_version(folder / rel, expected[rel]) == version, f"{rel} is from the other version"
+        for rel, pair in expected.items():  # the files always belong to the same tokenizer
+            seen = which_version(folder / rel, pair)
+            assert seen == version or pair[0] == pair[1], f"{rel} is from the other version"
         text = "Shall I compare thee to a summer's day?"
         assert lmforge.load_tokenizer(folder).encode(text) == tokenizers[version - 1].encode(text)
 
