@@ -266,6 +266,16 @@ def test_a_vocabulary_without_some_byte_tokens_loads_and_names_the_byte_it_canno
         tok.encode("a\x04")
 
 
+@pytest.mark.parametrize("byte", [0x0A, 0x20, ord("e"), 0x7E])
+def test_a_vocabulary_without_a_byte_of_plain_text_is_refused_at_load(tmp_path, byte):
+    data = tokenizer_json_with(BYTE_LEVEL | {"use_regex": True})
+    del data["model"]["vocab"][bytes_to_unicode()[byte]]
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if bytes_to_unicode()[byte] not in m]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerFileError, match=rf"tokenizer.json: model.vocab: no token for the byte {byte:#04x}"):
+        lmforge.load_tokenizer(tmp_path)
+
+
 def test_the_byte_error_names_the_file_the_tokenizer_came_from(tmp_path):
     data = tokenizer_json_with(BYTE_LEVEL | {"use_regex": True})
     del data["model"]["vocab"][bytes_to_unicode()[4]]

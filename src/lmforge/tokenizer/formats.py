@@ -50,8 +50,9 @@ ids non-negative ints (not bools, floats or strings), unique, and at most ``2 * 
 corrupt file that would size embeddings for it); tokens unique strings of the byte-level alphabet; merges pairs of
 tokens whose parts and result are in the vocabulary; added tokens ``{"id": int, "content": str}``, no id given to two
 different tokens; tokenizer_config.json fields of the right type; a Split regex that compiles. A ``.tiktoken`` file
-must hold all 256 single bytes (tiktoken fails on a missing one). Other vocabularies may lack a few byte tokens
-(SmolLM2 lacks 21 control and non-UTF-8 bytes): text holding such a byte fails to encode, naming it.
+must hold all 256 single bytes (tiktoken fails on a missing one). Other vocabularies must hold every byte of plain
+text (`TEXT_BYTES`: printable ASCII, tab, newline, carriage return) and may lack others (SmolLM2 lacks 21 control
+and non-UTF-8 bytes): text holding such a byte fails to encode, naming the byte and the tokenizer's file.
 """
 
 from __future__ import annotations
@@ -527,9 +528,21 @@ def _build(
     ignore_merges: bool,
     where: str,
 ) -> Tokenizer:
-    """The Tokenizer, once the id range is checked (see the module docstring)."""
+    """The Tokenizer, once the id range and the text bytes are checked (see the module docstring)."""
     _check_id_range([*vocab, *specials.values()], len(vocab) + len(specials), where)
+    singles = {b[0] for b in vocab.values() if len(b) == 1}
+    missing = next((b for b in TEXT_BYTES if b not in singles), None)
+    if missing is not None:
+        raise TokenizerFileError(
+            f"{where}: no token for the byte {missing:#04x} ({bytes_to_unicode()[missing]!r}): a byte-level "
+            "vocabulary must hold every byte of plain text (printable ASCII, tab, newline, carriage return)"
+        )
     return Tokenizer(vocab, merges, rule, specials, ignore_merges=ignore_merges)
+
+
+# Bytes any text has: a vocabulary without one of them cannot encode ordinary text (refused at load). Real
+# vocabularies may lack others (control bytes, bytes that never occur in UTF-8): those fail when encoded.
+TEXT_BYTES = (0x09, 0x0A, 0x0D, *range(0x20, 0x7F))
 
 
 def tokenizer_from_hf(
