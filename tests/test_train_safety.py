@@ -178,6 +178,7 @@ LLAMA3 = ["model.rope_scaling.kind=llama3", "model.rope_scaling.original_max_seq
         (["train.max_consecutive_skips=0"], "train.max_consecutive_skips"),
         (["data.val_fraction=nan"], "data.val_fraction"),
         (["schedule.min_lr_ratio=nan"], "schedule.min_lr_ratio"),
+        (["schedule.kind=cosine", "schedule.decay_fraction=nan"], "schedule.decay_fraction"),
         ([f"schedule.warmup_steps={BIG}"], "schedule.warmup_steps"),
         ([f"schedule.total_steps={BIG}"], "schedule.total_steps"),
         ([f"train.max_steps={BIG}"], "train.max_steps"),

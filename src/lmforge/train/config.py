@@ -201,8 +201,10 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd only
     decay_shape: str = "1-sqrt"  # wsd only: one of `lmforge.train.schedule.DECAY_SHAPES`
 
-    def __post_init__(self) -> None:  # the rest is checked by `Schedule` (see `build`)
+    def __post_init__(self) -> None:  # the rest is checked by `Schedule` (see `build`), per kind
         _integer("schedule.warmup_steps", self.warmup_steps)
+        _finite("schedule.min_lr_ratio", self.min_lr_ratio)  # finite even where the kind ignores it
+        _finite("schedule.decay_fraction", self.decay_fraction)
         if self.total_steps is not None:
             _integer("schedule.total_steps", self.total_steps, 1)
 
