@@ -239,3 +239,35 @@ def test_a_long_message_stays_on_one_line(model_dir):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "lmforge.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "info" in out.stdout and "init" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["generate", "m", "--prompt", "hi", "--max-tokens", "abc"], ["'--max-tokens'", "lmforge generate --help"]),
+        (["frobnicate"], ["No such command 'frobnicate'", "lmforge --help"]),
+        (["generate"], ["Missing argument 'model'"]),
+        (["info", "--bogus"], ["No such option: --bogus"]),
+    ],
+)
+def test_parser_errors_are_one_line_too(monkeypatch, capsys, argv, words):
+    """The executable (`lmforge.cli:run`) prints the parser's own usage errors as one error: line, exit 2."""
+    from lmforge.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["lmforge", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_the_executable_runs_commands(monkeypatch, capsys):
+    from lmforge.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["lmforge", "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 0 and lmforge.__version__ in capsys.readouterr().out

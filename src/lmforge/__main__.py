@@ -1,5 +1,5 @@
 """`python -m lmforge ...` (and `torchrun --nproc_per_node=N -m lmforge train ...`): the `lmforge` command."""
 
-from lmforge.cli import app
+from lmforge.cli import run
 
-app()
+run()

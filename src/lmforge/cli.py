@@ -6,6 +6,7 @@ broken model or tokenizer file) prints one `error:` line naming the flag or the 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -100,5 +101,20 @@ def init(
     console.print(f"wrote {cfg.arch} model ({preset}) to {out}")
 
 
+def run() -> None:
+    """The `lmforge` executable: `app`, with the usage errors the command-line parser raises itself (an unknown
+    command or flag, ``--max-tokens abc``) printed as one ``error:`` line too, exit status 2 (their usual code)."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C, or EOF at a prompt
+        sys.exit(1)
+    except typer.TyperException as e:  # click's UsageError / BadParameter, as typer vendors them
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        fail(f"{e.format_message()}{hint}")
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    run()
