@@ -1,6 +1,6 @@
 """The `lmforge` command: --version, init, info, and one clear `error:` line for every user mistake.
 
-Every command reports a mistake the same way (`cli_errors.reports_errors`): exit status 1, exactly one line on
+Every command reports a mistake the same way (`lmforge.cli.errors.reports_errors`): exit status 1, exactly one line on
 stderr starting with `error:`, naming the flag (`--top-p`, not `SamplingParams.top_p`) or the file, and no
 traceback (CliRunner records an escaped exception as `result.exception`; a clean exit is a SystemExit).
 """

@@ -316,7 +316,7 @@ def test_other_families_name_their_keys(arch, change, words):
 
 def test_cli_and_describe_speak_config_json(tmp_path, model_dir):
     from lmforge.cli import app
-    from lmforge.inspect import describe
+    from lmforge.io.summary import describe
 
     path = copy_dir(model_dir, tmp_path / "m")
     cfg = json.loads((model_dir / "config.json").read_text())

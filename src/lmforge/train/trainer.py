@@ -141,7 +141,7 @@ class Trainer:
     """Trains `model` with `optimizer` on `train_data` for `max_steps` steps (see the module docstring).
 
     Several processes: `dist` from `distributed.setup()` and `parallel =
-    distributed.parallelize(ModelLoss(model), strategy, dist)`, made before the optimizer (see train_cli.py)."""
+    distributed.parallelize(ModelLoss(model), strategy, dist)`, made before the optimizer (see train/run.py)."""
 
     def __init__(
         self,

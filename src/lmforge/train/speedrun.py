@@ -1,4 +1,4 @@
-"""`lmforge speedrun`: the whole pipeline, raw text to a chatting model, in one command and a few minutes.
+"""The speedrun pipeline (`lmforge speedrun`): raw text to a chatting model, in one call and a few minutes.
 
     corpus     stories from the grammar of `data/stories.py` (its entropy in bits per byte is known exactly),
                or the user's text files (--data)
@@ -13,6 +13,10 @@
                config, timings of every stage                                         -> report.md
 
 `lmforge generate runs/speedrun/model.gguf --prompt "Once upon a time"` then continues a story.
+
+`run_speedrun` reports each finished stage through `on_stage(name, seconds)` (the CLI prints it) and raises an
+`LmforgeError` for a user's mistake (a bad --minutes, --stories or --preset, a run directory already used, a
+missing --data file); `lmforge.cli.speedrun` only parses the flags and calls it.
 """
 
 from __future__ import annotations
@@ -20,13 +24,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-
-from lmforge.cli_errors import err, fail
 from lmforge.data.shards import text_files
+from lmforge.train.run import build_trainer, export_run
 from lmforge.utils.atomic import atomic_write
 from lmforge.utils.errors import LmforgeError
 
@@ -38,12 +41,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "vocab": 4096, "seq_len": 512, "batch_size": 32, "stories": 300_000, "lr": 1e-3},
 }  # fmt: skip
 PROMPTS = ("Once upon a time", "One morning, Mia", "The end")
+StageCallback = Callable[[str, float], None]  # (stage name, its seconds), called as each stage ends
 
 
-def _stage(name: str, timings: dict[str, float], start: float) -> float:
+def _stage(name: str, timings: dict[str, float], start: float, on_stage: StageCallback | None) -> float:
+    """Record the stage that began at `start` (perf_counter) as ending now, report it, return now."""
     now = time.perf_counter()
     timings[name] = now - start
-    err.print(f"[dim]{name}: {now - start:.1f} s[/dim]")
+    if on_stage is not None:
+        on_stage(name, now - start)
     return now
 
 
@@ -73,12 +79,10 @@ def _config(preset: dict[str, Any], out: Path, shards: Path, tok_dir: Path, voca
 
 def _steps_for(cfg: Any, seconds: float) -> int:
     """Optimizer steps that fit in `seconds`, from the speed of 3 timed steps (after 1 warm-up) on a scratch copy."""
-    from lmforge.train_cli import build_trainer
-
     scratch = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir) / ".calibrate"))
     )
-    trainer, _ = build_trainer(scratch, progress=False)
+    trainer = build_trainer(scratch, progress=False)
     trainer.train_step(0)
     start = time.perf_counter()
     for step in range(1, 4):
@@ -87,53 +91,72 @@ def _steps_for(cfg: Any, seconds: float) -> int:
     return max(10, int(seconds * 0.92 / per_step))  # 8% for evaluations
 
 
-def run(out: Path, minutes: float, data: list[Path] | None, preset_name: str, n_stories: int | None) -> Path:
-    """The whole speedrun; returns the report's path. A bad --preset, a run directory already used or a missing
-    --data file raise LmforgeError."""
+def run_speedrun(
+    out: Path,
+    minutes: float = 5.0,
+    data: list[Path] | None = None,
+    preset: str = "cpu",
+    stories: int | None = None,
+    on_stage: StageCallback | None = None,
+) -> Path:
+    """The whole speedrun into `out`, training for about `minutes`, on `data` (text files or directories of
+    *.txt; None: `stories` stories of the grammar, default the preset's); returns the report's path. The values
+    are checked first (module doc): each mistake raises an LmforgeError naming its flag."""
     import torch
 
     from lmforge.data.shards import write_shards
     from lmforge.infer.generate import generate_text
     from lmforge.tokenizer import train_bpe
+    from lmforge.tokenizer.formats import load_tokenizer
     from lmforge.train.config import save_resolved
-    from lmforge.train_cli import build_trainer, export_run
 
-    if preset_name not in PRESETS:
-        raise LmforgeError(f"unknown --preset {preset_name!r}: choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
-    if (out / "checkpoints").exists():
-        raise LmforgeError(f"{out}: already holds a run; choose another --out or delete it")
+    settings = _check(out, minutes, preset, stories)
     timings: dict[str, float] = {}
     begin = t = time.perf_counter()
-    files, stats = _corpus(out, data, n_stories or preset["stories"])
+    files, stats = _corpus(out, data, stories or settings["stories"])
     corpus_bytes = sum(f.stat().st_size for f in files)
-    t = _stage("corpus", timings, t)
-    tok = train_bpe(files=files, vocab_size=preset["vocab"], special_tokens=["<|endoftext|>"], progress=False)
+    t = _stage("corpus", timings, t, on_stage)
+    tok = train_bpe(files=files, vocab_size=settings["vocab"], special_tokens=["<|endoftext|>"], progress=False)
     tok.eos_token = "<|endoftext|>"
     tok.save(out / "tokenizer")
-    t = _stage("tokenizer", timings, t)
+    t = _stage("tokenizer", timings, t, on_stage)
     manifest = write_shards(tok, files, out / "shards", progress=False)
-    t = _stage("shards", timings, t)
+    t = _stage("shards", timings, t, on_stage)
     vocab = 64 * -(-tok.vocab_size // 64)  # rounded up to a multiple of 64
-    cfg = _config(preset, out, out / "shards", out / "tokenizer", vocab, max_steps=10)
+    cfg = _config(settings, out, out / "shards", out / "tokenizer", vocab, max_steps=10)
     max_steps = _steps_for(cfg, minutes * 60)
-    cfg = _config(preset, out, out / "shards", out / "tokenizer", vocab, max_steps)
-    t = _stage("calibrate", timings, t)
+    cfg = _config(settings, out, out / "shards", out / "tokenizer", vocab, max_steps)
+    t = _stage("calibrate", timings, t, on_stage)
     save_resolved(cfg, out)
-    trainer, tokenizer = build_trainer(cfg)
+    tokenizer = load_tokenizer(out / "tokenizer")
+    trainer = build_trainer(cfg, tokenizer)
     trainer.time_budget_s = minutes * 60 * 1.1  # a safety net; the step count is what normally ends the run
     last = trainer.fit(resume=False)
-    t = _stage("train", timings, t)
+    t = _stage("train", timings, t, on_stage)
     written = export_run(trainer.model, tokenizer, out)
-    t = _stage("export", timings, t)
+    t = _stage("export", timings, t, on_stage)
     model = trainer.model.eval()
     samples = [(p, generate_text(model, tokenizer, p, temperature=0.7, top_k=40, seed=i, max_tokens=64))
                for i, p in enumerate(PROMPTS)]  # fmt: skip
-    t = _stage("samples", timings, t)
+    t = _stage("samples", timings, t, on_stage)
     timings["total"] = time.perf_counter() - begin
     report = _report(cfg, last, trainer, stats, corpus_bytes, manifest, samples, timings, written, torch.__version__)
     atomic_write(out / "report.md", report)
     return out / "report.md"
+
+
+def _check(out: Path, minutes: float, preset: str, stories: int | None) -> dict[str, Any]:
+    """The preset's settings, once the values a user gives are known to be usable: --minutes finite and > 0,
+    --stories >= 1, a known --preset, and an `out` that holds no run yet (a run is never overwritten)."""
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise LmforgeError(f"--minutes={minutes}: must be a finite number > 0")
+    if stories is not None and stories < 1:
+        raise LmforgeError(f"--stories={stories}: must be an integer >= 1")
+    if preset not in PRESETS:
+        raise LmforgeError(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if (out / "checkpoints").exists():
+        raise LmforgeError(f"{out}: already holds a run; choose another --out or delete it")
+    return PRESETS[preset]
 
 
 def _report(cfg, last, trainer, stats, corpus_bytes, manifest, samples, timings, written, torch_version) -> str:
@@ -165,23 +188,3 @@ def _report(cfg, last, trainer, stats, corpus_bytes, manifest, samples, timings,
     lines += ["- `config.toml`, `log.jsonl`, `loss.png`, `tokenizer/`, `shards/`, `checkpoints/`"]
     lines += ["", "## Config", "", "```toml", dumps(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
-
-
-def speedrun_command(
-    minutes: Annotated[float, typer.Option(help="Training time in minutes (the other stages add about one).")] = 5.0,
-    out: Annotated[
-        Path, typer.Option(help="The run directory (report.md, hf/, model.gguf, loss.png, log.jsonl).")
-    ] = Path("runs/speedrun"),
-    data: Annotated[
-        list[Path] | None, typer.Option(help="Text files or directories of *.txt instead of the story grammar.")
-    ] = None,
-    preset: Annotated[str, typer.Option(help="Model size: cpu (default) or gpu.")] = "cpu",
-    stories: Annotated[int | None, typer.Option(help="Stories to generate (default: the preset's).")] = None,
-) -> None:
-    """Build a corpus, train a tokenizer and a model, evaluate, sample and export it: the whole pipeline."""
-    if not (math.isfinite(minutes) and minutes > 0):
-        raise fail(f"--minutes={minutes}: must be a finite number > 0")
-    if stories is not None and stories < 1:
-        raise fail(f"--stories={stories}: must be an integer >= 1")
-    report = run(out, minutes, data, preset, stories)
-    err.print(f"report: {report}", highlight=False)

@@ -1,4 +1,10 @@
-"""Summaries of model files for `lmforge info`, without loading the weights into memory."""
+"""Summaries of model files, without loading the weights into memory (what `lmforge info` shows).
+
+    describe(path)          a Hugging Face directory or GGUF file: architecture, config fields, parameters,
+                            dtype, size on disk
+    describe_gguf(path)     a GGUF file: its metadata, tensor types and the lmforge config it loads as
+    gguf_tensor_rows(path)  (name, type, shape, size) of every tensor of a GGUF file
+"""
 
 from __future__ import annotations
 

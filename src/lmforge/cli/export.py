@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lmforge.cli_errors import fail
+from lmforge.cli.errors import fail
 
 console = Console()
 

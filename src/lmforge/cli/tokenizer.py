@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmforge.cli_errors import fail, reports_errors
+from lmforge.cli.errors import fail, reports_errors
 from lmforge.data.shards import text_files
 
 app = typer.Typer(help="Train, apply and inspect byte-level BPE tokenizers.", no_args_is_help=True)

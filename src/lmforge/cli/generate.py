@@ -1,8 +1,8 @@
 """`lmforge generate` and `lmforge chat`: run a model from the command line.
 
-Errors are reported by `cli_errors.reports_errors` (cli.py wraps both commands): a bad flag value is named by its
-flag (`--top-p`, `--seed`, `--dtype`), a bad model file by its path and key. In `chat`, a turn that does not fit
-the model's context prints an `error:` line and is dropped; the conversation goes on (`/reset` empties it).
+Errors are reported by `errors.reports_errors` (cli/__init__.py wraps both commands): a bad flag value is named by
+its flag (`--top-p`, `--seed`, `--dtype`), a bad model file by its path and key. In `chat`, a turn that does not
+fit the model's context prints an `error:` line and is dropped; the conversation goes on (`/reset` empties it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lmforge.cli_errors import err, fail
+from lmforge.cli.errors import err, fail
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,7 +52,7 @@ def _load(path: Path, dtype: str) -> tuple[Any, Any]:
 
 
 def _params(**values: Any) -> Any:
-    """SamplingParams from the flags that were given (its errors name the flag, see cli_errors)."""
+    """SamplingParams from the flags that were given (its errors name the flag, see cli/errors.py)."""
     from lmforge.infer.sampling import SamplingParams
 
     return SamplingParams(**{k: v for k, v in values.items() if v is not None})

@@ -1,0 +1,33 @@
+"""`lmforge speedrun`: the whole pipeline (corpus -> tokenizer -> shards -> calibrate -> train -> export -> report)
+in one command; `lmforge.train.speedrun` runs it, this file parses the flags and prints each stage's time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmforge.cli.errors import err
+
+
+def _print_stage(name: str, seconds: float) -> None:
+    err.print(f"[dim]{name}: {seconds:.1f} s[/dim]")
+
+
+def speedrun_command(
+    minutes: Annotated[float, typer.Option(help="Training time in minutes (the other stages add about one).")] = 5.0,
+    out: Annotated[
+        Path, typer.Option(help="The run directory (report.md, hf/, model.gguf, loss.png, log.jsonl).")
+    ] = Path("runs/speedrun"),
+    data: Annotated[
+        list[Path] | None, typer.Option(help="Text files or directories of *.txt instead of the story grammar.")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="Model size: cpu (default) or gpu.")] = "cpu",
+    stories: Annotated[int | None, typer.Option(help="Stories to generate (default: the preset's).")] = None,
+) -> None:
+    """Build a corpus, train a tokenizer and a model, evaluate, sample and export it: the whole pipeline."""
+    from lmforge.train.speedrun import run_speedrun
+
+    report = run_speedrun(out, minutes, data, preset, stories, on_stage=_print_stage)
+    err.print(f"report: {report}", highlight=False)

@@ -1,0 +1,128 @@
+"""Stage wiring for a training run: a `TrainConfig` becomes loaders, a model, an optimizer, a schedule and a
+`Trainer`; at the end the trained model is exported next to its logs.
+
+    build_trainer   TrainConfig (+ the tokenizer data.tokenizer names) -> Trainer: token shards -> train/val
+                    loaders (the global batch split over torchrun's ranks), the model wrapped for dist.strategy,
+                    the optimizer over its parameters, the schedule
+    export_run      the trained model -> run_dir/hf (Hugging Face) and run_dir/model.gguf (F16, when GGUF can
+                    hold it)
+    run_training    both, with the resolved config saved and the run resumed from its newest checkpoint: what
+                    `lmforge train` runs (`lmforge.cli.train` only parses flags and prints the result)
+
+A mistake in the config (including a value the trainer or the loaders refuse) raises a `ConfigError` naming the
+config key; a checkpoint that cannot be resumed and a run that diverges raise their own `LmforgeError`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmforge.config import ConfigError
+from lmforge.data.loader import RandomWindowLoader, SequentialLoader, TokenDataset
+from lmforge.io.gguf_export import save_gguf
+from lmforge.io.hf import save_hf
+from lmforge.model.transformer import Transformer
+from lmforge.train import distributed
+from lmforge.train.checkpoint import gather_model
+from lmforge.train.config import TrainConfig, save_resolved
+from lmforge.train.distributed import DistInfo
+from lmforge.train.loss import ModelLoss
+from lmforge.train.optim import build_optimizer
+from lmforge.train.trainer import Trainer
+from lmforge.utils.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from lmforge.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run leaves: its last step and metrics, the exported paths (rank 0 only) and the process
+    group to leave (`distributed.shutdown(result.dist)` ends a multi-process run)."""
+
+    step: int
+    metrics: dict[str, Any]
+    written: list[Path]
+    dist: DistInfo
+
+
+def build_trainer(cfg: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = True) -> Trainer:
+    """The Trainer for a `TrainConfig` whose data.shards names a shard directory; `tokenizer` is the one
+    data.tokenizer names (for bits per byte, samples and the export), loaded by the caller.
+
+    Under torchrun it joins the process group first: each rank loads `data.batch_size * data.grad_accum` rows of
+    the global batch, and the model is wrapped for `dist.strategy` before the optimizer sees its parameters. A
+    value the trainer or the loaders refuse is a mistake in the config: it is raised as a ConfigError."""
+    try:
+        return _wire(cfg, tokenizer, progress)
+    except LmforgeError:
+        raise
+    except ValueError as e:  # the trainer's and the data loader's checks of values the config set
+        raise ConfigError(str(e)) from None
+
+
+def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> Trainer:
+    """build_trainer without the translation of the stages' ValueErrors."""
+    data, loop = cfg.data, cfg.train
+    if data.shards is None:
+        raise ConfigError("data.shards: no token shards given (make them with `lmforge tokenizer encode`)")
+    dataset = TokenDataset(data.shards)
+    if dataset.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the shards' {dataset.vocab_size}")
+    train_split, val_split = dataset.split(data.val_fraction)
+    info = distributed.setup(cfg.dist.backend, loop.device)
+    rows = data.batch_size * data.grad_accum * info.world_size  # the global batch of one optimizer step
+    loader = RandomWindowLoader if data.loader == "random" else SequentialLoader
+    seed_kw = {"seed": data.seed} if data.loader == "random" else {}
+    train_data = loader(train_split, rows, data.seq_len, **seed_kw, rank=info.rank, world_size=info.world_size)
+    val_data = SequentialLoader(val_split, data.batch_size, data.seq_len) if data.val_fraction > 0 else None
+
+    torch.manual_seed(loop.seed)
+    model = Transformer(cfg.model).to(info.device)
+    parallel = distributed.parallelize(ModelLoss(model), cfg.dist.strategy, info)
+    opt = cfg.optim
+    optimizer = build_optimizer(opt.name, model, opt.lr, opt.weight_decay, **opt.optimizer_kwargs())
+    return Trainer(
+        model, optimizer, cfg.lr_schedule(), train_data,
+        max_steps=loop.max_steps, val_data=val_data, run_dir=loop.out_dir, grad_accum=data.grad_accum,
+        grad_clip=opt.grad_clip or 0.0, precision=loop.precision, compile=loop.compile,
+        activation_checkpointing=loop.activation_checkpointing, chunked_ce=loop.chunked_ce, z_loss=loop.z_loss,
+        label_smoothing=loop.label_smoothing, log_every=loop.log_every, eval_every=loop.eval_every,
+        eval_steps=loop.eval_steps, checkpoint_every=loop.checkpoint_every, keep_last=loop.keep_last,
+        tokenizer=tokenizer, sample_every=loop.sample_every,
+        time_budget_s=loop.time_budget_min * 60 if loop.time_budget_min else None, progress=progress,
+        tensorboard=loop.tensorboard, skip_nonfinite=loop.skip_nonfinite,
+        max_consecutive_skips=loop.max_consecutive_skips, dist=info, parallel=parallel,
+    )  # fmt: skip
+
+
+def export_run(model: torch.nn.Module, tokenizer: Tokenizer | None, run_dir: Path) -> list[Path]:
+    """The trained model as `run_dir/hf` (Hugging Face) and `run_dir/model.gguf` (F16) when GGUF can hold it."""
+    model = model.cpu().eval()
+    save_hf(model, run_dir / "hf", tokenizer=tokenizer)
+    written = [run_dir / "hf"]
+    if tokenizer is not None:
+        try:
+            save_gguf(model, tokenizer, run_dir / "model.gguf", "f16")
+            written.append(run_dir / "model.gguf")
+        except ValueError as e:  # a config or tokenizer GGUF cannot represent: the HF directory is enough
+            warnings.warn(f"no GGUF export: {e}", stacklevel=2)
+    return written
+
+
+def run_training(cfg: TrainConfig, tokenizer: Tokenizer | None = None, resume: bool = True) -> TrainResult:
+    """Train as `cfg` says (module doc): rank 0 saves the resolved config to train.out_dir, the run continues from
+    its newest checkpoint when `resume`, and rank 0 exports the model (FSDP2: the shards gathered first)."""
+    trainer = build_trainer(cfg, tokenizer)
+    run_dir = Path(cfg.train.out_dir)
+    if trainer.dist.is_main:
+        save_resolved(cfg, run_dir)
+    last = trainer.fit(resume=resume)
+    model = gather_model(trainer.model, lambda: Transformer(cfg.model))  # FSDP2: the shards gathered on rank 0
+    written = export_run(model, tokenizer, run_dir) if trainer.dist.is_main else []
+    return TrainResult(step=trainer.step, metrics=last, written=written, dist=trainer.dist)
