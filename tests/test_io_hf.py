@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 import lmforge
 from hf_reference import hf_model
 from lmforge.config import ModelConfig
-from lmforge.io.hf import CheckpointError, save_hf
-from lmforge.io.hf_arch import UnsupportedArchitectureError
+from lmforge.io.hf import ModelFilesError, save_hf
+from lmforge.io.hf_arch import UnsupportedArchitectureError, config_to_hf
 from lmforge.io.safetensors_mmap import SafetensorsError, SafetensorsFile
 from lmforge.model.transformer import Transformer
 
@@ -71,20 +71,20 @@ def _rewrite(src, dst, edit):
 def test_missing_tensor_is_named(tmp_path, llama_dir):
     name = "model.layers.1.mlp.up_proj.weight"
     bad = _rewrite(llama_dir, tmp_path / "m", lambda sd: {k: v for k, v in sd.items() if k != name})
-    with pytest.raises(CheckpointError, match=rf"missing tensor '{name}'"):
+    with pytest.raises(ModelFilesError, match=rf"missing tensor '{name}'"):
         lmforge.load(bad)
 
 
 def test_extra_tensor_is_named(tmp_path, llama_dir):
     bad = _rewrite(llama_dir, tmp_path / "m", lambda sd: {**sd, "model.layers.0.surprise": torch.zeros(3)})
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.surprise'"):
+    with pytest.raises(ModelFilesError, match=r"unexpected tensor 'model\.layers\.0\.surprise'"):
         lmforge.load(bad)
 
 
 def test_misshapen_tensor_is_named(tmp_path, llama_dir):
     name = "model.layers.0.self_attn.k_proj.weight"
     bad = _rewrite(llama_dir, tmp_path / "m", lambda sd: {**sd, name: torch.zeros(7, 64)})
-    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(7, 64\).*\(32, 64\)"):
+    with pytest.raises(ModelFilesError, match=rf"'{name}' has shape \(7, 64\).*\(32, 64\)"):
         lmforge.load(bad)
 
 
@@ -99,13 +99,13 @@ def test_unsupported_architecture_is_named(tmp_path, llama_dir):
 def test_missing_files_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         lmforge.load(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match=r"no config\.json"):
+    with pytest.raises(ModelFilesError, match=r"no config\.json"):
         lmforge.load(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
-    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(ModelConfig.preset("tiny"))))
+    with pytest.raises(ModelFilesError, match=r"no model\.safetensors"):
         lmforge.load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"config\.json: invalid JSON"):
+    with pytest.raises(ModelFilesError, match=r"config\.json: invalid JSON"):
         lmforge.load(tmp_path)
 
 

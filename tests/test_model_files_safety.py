@@ -26,7 +26,7 @@ import lmforge
 from lmforge.config import ConfigError, ModelConfig, MoEConfig
 from lmforge.io.gguf import GGUFError, write_gguf
 from lmforge.io.gguf_model import load_gguf_model
-from lmforge.io.hf import CheckpointError, load_hf
+from lmforge.io.hf import ModelFilesError, load_hf
 from lmforge.io.hf_arch import config_from_hf
 from lmforge.io.safetensors_mmap import SafetensorsError, SafetensorsFile
 from lmforge.model.transformer import Transformer
@@ -240,7 +240,7 @@ def test_bad_index_is_refused(tmp_path, model_dir, case, words):
         other = next(s for s in shards if s != wm["model.norm.weight"])
         text = json.dumps({"weight_map": {**wm, "model.norm.weight": other}})
     (path / "model.safetensors.index.json").write_text(text)
-    expect_error(path, CheckpointError, *words, file="model.safetensors.index.json")
+    expect_error(path, ModelFilesError, *words, file="model.safetensors.index.json")
 
 
 def test_hub_cache_symlinks_to_blobs_load(tmp_path, model_dir):
@@ -287,7 +287,7 @@ def test_config_json_not_an_object(tmp_path, model_dir):
     path = copy_dir(model_dir, tmp_path / "m")
     (path / "config.json").unlink()
     (path / "config.json").write_text("[1, 2]")
-    expect_error(path, CheckpointError, "must be a JSON object", "list")
+    expect_error(path, ModelFilesError, "must be a JSON object", "list")
 
 
 @pytest.mark.parametrize(
@@ -348,7 +348,7 @@ def test_cli_and_describe_speak_config_json(tmp_path, model_dir):
 )
 def test_hf_counts_are_checked_against_the_tensors(tmp_path, model_dir, change, words):
     path = copy_dir(model_dir, tmp_path / "m", change)
-    expect_error(path, CheckpointError, *words)
+    expect_error(path, ModelFilesError, *words)
 
 
 def test_a_weight_stored_as_integers_is_refused(tmp_path, model_dir):
@@ -358,7 +358,7 @@ def test_a_weight_stored_as_integers_is_refused(tmp_path, model_dir):
     tensors["model.norm.weight"] = tensors["model.norm.weight"].view(torch.int32)
     (path / "model.safetensors").unlink()
     save_file(tensors, path / "model.safetensors")
-    expect_error(path, CheckpointError, "'model.norm.weight' has dtype torch.int32", "floating-point", file=str(path))
+    expect_error(path, ModelFilesError, "'model.norm.weight' has dtype torch.int32", "floating-point", file=str(path))
 
 
 def test_huge_layer_count_is_a_four_byte_edit_refused_fast(tmp_path, model_dir):
@@ -367,7 +367,7 @@ def test_huge_layer_count_is_a_four_byte_edit_refused_fast(tmp_path, model_dir):
     assert '"num_hidden_layers": 2,' in text
     (path / "config.json").unlink()
     (path / "config.json").write_text(text.replace('"num_hidden_layers": 2,', '"num_hidden_layers": 99999,'))
-    expect_error(path, CheckpointError, "num_hidden_layers=99999", "layers 0..1")
+    expect_error(path, ModelFilesError, "num_hidden_layers=99999", "layers 0..1")
 
 
 def test_expert_count_is_checked_against_the_tensors(tmp_path):
@@ -375,7 +375,7 @@ def test_expert_count_is_checked_against_the_tensors(tmp_path):
     lmforge.save(Transformer(cfg), tmp_path / "moe")
     assert load_hf(tmp_path / "moe").config.moe.n_experts == 4
     path = copy_dir(tmp_path / "moe", tmp_path / "m", {"num_local_experts": 400_000})
-    expect_error(path, CheckpointError, "num_local_experts=400000", "layer 0 holds experts 0..3")
+    expect_error(path, ModelFilesError, "num_local_experts=400000", "layer 0 holds experts 0..3")
 
 
 # ---------------------------------------------------------------------------- GGUF metadata

@@ -1,12 +1,13 @@
 """Model configuration: one dataclass describes every supported architecture.
 
 A `ModelConfig` is the single source of truth for the shape of a `Transformer`.
-Architecture families differ only in field values (see `lmforge.io.hf_arch` for
-the translation to and from Hugging Face `config.json`), never in code paths
-chosen by name. Every field is validated on construction; a bad value raises
-`ConfigError` naming the field and what is allowed: integers are below 2**63 (int64, as torch and every file
-format store them) and no bool, floats are finite (a NaN rope_theta or an infinite norm_eps can only give NaN
-logits), and no weight matrix has more elements than an int64 counts.
+Architecture families differ only in field values (`lmforge.io.hf_arch.config_from_hf` and
+`config_to_hf` translate to and from Hugging Face `config.json`; this module reads and writes no files),
+never in code paths chosen by name. Every field is validated on construction with the checks of
+`lmforge.configfile`; a bad value raises `ConfigError` naming the field and what is allowed: integers are
+below 2**63 (int64, as torch and every file format store them) and no bool, floats are finite (a NaN
+rope_theta or an infinite norm_eps can only give NaN logits), and no weight matrix has more elements than an
+int64 counts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.utils.errors import LmforgeError
+from lmforge.configfile import (
+    HIDDEN,
+    INT64_LIMIT,
+    ConfigError,
+    check,
+    check_choice,
+    check_finite,
+    check_integer,
+    check_positive,
+    is_finite,
+    is_int,
+)
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "geglu_exact", "gelu", "gelu_tanh")
@@ -26,47 +38,6 @@ ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 LAYER_TYPES = ("full", "sliding")
 SCORINGS = ("softmax", "sigmoid")
 BACKENDS = ("sdpa", "eager")
-INT64_LIMIT = 2**63  # every integer field is below it
-
-
-class ConfigError(LmforgeError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid {name}={value!r}: {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    """A real number (int or float, not bool) that is neither NaN nor infinite."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(name: str, value: Any, low: int = 0) -> None:
-    _check(_is_int(value) and low <= value < INT64_LIMIT, name, value, f"must be an integer >= {low} (< 2**63)")
-
-
-def _positive(name: str, value: Any) -> None:
-    _check(_is_int(value) and 0 < value < INT64_LIMIT, name, value, "must be a positive integer (< 2**63)")
-
-
-def _finite(name: str, value: Any, above: float | None = None, at_least: float | None = None,
-            optional: bool = False) -> None:  # fmt: skip
-    """`value` is a finite number (or None when `optional`), and > `above` / >= `at_least` when given."""
-    if value is None and optional:
-        return
-    ok = _is_finite(value) and (above is None or value > above) and (at_least is None or value >= at_least)
-    bound = f" > {above}" if above is not None else f" >= {at_least}" if at_least is not None else ""
-    _check(ok, name, value, ("must be None or a finite number" if optional else "must be a finite number") + bound)
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, name, value, f"must be one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -88,24 +59,24 @@ class RopeScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        _choice("rope_scaling.kind", self.kind, ROPE_SCALINGS)
+        check_choice("rope_scaling.kind", self.kind, ROPE_SCALINGS)
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            _finite(f"rope_scaling.{name}", getattr(self, name), above=0)
+            check_finite(f"rope_scaling.{name}", getattr(self, name), above=0)
         for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
-            _finite(f"rope_scaling.{name}", getattr(self, name))
-        _finite("rope_scaling.attention_factor", self.attention_factor, above=0, optional=True)
+            check_finite(f"rope_scaling.{name}", getattr(self, name))
+        check_finite("rope_scaling.attention_factor", self.attention_factor, above=0, optional=True)
         if self.original_max_seq_len is not None:
-            _positive("rope_scaling.original_max_seq_len", self.original_max_seq_len)
+            check_positive("rope_scaling.original_max_seq_len", self.original_max_seq_len)
         if self.kind in ("llama3", "yarn") or (self.kind == "dynamic" and self.original_max_seq_len):
-            _check(
+            check(
                 self.original_max_seq_len is not None,
                 "rope_scaling.original_max_seq_len",
                 self.original_max_seq_len,
                 f"a positive integer is required for {self.kind} scaling",
             )
         if self.kind == "llama3":  # the smoothing divides by their difference
-            _check(self.high_freq_factor != self.low_freq_factor, "rope_scaling.high_freq_factor",
-                   self.high_freq_factor, "must differ from low_freq_factor for llama3 scaling")  # fmt: skip
+            check(self.high_freq_factor != self.low_freq_factor, "rope_scaling.high_freq_factor",
+                  self.high_freq_factor, "must differ from low_freq_factor for llama3 scaling")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,9 +91,9 @@ class MLAConfig:
 
     def __post_init__(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            _positive(f"mla.{name}", getattr(self, name))
+            check_positive(f"mla.{name}", getattr(self, name))
         if self.q_lora_rank is not None:
-            _positive("mla.q_lora_rank", self.q_lora_rank)
+            check_positive("mla.q_lora_rank", self.q_lora_rank)
 
 
 @dataclass(frozen=True)
@@ -149,36 +120,36 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_experts", "top_k", "d_expert", "n_group", "topk_group", "layer_step"):
-            _positive(f"moe.{name}", getattr(self, name))
-        _choice("moe.scoring", self.scoring, SCORINGS)
-        _check(self.top_k <= self.n_experts, "moe.top_k", self.top_k, f"must be <= n_experts={self.n_experts}")
-        _check(
+            check_positive(f"moe.{name}", getattr(self, name))
+        check_choice("moe.scoring", self.scoring, SCORINGS)
+        check(self.top_k <= self.n_experts, "moe.top_k", self.top_k, f"must be <= n_experts={self.n_experts}")
+        check(
             self.n_experts % self.n_group == 0,
             "moe.n_group",
             self.n_group,
             f"must divide n_experts={self.n_experts}",
         )
-        _check(self.topk_group <= self.n_group, "moe.topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
-        _choice("moe.group_score", self.group_score, ("max", "top2_sum"))
+        check(self.topk_group <= self.n_group, "moe.topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
+        check_choice("moe.group_score", self.group_score, ("max", "top2_sum"))
         group_size = self.n_experts // self.n_group
-        _check(
+        check(
             self.top_k <= self.topk_group * group_size,
             "moe.top_k",
             self.top_k,
             f"must be <= topk_group * experts per group = {self.topk_group * group_size}",
         )
         if self.group_score == "top2_sum" and self.topk_group < self.n_group:
-            _check(group_size >= 2, "moe.n_group", self.n_group, "top2_sum group scores need >= 2 experts per group")
-        _integer("moe.n_shared_experts", self.n_shared_experts)
-        _integer("moe.first_k_dense", self.first_k_dense)
-        _check(isinstance(self.dense_layers, tuple | list), "moe.dense_layers", self.dense_layers, "must be a list")
+            check(group_size >= 2, "moe.n_group", self.n_group, "top2_sum group scores need >= 2 experts per group")
+        check_integer("moe.n_shared_experts", self.n_shared_experts)
+        check_integer("moe.first_k_dense", self.first_k_dense)
+        check(isinstance(self.dense_layers, tuple | list), "moe.dense_layers", self.dense_layers, "must be a list")
         for i, layer in enumerate(self.dense_layers):
-            _integer(f"moe.dense_layers[{i}]", layer)
+            check_integer(f"moe.dense_layers[{i}]", layer)
         if self.d_shared is not None:
-            _positive("moe.d_shared", self.d_shared)
-        _finite("moe.routed_scaling_factor", self.routed_scaling_factor)
+            check_positive("moe.d_shared", self.d_shared)
+        check_finite("moe.routed_scaling_factor", self.routed_scaling_factor)
         for name in ("aux_loss_coef", "z_loss_coef"):
-            _finite(f"moe.{name}", getattr(self, name), at_least=0)
+            check_finite(f"moe.{name}", getattr(self, name), at_least=0)
 
     @property
     def shared_size(self) -> int:
@@ -229,16 +200,17 @@ class ModelConfig:
     final_softcap: float | None = None
     # runtime (not part of the checkpoint)
     attn_backend: str = "sdpa"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown HF fields, kept for to_hf
+    # unknown HF config.json fields, written back by config_to_hf; not a field of a TOML config file
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, metadata=HIDDEN)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         kv = self.kv_heads
-        _positive("n_kv_heads", kv)
-        _check(self.n_heads % kv == 0, "n_kv_heads", kv, f"must divide n_heads={self.n_heads}")
+        check_positive("n_kv_heads", kv)
+        check(self.n_heads % kv == 0, "n_kv_heads", kv, f"must divide n_heads={self.n_heads}")
         if self.head_dim is None and self.mla is None:
-            _check(
+            check(
                 self.d_model % self.n_heads == 0,
                 "head_dim",
                 None,
@@ -247,42 +219,42 @@ class ModelConfig:
         if self.head_dim is None and self.mla is None:  # normalise, so equal shapes compare equal
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.head_dim is not None:
-            _positive("head_dim", self.head_dim)
-        _choice("norm", self.norm, NORMS)
-        _finite("norm_eps", self.norm_eps, above=0)
-        _finite("rope_theta", self.rope_theta, above=0)
-        _choice("mlp", self.mlp, MLPS)
-        _choice("position", self.position, POSITIONS)
-        _choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
-        _choice("attn_backend", self.attn_backend, BACKENDS)
-        _check(_is_finite(self.rotary_fraction) and 0 < self.rotary_fraction <= 1, "rotary_fraction",
-               self.rotary_fraction, "must be in (0, 1]")  # fmt: skip
+            check_positive("head_dim", self.head_dim)
+        check_choice("norm", self.norm, NORMS)
+        check_finite("norm_eps", self.norm_eps, above=0)
+        check_finite("rope_theta", self.rope_theta, above=0)
+        check_choice("mlp", self.mlp, MLPS)
+        check_choice("position", self.position, POSITIONS)
+        check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
+        check_choice("attn_backend", self.attn_backend, BACKENDS)
+        check(is_finite(self.rotary_fraction) and 0 < self.rotary_fraction <= 1, "rotary_fraction",
+              self.rotary_fraction, "must be in (0, 1]")  # fmt: skip
         rot = self.rotary_dim
-        _check(rot % 2 == 0, "rotary_fraction", self.rotary_fraction, f"gives odd rotary dim {rot}")
+        check(rot % 2 == 0, "rotary_fraction", self.rotary_fraction, f"gives odd rotary dim {rot}")
         if self.sliding_window is not None:
-            _positive("sliding_window", self.sliding_window)
+            check_positive("sliding_window", self.sliding_window)
         if self.layer_types is not None:
-            _check(
+            check(
                 isinstance(self.layer_types, tuple | list) and len(self.layer_types) == self.n_layers,
                 "layer_types",
                 self.layer_types,
                 f"needs one entry per layer ({self.n_layers})",
             )
             for t in self.layer_types:
-                _choice("layer_types[...]", t, LAYER_TYPES)
-            _check(
+                check_choice("layer_types[...]", t, LAYER_TYPES)
+            check(
                 "sliding" not in self.layer_types or self.sliding_window is not None,
                 "layer_types",
                 self.layer_types,
                 "has sliding layers but sliding_window is not set",
             )
         for name in ("attn_softcap", "final_softcap", "attn_scale"):
-            _finite(name, getattr(self, name), above=0, optional=True)
+            check_finite(name, getattr(self, name), above=0, optional=True)
         if self.pad_token_id is not None:
-            _check(_is_int(self.pad_token_id) and 0 <= self.pad_token_id < self.vocab_size, "pad_token_id",
-                   self.pad_token_id, "must index the vocab")  # fmt: skip
+            check(is_int(self.pad_token_id) and 0 <= self.pad_token_id < self.vocab_size, "pad_token_id",
+                  self.pad_token_id, "must index the vocab")  # fmt: skip
         if self.mla is not None:
-            _check(self.position == "rope", "position", self.position, "MLA needs rope")
+            check(self.position == "rope", "position", self.position, "MLA needs rope")
         self._check_tensor_sizes()
 
     def _check_tensor_sizes(self) -> None:
@@ -300,7 +272,7 @@ class ModelConfig:
             sizes.append(("mla.q_lora_rank", a.q_lora_rank, "the q projection", q_rows * (a.q_lora_rank or d)))
             sizes.append(("mla.kv_lora_rank", a.kv_lora_rank, "the kv up-projection", kv_rows * a.kv_lora_rank))
         for name, value, what, numel in sizes:
-            _check(numel < INT64_LIMIT, name, value, f"gives {what} = {numel} elements, more than 2**63")
+            check(numel < INT64_LIMIT, name, value, f"gives {what} = {numel} elements, more than 2**63")
 
     # derived sizes -------------------------------------------------------
     @property
@@ -340,19 +312,6 @@ class ModelConfig:
     # conversion ----------------------------------------------------------
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face `config.json` dict (see `lmforge.io.hf_arch`)."""
-        from lmforge.io.hf_arch import config_from_hf
-
-        return config_from_hf(config)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face `config.json` dict for this config."""
-        from lmforge.io.hf_arch import config_to_hf
-
-        return config_to_hf(self)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -5,21 +5,16 @@ against the tensors the file actually holds, before anything is built).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from lmforge.config import ConfigError
+from lmforge.configfile import ConfigError, is_finite, is_int
 from lmforge.utils.errors import LmforgeError
 
 _REQUIRED = object()
 _KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _show(value: Any) -> str:
@@ -61,16 +56,15 @@ class KeyReader:
 
     def size(self, key: str, default: Any = _REQUIRED) -> Any:
         """A positive integer (a count or dimension)."""
-        return self._checked(key, default, lambda v: _is_int(v) and v > 0, "a positive integer")
+        return self._checked(key, default, lambda v: is_int(v) and v > 0, "a positive integer")
 
     def count(self, key: str, default: Any = _REQUIRED) -> Any:
-        return self._checked(key, default, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+        return self._checked(key, default, lambda v: is_int(v) and v >= 0, "a non-negative integer")
 
     def number(self, key: str, default: Any = _REQUIRED, positive: bool = False) -> Any:
         """A finite real number (an integer is accepted, returned as a float), > 0 when `positive`."""
         def ok(v: Any) -> bool:
-            real = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            return real and (v > 0 or not positive)
+            return is_finite(v) and (v > 0 or not positive)
 
         v = self._checked(key, default, ok, "a finite number" + (" > 0" if positive else ""))
         return v if v is default else float(v)
@@ -83,7 +77,7 @@ class KeyReader:
 
     def counts(self, key: str) -> tuple[int, ...]:
         """A list of non-negative integers (absent: empty)."""
-        ok = lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)
+        ok = lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v)
         return tuple(self._checked(key, (), ok, "a list of non-negative integers"))
 
     def texts(self, key: str) -> list[str] | None:

@@ -26,7 +26,15 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
-from lmforge.io.hf_arch import HF_CLASSES, IGNORED, CheckpointError, check_structure, config_from_hf, tensor_maps
+from lmforge.io.hf_arch import (
+    HF_CLASSES,
+    IGNORED,
+    ModelFilesError,
+    check_structure,
+    config_from_hf,
+    config_to_hf,
+    tensor_maps,
+)
 from lmforge.io.safetensors_mmap import SafetensorsFile
 from lmforge.model.transformer import Transformer
 from lmforge.utils.atomic import atomic_directory, atomic_path, atomic_write
@@ -36,24 +44,25 @@ KEEP_FP32 = ("score_bias",)  # routing-critical buffers that stay float32 whatev
 
 
 INDEX = "model.safetensors.index.json"
+CheckpointError = ModelFilesError  # the name before ModelFilesError (kept working): not train.checkpoint's error
 
 
 def _read_json(path: Path) -> Any:
-    """A JSON file's value; a CheckpointError naming the file when it is not valid UTF-8 JSON."""
+    """A JSON file's value; a ModelFilesError naming the file when it is not valid UTF-8 JSON."""
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        raise ModelFilesError(f"{path}: invalid JSON ({e})") from None
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The config.json of a model directory, as a dict (a CheckpointError naming the file otherwise)."""
+    """The config.json of a model directory, as a dict (a ModelFilesError naming the file otherwise)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+        raise ModelFilesError(f"{path}: no config.json (is this a Hugging Face model directory?)")
     d = _read_json(cfg_path)
     if not isinstance(d, dict):
-        raise CheckpointError(f"{cfg_path}: must be a JSON object, got a {type(d).__name__}")
+        raise ModelFilesError(f"{cfg_path}: must be a JSON object, got a {type(d).__name__}")
     return d
 
 
@@ -68,19 +77,19 @@ def _shard_path(path: Path, name: Any, index: Path) -> Path:
     """The file an index's weight_map names, refused when the name leaves the model directory: an
     absolute path, a `..` component, or a symlink resolving elsewhere."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {name!r:.80}")
+        raise ModelFilesError(f"{index}: weight_map values must be shard file names, got {name!r:.80}")
     parts = PurePosixPath(name.replace("\\", "/"))
     if parts.is_absolute() or ".." in parts.parts or PureWindowsPath(name).drive:
-        raise CheckpointError(f"{index}: shard {name!r} is outside the model directory")
+        raise ModelFilesError(f"{index}: shard {name!r} is outside the model directory")
     shard = path / name
     try:
         target = shard.resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise CheckpointError(f"{index}: shard {name!r} cannot be resolved ({e})") from None
+        raise ModelFilesError(f"{index}: shard {name!r} cannot be resolved ({e})") from None
     if not any(target.is_relative_to(root) for root in _allowed_roots(path)):
-        raise CheckpointError(f"{index}: shard {name!r} resolves to {target}, outside the model directory")
+        raise ModelFilesError(f"{index}: shard {name!r} resolves to {target}, outside the model directory")
     if not shard.is_file():
-        raise CheckpointError(f"{index}: shard {name!r} does not exist")
+        raise ModelFilesError(f"{index}: shard {name!r} does not exist")
     return shard
 
 
@@ -88,7 +97,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     data = _read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: weight_map must be an object mapping tensor names to shard file names")
+        raise ModelFilesError(f"{index}: weight_map must be an object mapping tensor names to shard file names")
     return weight_map
 
 
@@ -100,12 +109,12 @@ def _open_weights(path: Path) -> dict[str, SafetensorsFile]:
         files = {f: SafetensorsFile(_shard_path(path, f, index)) for f in sorted(set(weight_map.values()))}
         for name, f in weight_map.items():
             if name not in files[f]:
-                raise CheckpointError(f"{index}: weight_map maps tensor {name!r} to {f}, which does not hold it")
+                raise ModelFilesError(f"{index}: weight_map maps tensor {name!r} to {f}, which does not hold it")
         return {name: files[f] for name, f in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise CheckpointError(f"{path}: no model.safetensors or {INDEX} (found: {found})")
+        raise ModelFilesError(f"{path}: no model.safetensors or {INDEX} (found: {found})")
     f = SafetensorsFile(single)
     return dict.fromkeys(f.keys(), f)
 
@@ -151,22 +160,22 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
     for m in tensor_maps(cfg, list(expected)):
         missing = [n for n in m.theirs if n not in stored]
         if missing:
-            raise CheckpointError(f"{path}: missing tensor {missing[0]!r} (needed for {m.ours[0]})")
+            raise ModelFilesError(f"{path}: missing tensor {missing[0]!r} (needed for {m.ours[0]})")
         used.update(m.theirs)
         for name, t in zip(m.ours, m.load([sources[stored[n]].get(stored[n]) for n in m.theirs]), strict=True):
             if tuple(t.shape) != tuple(expected[name].shape):
-                raise CheckpointError(
+                raise ModelFilesError(
                     f"{path}: tensor {m.theirs[0]!r} has shape {tuple(t.shape)}; "
                     f"the config needs {tuple(expected[name].shape)} for {name}"
                 )
             if t.is_floating_point() != expected[name].is_floating_point():
                 kind = "a floating-point" if expected[name].is_floating_point() else f"a {expected[name].dtype}"
-                raise CheckpointError(f"{path}: tensor {m.theirs[0]!r} has dtype {t.dtype}; {name} needs {kind} tensor")
+                raise ModelFilesError(f"{path}: tensor {m.theirs[0]!r} has dtype {t.dtype}; {name} needs {kind} tensor")
             keep = not t.is_floating_point() or name.endswith(KEEP_FP32)
             state[name] = t.to(dtype) if dtype is not None and not keep else t
     extra = [n for n in stored if n not in used and not _ignored(n, cfg)]
     if extra:
-        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} unused in all)")
+        raise ModelFilesError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} unused in all)")
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 
@@ -195,7 +204,7 @@ def save_hf(
     killed mid-save, sees the old model or the new one, never a mix; other files already in it are kept, and
     the old version's weight files and index are not."""
     tensors = hf_state_dict(model)
-    config = model.config.to_hf()
+    config = config_to_hf(model.config)
     config["architectures"] = [HF_CLASSES[model.config.arch]]
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from lmforge.config import MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from lmforge.configfile import ConfigError
 from lmforge.io.file_keys import KeyReader, check_layer_count, expect_shape, spans, speaking_file
 from lmforge.utils.errors import LmforgeError
 
@@ -41,9 +42,11 @@ class UnsupportedArchitectureError(LmforgeError):
     pass
 
 
-class CheckpointError(LmforgeError):
-    """A checkpoint's files do not match its config; the message names the tensor or file
-    (`lmforge.io.hf.CheckpointError`: defined here so the structure checks below can raise it)."""
+class ModelFilesError(LmforgeError):
+    """The model directory's files do not match its config.json (a missing, unexpected or misshapen tensor, a
+    count the tensors contradict, an unreadable config.json or index); the message names the file and the tensor
+    or key. Defined here so the structure checks below can raise it; `lmforge.io.hf` exports it. Not to be
+    confused with `lmforge.train.checkpoint.CheckpointError`, a training checkpoint that cannot be loaded."""
 
 
 def _hf_keys(arch: str, rope: str) -> dict[str, str]:
@@ -419,11 +422,11 @@ def check_structure(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where:
     prefix = "transformer.h" if gpt2 else "model.layers"
     found = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
     check_layer_count(
-        cfg.n_layers, found, keys["n_layers"], where, f"{prefix}.N.", CheckpointError, cfg.arch == "deepseek_v3"
+        cfg.n_layers, found, keys["n_layers"], where, f"{prefix}.N.", ModelFilesError, cfg.arch == "deepseek_v3"
     )
 
     def expect(name: str, shape: tuple[int, ...], why: str) -> None:
-        expect_shape(shapes, name, shape, why, where, CheckpointError)
+        expect_shape(shapes, name, shape, why, where, ModelFilesError)
 
     d, v = cfg.d_model, cfg.vocab_size
     embed = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
@@ -450,7 +453,7 @@ def check_structure(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where:
         for i in (i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)):
             got = experts.get(i, set())
             if len(got) != n or max(got, default=-1) != n - 1:  # distinct indices: exactly 0..n-1
-                raise CheckpointError(
+                raise ModelFilesError(
                     f"{where}: {keys['moe.n_experts']}={n}, but layer {i} holds experts {spans(got)} "
                     f"({prefix}.{i}.mlp.experts.N.)"
                 )

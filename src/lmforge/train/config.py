@@ -55,43 +55,44 @@ eps > 0, weight decay >= 0, betas and momentum in [0, 1), grad_clip > 0 or none;
 seeds) must be below 2**63; `train.device = "cuda"` (and `dist.backend = "nccl"`) needs CUDA on this machine.
 Integers are accepted for floats, and integral floats (`1e4`) for integers. `save_resolved` writes the fully
 resolved config (every field, defaults included) as `config.toml` in the run directory, and `load_train_config` of
-that file gives back an equal `TrainConfig`.
+that file gives back an equal `TrainConfig`. The generic machinery (TOML reading and writing, overrides, dicts to
+dataclasses with type checks, the check helpers) is `lmforge.configfile`; this module holds the sections.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import tomllib
-import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.config import (
-    PRESETS,
+from lmforge import configfile
+from lmforge.config import PRESETS, ModelConfig
+from lmforge.configfile import (
+    NONE,
     ConfigError,
-    MLAConfig,
-    ModelConfig,
-    MoEConfig,
-    RopeScaling,
-    _check,
-    _finite,
-    _integer,
-    _is_finite,
+    build,
+    check,
+    check_choice,
+    check_finite,
+    check_integer,
+    convert,
+    file_fields,
+    is_finite,
+    qualify,
+    read_toml,
+    unknown,
 )
+from lmforge.configfile import parse_value as parse_value  # re-exported: its home before configfile.py
 from lmforge.train.distributed import STRATEGIES as DIST_STRATEGIES
 from lmforge.train.optim import OPTIMIZERS
 from lmforge.train.schedule import Schedule
 from lmforge.train.trainer import PRECISIONS
 from lmforge.utils.atomic import atomic_write
 
-NONE = "none"  # how a TOML file or override spells None
 LOADERS = ("random", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
@@ -103,25 +104,13 @@ MAX_LR = 10.0  # a learning rate above it can only diverge
 # checks shared by the sections
 
 
-def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    _check(value in choices, name, value, f"must be one of {', '.join(choices)}")
-
-
 def _unit(name: str, value: float) -> None:
-    _check(_is_finite(value) and 0.0 <= value < 1.0, name, value, "must be in [0, 1)")
+    check(is_finite(value) and 0.0 <= value < 1.0, name, value, "must be in [0, 1)")
 
 
 def _lr(name: str, value: float | None, optional: bool = False) -> None:
-    _finite(name, value, above=0, optional=optional)
-    _check(value is None or value <= MAX_LR, name, value, f"must be <= {MAX_LR} (higher rates only diverge)")
-
-
-def _unknown(kind: str, name: str, valid: Iterable[str]) -> ConfigError:
-    valid = sorted(valid)
-    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], valid, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
-    return ConfigError(f"unknown {kind} {name!r} ({hint})")
+    check_finite(name, value, above=0, optional=optional)
+    check(value is None or value <= MAX_LR, name, value, f"must be <= {MAX_LR} (higher rates only diverge)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,10 +132,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum"):
-            _integer(f"data.{name}", getattr(self, name), 1)
-        _integer("data.seed", self.seed)
+            check_integer(f"data.{name}", getattr(self, name), 1)
+        check_integer("data.seed", self.seed)
         _unit("data.val_fraction", self.val_fraction)
-        _choice("data.loader", self.loader, LOADERS)
+        check_choice("data.loader", self.loader, LOADERS)
 
 
 @dataclass(frozen=True)
@@ -163,16 +152,16 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global gradient norm; none: no clipping
 
     def __post_init__(self) -> None:
-        _choice("optim.name", self.name, OPTIMIZERS)
+        check_choice("optim.name", self.name, OPTIMIZERS)
         _lr("optim.lr", self.lr)
-        _finite("optim.weight_decay", self.weight_decay, at_least=0)
+        check_finite("optim.weight_decay", self.weight_decay, at_least=0)
         for i, beta in enumerate(self.betas):
             _unit(f"optim.betas[{i}]", beta)
-        _finite("optim.eps", self.eps, above=0)
+        check_finite("optim.eps", self.eps, above=0)
         if self.momentum is not None:
             _unit("optim.momentum", self.momentum)
         _lr("optim.adamw_lr", self.adamw_lr, optional=True)
-        _finite("optim.grad_clip", self.grad_clip, above=0, optional=True)
+        check_finite("optim.grad_clip", self.grad_clip, above=0, optional=True)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `build_optimizer(self.name, model, self.lr, self.weight_decay, **kwargs)`."""
@@ -202,11 +191,11 @@ class ScheduleConfig:
     decay_shape: str = "1-sqrt"  # wsd only: one of `lmforge.train.schedule.DECAY_SHAPES`
 
     def __post_init__(self) -> None:  # the rest is checked by `Schedule` (see `build`), per kind
-        _integer("schedule.warmup_steps", self.warmup_steps)
-        _finite("schedule.min_lr_ratio", self.min_lr_ratio)  # finite even where the kind ignores it
-        _finite("schedule.decay_fraction", self.decay_fraction)
+        check_integer("schedule.warmup_steps", self.warmup_steps)
+        check_finite("schedule.min_lr_ratio", self.min_lr_ratio)  # finite even where the kind ignores it
+        check_finite("schedule.decay_fraction", self.decay_fraction)
         if self.total_steps is not None:
-            _integer("schedule.total_steps", self.total_steps, 1)
+            check_integer("schedule.total_steps", self.total_steps, 1)
 
     def build(self, max_steps: int) -> Schedule:
         """The `Schedule` for a run of `max_steps` steps (raises `ConfigError` naming schedule.<field>)."""
@@ -220,7 +209,7 @@ class ScheduleConfig:
                 decay_shape=self.decay_shape,
             )
         except ConfigError as e:
-            raise _qualified(e, "schedule") from None
+            raise qualify(e, "schedule") from None
 
 
 @dataclass(frozen=True)
@@ -249,18 +238,18 @@ class LoopConfig:
     max_consecutive_skips: int = 10  # ... but stop after this many skipped steps in a row
 
     def __post_init__(self) -> None:
-        _integer("train.max_steps", self.max_steps, 1)
-        _finite("train.time_budget_min", self.time_budget_min, above=0, optional=True)
-        _choice("train.precision", self.precision, PRECISIONS)
-        _finite("train.z_loss", self.z_loss, at_least=0)
+        check_integer("train.max_steps", self.max_steps, 1)
+        check_finite("train.time_budget_min", self.time_budget_min, above=0, optional=True)
+        check_choice("train.precision", self.precision, PRECISIONS)
+        check_finite("train.z_loss", self.z_loss, at_least=0)
         _unit("train.label_smoothing", self.label_smoothing)
         for name in ("eval_every", "sample_every", "checkpoint_every", "keep_last", "seed"):
-            _integer(f"train.{name}", getattr(self, name))
+            check_integer(f"train.{name}", getattr(self, name))
         for name in ("eval_steps", "log_every", "max_consecutive_skips"):
-            _integer(f"train.{name}", getattr(self, name), 1)
-        _check(bool(self.out_dir), "train.out_dir", self.out_dir, "must not be empty")
-        _choice("train.device", self.device, DEVICES)
-        _check(self.device != "cuda" or torch.cuda.is_available(), "train.device", self.device,
+            check_integer(f"train.{name}", getattr(self, name), 1)
+        check(bool(self.out_dir), "train.out_dir", self.out_dir, "must not be empty")
+        check_choice("train.device", self.device, DEVICES)
+        check(self.device != "cuda" or torch.cuda.is_available(), "train.device", self.device,
                "CUDA is not available on this machine (torch.cuda.is_available() is False): use cpu")  # fmt: skip
 
 
@@ -272,8 +261,8 @@ class DistConfig:
     strategy: str = "ddp"  # "ddp": replicated weights; "fsdp": sharded (FSDP2)
 
     def __post_init__(self) -> None:
-        _choice("dist.backend", self.backend, DIST_BACKENDS)
-        _choice("dist.strategy", self.strategy, DIST_STRATEGIES)
+        check_choice("dist.backend", self.backend, DIST_BACKENDS)
+        check_choice("dist.strategy", self.strategy, DIST_STRATEGIES)
 
 
 def _tiny() -> ModelConfig:
@@ -293,19 +282,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:  # checks that span sections
         self.schedule.build(self.train.max_steps)
-        _check(
+        check(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",
             self.data.seq_len,
             f"must be <= model.max_seq_len={self.model.max_seq_len}",
         )
-        _check(
+        check(
             not (self.dist.backend == "nccl" and self.train.device == "cpu"),
             "dist.backend",
             self.dist.backend,
             "nccl needs train.device cuda or auto",
         )
-        _check(self.dist.backend != "nccl" or torch.cuda.is_available(), "dist.backend", self.dist.backend,
+        check(self.dist.backend != "nccl" or torch.cuda.is_available(), "dist.backend", self.dist.backend,
                "nccl needs CUDA, which is not available on this machine; use gloo or auto")  # fmt: skip
 
     def lr_schedule(self) -> Schedule:
@@ -313,110 +302,27 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
-_FOREIGN = (ModelConfig, MoEConfig, MLAConfig, RopeScaling)  # lmforge.config names fields relative to the model
-_HIDDEN = {(ModelConfig, "extra")}  # fields that are not part of a training config
-
-
-def _qualified(error: ConfigError, section: str) -> ConfigError:
-    """`error` with its field name prefixed by `section.` (for messages of the form "invalid name=...")."""
-    msg = str(error)
-    if msg.startswith("invalid "):
-        return ConfigError(f"invalid {section}.{msg.removeprefix('invalid ')}")
-    return ConfigError(f"{section}: {msg}")
+TITLE = "lmforge training config, fully resolved"  # the first line (a comment) of a resolved config.toml
+OVERRIDE_EXAMPLE = "optim.lr=3e-4"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# dicts -> dataclasses, with type checks
-
-
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    """name -> (field, resolved type) of a config dataclass, without the hidden ones."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if (cls, f.name) not in _HIDDEN}
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return " or ".join(NONE if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-    if dataclasses.is_dataclass(tp):
-        return "a table"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(name: str, value: Any, tp: Any, base: Any = None) -> Any:
-    """`value` (from TOML) as type `tp`, or `ConfigError` naming `name`; `base` is merged under a table."""
-    if tp is Any:
-        return value
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        arms = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value == NONE or value is None:
-            return None
-        if len(arms) == 1:
-            try:
-                return _convert(name, value, arms[0], base)
-            except ConfigError as e:
-                if not str(e).startswith(f"{name}: expected"):
-                    raise
-        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple:
-        variadic = len(args) == 2 and args[1] is Ellipsis
-        ok = isinstance(value, list | tuple) and (variadic or len(value) == len(args))
-        if not ok:
-            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
-        item_types = [args[0]] * len(value) if variadic else args
-        return tuple(_convert(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
-        return _build(tp, value, name, base)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], path: str, base: Any = None) -> Any:
-    """An instance of dataclass `cls` from `data`, over the field values of `base` (an instance or None)."""
-    fields = _fields(cls)
-    for key in data:
-        if key not in fields:
-            raise _unknown("field", f"{path}.{key}", fields)
-    values = {name: getattr(base, name) for name in fields} if base is not None else {}
-    for key, value in data.items():
-        values[key] = _convert(f"{path}.{key}", value, fields[key][1], values.get(key))
-    for name, (f, _) in fields.items():
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}.{name}: required (a value of {_type_name(fields[name][1])})")
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        if cls in _FOREIGN:
-            raise _qualified(e, path.split(".", 1)[0]) from None
-        raise
+# dicts <-> TrainConfig (the generic machinery is `lmforge.configfile`)
 
 
 def _build_model(data: dict[str, Any]) -> ModelConfig:
     """[model]: `preset` (default "tiny"; "none": `ModelConfig()`) with the other keys as field overrides."""
     data = dict(data)
-    preset = _convert("model.preset", data.pop("preset", "tiny"), str)
+    preset = convert("model.preset", data.pop("preset", "tiny"), str)
     if preset == NONE:
         base = ModelConfig()
     elif preset in PRESETS:
         base = PRESETS[preset]
     else:
-        raise _unknown("preset", preset, PRESETS)
+        raise unknown("preset", preset, PRESETS)
     if base.mla is None and base.head_dim == base.d_model // base.n_heads:
         data.setdefault("head_dim", NONE)  # the preset's head_dim was derived, not chosen: follow d_model / n_heads
-    return _build(ModelConfig, data, "model", base)
+    return build(ModelConfig, data, "model", base)
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:
@@ -424,60 +330,21 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
     sections = {}
     for name, value in d.items():
         if name not in SECTIONS:
-            raise _unknown("section", name, SECTIONS)
+            raise unknown("section", name, SECTIONS)
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a table ([{name}]), got {value!r}")
-        sections[name] = _build_model(value) if name == "model" else _build(SECTIONS[name], value, name)
+        sections[name] = _build_model(value) if name == "model" else build(SECTIONS[name], value, name)
     return TrainConfig(**sections)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# dataclasses -> dicts -> TOML
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {name: _plain(getattr(value, name)) for name in _fields(type(value))}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
     """Every field of every section as nested dicts of plain values (tuples as lists, None kept)."""
-    return _plain(config)
-
-
-def _toml_value(value: Any) -> str:
-    if value is None:
-        return json.dumps(NONE)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)  # Python's int and float reprs (1e-08, inf, nan) are TOML literals
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # a TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as a TOML value")
-
-
-def _toml_table(lines: list[str], path: str, table: dict[str, Any]) -> None:
-    lines.append(f"[{path}]")
-    lines.extend(f"{key} = {_toml_value(v)}" for key, v in table.items() if not isinstance(v, dict))
-    for key, v in table.items():
-        if isinstance(v, dict):
-            lines.append("")
-            _toml_table(lines, f"{path}.{key}", v)
+    return configfile.to_dict(config)
 
 
 def dumps(config: TrainConfig) -> str:
     """The resolved config as TOML text (every field written; None as "none")."""
-    lines = ["# lmforge training config, fully resolved"]
-    for name, table in to_dict(config).items():
-        lines.append("")
-        _toml_table(lines, name, table)
-    return "\n".join(lines) + "\n"
+    return configfile.dumps(config, TITLE)
 
 
 def save_resolved(config: TrainConfig, run_dir: str | Path) -> Path:
@@ -491,50 +358,15 @@ def save_resolved(config: TrainConfig, run_dir: str | Path) -> Path:
 # files and overrides
 
 
-def parse_value(text: str) -> Any:
-    """An override's value: a TOML literal (`3e-4`, `true`, `[0.9, 0.95]`, `"x"`) when it is one, else the text."""
-    try:
-        parsed = tomllib.loads(f"v = {text}")
-    except tomllib.TOMLDecodeError:
-        return text
-    return parsed["v"] if parsed.keys() == {"v"} else text
-
-
 def _field_owners(name: str) -> list[str]:
     """`section.name` for every section with a field `name` (to help with a key that forgot its section)."""
-    owners = [f"{s}.{name}" for s, cls in SECTIONS.items() if name in _fields(cls)]
+    owners = [f"{s}.{name}" for s, cls in SECTIONS.items() if name in file_fields(cls)]
     return owners + (["model.preset"] if name == "preset" else [])
 
 
 def apply_override(d: dict[str, Any], override: str) -> None:
-    """Set `section.field[.subfield]=value` in the nested dict `d` (in place)."""
-    key, eq, text = override.partition("=")
-    key = key.strip()
-    parts = key.split(".")
-    if not eq or len(parts) < 2 or not all(parts):
-        owners = _field_owners(key) if "." not in key else []
-        hint = f"; did you mean {' or '.join(owners)}?" if owners else ""
-        raise ConfigError(f"bad override {override!r}: expected section.field=value (e.g. optim.lr=3e-4){hint}")
-    table = d
-    for part in parts[:-1]:
-        if not isinstance(table.get(part), dict):
-            table[part] = {}
-        table = table[part]
-    table[parts[-1]] = parse_value(text.strip())
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """The TOML file at `path` as a dict; `ConfigError` naming the file (and the line, for a syntax error)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None  # tomllib's message ends "(at line L, column C)"
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    """Set `section.field[.subfield]=value` in the nested dict `d` (in place); see `configfile.apply_override`."""
+    configfile.apply_override(d, override, OVERRIDE_EXAMPLE, _field_owners)
 
 
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
