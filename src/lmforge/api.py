@@ -10,10 +10,12 @@ import torch
 from lmforge.model.transformer import Transformer
 
 if TYPE_CHECKING:
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer import BaseTokenizer, Tokenizer
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> tuple[Transformer, Tokenizer | None]:
+def load(
+    path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
+) -> tuple[Transformer, BaseTokenizer | None]:
     """Load a model directory and return `(model, tokenizer)`.
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
@@ -38,7 +40,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -
     return model, tokenizer
 
 
-def load_tokenizer(path: str | Path, **kwargs: Any) -> Tokenizer:
+def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:
     """A tokenizer from a directory (tokenizer.json, or vocab.json + merges.txt), a `.tiktoken` file or a
     GGUF file.
 

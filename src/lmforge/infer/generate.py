@@ -46,7 +46,7 @@ import torch
 from lmforge.infer import static_decode
 from lmforge.infer.kv_cache import KVCache
 from lmforge.infer.sampling import GenerationInputError, SamplingParams, next_token, process_logits
-from lmforge.tokenizer.bpe import IncrementalDecoder
+from lmforge.tokenizer.base import BaseTokenizer, IncrementalDecoder
 from lmforge.utils.errors import LmforgeError
 
 
@@ -116,7 +116,7 @@ class StopStringBuffer:
         return held
 
 
-def eos_token_id(tokenizer, attr: str = "eos_token") -> int | None:
+def eos_token_id(tokenizer: BaseTokenizer, attr: str = "eos_token") -> int | None:
     """The id of the tokenizer's eos token (`eos_token_id`, else `eos_token` looked up), or None;
     `attr="eot_token"` looks up the end-of-turn token the same way."""
     if (found := getattr(tokenizer, f"{attr}_id", None)) is not None:
@@ -127,7 +127,7 @@ def eos_token_id(tokenizer, attr: str = "eos_token") -> int | None:
     return found if found is not None else tokenizer.token_to_id(eos.encode("utf-8"))
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+def encode_prompt(tokenizer: BaseTokenizer, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of `prompt`: ids pass through (checked to be integers); text is encoded with special tokens
     recognised (as a rendered chat template needs), after the bos token when the tokenizer says `add_bos_token`."""
     if not isinstance(prompt, str):
@@ -184,7 +184,7 @@ def _last_logits(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
 
 def generate(
     model,
-    tokenizer,
+    tokenizer: BaseTokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,
     *,
@@ -219,7 +219,9 @@ def _forward_fn(model, n_tokens: int, compile: bool):
     return lambda ids, first: _last_logits(model, ids, cache)
 
 
-def _stream(forward, model, tokenizer, ids: list[int], params: SamplingParams, budget: int, stop_ids: set[int]):
+def _stream(
+    forward, model, tokenizer: BaseTokenizer, ids: list[int], params: SamplingParams, budget: int, stop_ids: set[int]
+):
     device = next(model.parameters()).device
     generator = torch.Generator(device)
     if params.seed is None:
@@ -271,7 +273,7 @@ def _stream(forward, model, tokenizer, ids: list[int], params: SamplingParams, b
 
 
 def generate_text(
-    model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, **overrides
+    model, tokenizer: BaseTokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, **overrides
 ) -> str:
     """The whole continuation of `prompt` as one string (see `generate`)."""
     return "".join(event.text for event in generate(model, tokenizer, prompt, params, **overrides))

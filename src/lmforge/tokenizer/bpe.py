@@ -36,12 +36,13 @@ invalidation), merge, and push the two new pairs with the neighbours: O(n log n)
 the same result as "repeatedly merge the lowest-ranked adjacent pair".
 
 Decoding concatenates token bytes and decodes UTF-8, replacing invalid sequences; ``IncrementalDecoder``
-does the same one token at a time without ever splitting a character.
+(``base.py``) does the same one token at a time without ever splitting a character. What `Tokenizer` shares with
+the SentencePiece tokenizer (tiktoken's special-token rules, batches, chat templates, decoding) is written once in
+`lmforge.tokenizer.base.BaseTokenizer`, the interface it implements.
 """
 
 from __future__ import annotations
 
-import codecs
 import heapq
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -51,7 +52,10 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from lmforge.tokenizer import pretokenize as pt
+import lmforge.tokenizer.pretokenize as pt
+import lmforge.tokenizer.writers as writers
+from lmforge.tokenizer.base import BaseTokenizer
+from lmforge.tokenizer.base import IncrementalDecoder as IncrementalDecoder  # re-exported: its home before base.py
 from lmforge.utils.errors import LmforgeError
 
 
@@ -231,7 +235,7 @@ def _rebuild(vocab, merges, pattern: str | pt.SplitRule, special_tokens, ignore_
     return tok
 
 
-class Tokenizer:
+class Tokenizer(BaseTokenizer):
     """A byte-level BPE tokenizer: ``vocab`` (id -> bytes), ranked ``merges``, a ``pattern``, specials.
 
     ``vocab`` ids need not be contiguous nor follow merge order (imported vocabularies); the merge
@@ -243,16 +247,8 @@ class Tokenizer:
     """
 
     cache_size = 1 << 16  # pre-tokens kept in the encode cache
-    # metadata from tokenizer_config.json (set by lmforge.tokenizer.formats; None when unknown)
-    chat_template: str | None = None
-    bos_token: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
-    unk_token: str | None = None
-    model_max_length: int | None = None
-    eot_token: str | None = None  # end of turn (GGUF tokenizer.ggml.eot_token_id): generation stops there too
-    add_bos_token: bool = False  # encode_prompt puts bos_token first
-    source: str | None = None  # the file or directory it was loaded from, named in encode errors
+    # the metadata (chat_template, bos_token, ...: `BaseTokenizer`) is set from tokenizer_config.json by
+    # lmforge.tokenizer.formats
 
     def __init__(
         self,
@@ -287,24 +283,9 @@ class Tokenizer:
         meta = {k: getattr(self, k) for k in METADATA if getattr(self, k) is not None}
         return _rebuild, (self.vocab, self.merges, self.split_rule, self.special_tokens, self.ignore_merges, meta)
 
-    def apply_chat_template(
-        self,
-        messages: list[dict],
-        add_generation_prompt: bool = False,
-        tokenize: bool = True,
-        return_assistant_mask: bool = False,
-        **kwargs,
-    ):
-        """Render a conversation with ``self.chat_template`` (see ``lmforge.tokenizer.chat``)."""
-        from lmforge.tokenizer.chat import apply_chat_template
-
-        return apply_chat_template(self, messages, add_generation_prompt, tokenize, return_assistant_mask, **kwargs)
-
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and tokenizer.tiktoken into ``directory``."""
-        from lmforge.tokenizer.formats import save_tokenizer
-
-        save_tokenizer(self, directory)
+        writers.save_tokenizer(self, directory)
 
     def __repr__(self) -> str:
         n, specials = len(self.merges), len(self.special_tokens)
@@ -352,22 +333,6 @@ class Tokenizer:
             for ids in map(self._cache.__getitem__, self._split(pt.fix_surrogates(text))):
                 extend(ids)
 
-    def _specials(self, allowed_special, disallowed_special) -> tuple[frozenset[str], frozenset[str]]:
-        """tiktoken's arguments -> (allowed specials, strings that must not occur in the text)."""
-        specials = self.special_tokens.keys()
-        allowed = specials if allowed_special == "all" else specials & allowed_special
-        disallowed = specials - allowed if disallowed_special == "all" else disallowed_special
-        return frozenset(allowed), frozenset(disallowed)
-
-    @staticmethod
-    def _check(text: str, disallowed: frozenset[str]) -> None:
-        if disallowed and (m := pt.special_regex(disallowed).search(text)):
-            raise ValueError(
-                f"Encountered text corresponding to disallowed special token {m.group()!r}. Pass it in "
-                "allowed_special (or allowed_special='all') to encode it as a special token, or "
-                "disallowed_special=() to encode it as ordinary text."
-            )
-
     def encode(
         self,
         text: str,
@@ -390,17 +355,6 @@ class Tokenizer:
         out: list[int] = []
         self._encode_ordinary_into(text, out)
         return out
-
-    def encode_batch(
-        self, texts: Sequence[str], *, workers: int | None = None, num_threads: int | None = None, **kw
-    ) -> list[list[int]]:
-        """``[encode(t, **kw) for t in texts]``; ``workers`` processes (default: all cores when over 1 MB)."""
-        workers = workers or num_threads
-        if workers is None:
-            workers = pt.cpu_count() if len(texts) > 1 and sum(map(len, texts)) > 1 << 20 else 1
-        if workers <= 1 or len(texts) <= 1:
-            return [self.encode(t, **kw) for t in texts]
-        return pt.map_in_pool(_encode_one, texts, workers, self, kw)
 
     def encode_iterable(
         self,
@@ -427,32 +381,3 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         return b"".join(map(self._decoder.__getitem__, ids))
-
-    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
-        """Ids -> text; bytes that are not valid UTF-8 become U+FFFD (with ``errors="replace"``)."""
-        return self.decode_bytes(ids).decode("utf-8", errors)
-
-
-def _encode_one(text: str, tokenizer: Tokenizer, kw: dict) -> list[int]:
-    return tokenizer.encode(text, **kw)
-
-
-class IncrementalDecoder:
-    """Decode ids one at a time for streaming generation; never splits a UTF-8 character.
-
-    The concatenation of everything ``add`` and ``flush`` return equals ``tokenizer.decode(ids)``.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def add(self, id: int) -> str:
-        """The text completed by this token (incomplete trailing bytes are kept for the next call)."""
-        return self._utf8.decode(self.tokenizer.token_to_bytes(id))
-
-    def flush(self) -> str:
-        """Whatever bytes are left, invalid ones replaced; the decoder is then ready for a new stream."""
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return text

@@ -51,8 +51,9 @@ from collections.abc import Collection, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
-from lmforge.tokenizer import pretokenize as pt
-from lmforge.tokenizer.bpe import IncrementalDecoder, Tokenizer, merge_ranked
+import lmforge.tokenizer.pretokenize as pt
+from lmforge.tokenizer.base import BaseTokenizer, IncrementalDecoder
+from lmforge.tokenizer.bpe import merge_ranked
 from lmforge.tokenizer.formats import TokenizerFileError
 
 __all__ = ["SentencePieceIncrementalDecoder", "SentencePieceTokenizer", "gguf_vocab_keys", "sentencepiece_from_gguf"]
@@ -93,24 +94,17 @@ class _SegmentCache(dict):
         return ids
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(BaseTokenizer):
     """A SentencePiece-style BPE tokenizer: ``pieces`` (index = id), a score and a type per piece.
 
     ``special_ids``: pieces matched as special tokens besides the control and user-defined ones (the GGUF
     loader passes the bos/eos/unknown/padding ids). ``unk_id``: the piece for characters with no piece and no
-    byte pieces (default: the first piece of type unknown). It has the inference interface of the byte-level
-    `Tokenizer` (``encode``, ``decode``, ``token_to_bytes``, ``special_tokens``, ``chat_template``, ...).
+    byte pieces (default: the first piece of type unknown). It implements `BaseTokenizer`, as the byte-level
+    `Tokenizer` does (``encode``, ``decode``, ``token_to_bytes``, ``special_tokens``, ``chat_template``, ...); its
+    metadata (bos_token, chat_template, ...) is set by `sentencepiece_from_gguf`.
     """
 
     cache_size = 1 << 16  # segments kept in the encode cache
-    # metadata (set by `sentencepiece_from_gguf`; None when unknown)
-    chat_template: str | None = None
-    bos_token: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
-    unk_token: str | None = None
-    model_max_length: int | None = None
-    eot_token: str | None = None  # end of turn: generation stops there too
 
     def __init__(
         self,
@@ -161,12 +155,6 @@ class SentencePieceTokenizer:
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, special_tokens={len(self.special_tokens)})"
-
-    # Shared with the byte-level tokenizer: tiktoken's allowed/disallowed special rules, chat templates, batches.
-    _specials = Tokenizer._specials
-    _check = staticmethod(Tokenizer._check)
-    apply_chat_template = Tokenizer.apply_chat_template
-    encode_batch = Tokenizer.encode_batch
 
     @property
     def vocab_size(self) -> int:
