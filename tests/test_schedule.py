@@ -195,3 +195,37 @@ def test_plot_schedules_writes_a_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert [p.name for p in path.parent.iterdir()] == ["schedules.png"]  # no temporary file left behind
+
+
+# -- by progress (time-driven runs) ------------------------------------------------------------------------------
+
+BY_PROGRESS = [COS, LIN, Schedule("constant", 50, 10), Schedule("inverse_sqrt", 200, 16), *WSD.values()]
+
+
+@pytest.mark.parametrize("schedule", BY_PROGRESS, ids=lambda s: f"{s.kind}-{s.decay_shape}")
+def test_at_progress_is_the_step_schedule_stretched_over_the_budget(schedule):
+    """at(s / S) is f(s) at every step (the step schedule is the oracle, itself tested against Hugging Face), and
+    progress past 1 holds the end value: the decayed minimum for the decaying kinds."""
+    S = schedule.total_steps
+    assert [schedule.at(s / S) for s in range(S + 1)] == pytest.approx([schedule(s) for s in range(S + 1)], abs=1e-12)
+    assert schedule.at(1.0) == schedule.at(7.5) == schedule(S)
+    if schedule.kind in ("cosine", "linear", "wsd"):
+        assert schedule.at(1.0) == schedule.min_lr_ratio
+
+
+def test_at_progress_between_steps():
+    """Between steps the shapes are continuous (hand-computed from the module docstring's equations)."""
+    assert COS.at(0.05) == pytest.approx(0.55)  # x = 5.5 of W = 10: warmup 5.5 / 10
+    assert LIN.at(0.5) == pytest.approx(0.1 + 0.9 * 0.55)  # x = 55: p = 45 / 100
+    assert WSD["linear"].at(0.825) == pytest.approx(0.875)  # x = 82.5: q = 2.5 / 20
+
+
+@pytest.mark.parametrize("progress", [-0.01, math.nan, math.inf])
+def test_at_rejects_a_progress_that_is_not_a_fraction(progress):
+    with pytest.raises(ConfigError, match="invalid progress="):
+        COS.at(progress)
+
+
+def test_at_needs_total_steps():
+    with pytest.raises(ConfigError, match="invalid total_steps=None: a schedule evaluated by progress"):
+        CONST.at(0.5)

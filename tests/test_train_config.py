@@ -303,3 +303,11 @@ def test_field_errors_name_the_toml_file_and_its_overrides(tmp_path):
     assert error(None, "optim.lr=-1").startswith("invalid optim.lr=-1")
     (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\n")
     assert error(tmp_path / "latin1.toml") == f"{tmp_path / 'latin1.toml'}: not UTF-8 text (byte 5)"
+
+
+def test_schedule_by_time_needs_a_budget_and_reaches_the_trainer(tmp_path):
+    assert "a time-driven schedule needs train.time_budget_min" in error(None, "train.schedule_by=time")
+    assert "train.schedule_by" in error(None, "train.schedule_by=clock")
+    cfg = load_train_config(None, ["train.schedule_by=time", "train.time_budget_min=0.5"])
+    assert (cfg.train.schedule_by, cfg.train.time_budget_min) == ("time", 0.5)
+    assert load_train_config(write(tmp_path, dumps(cfg)), []) == cfg  # the resolved config.toml records it

@@ -174,3 +174,105 @@ def test_bad_arguments(corpus):
         make(corpus, parallel=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="not divisible by grad_accum=3"):
         make(corpus, grad_accum=3).fit()
+
+
+# -- time-driven runs (schedule_by="time") -----------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock whose seconds pass only while a training batch is drawn (see `Timed`): a machine whose speed the
+    test sets exactly, step by step."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Timed:
+    """Batches whose step `s` costs `cost(s)` seconds of `clock` (powers of two: the sums are exact)."""
+
+    def __init__(self, data: Windows, clock: FakeClock, cost) -> None:
+        self.data, self.clock, self.cost = data, clock, cost
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        self.clock.now += self.cost(step)
+        return self.data.batch(step)
+
+
+BUDGET = 40.0
+SLOWS = lambda s: 1.0 if s < 8 else 4.0  # 8 s at 1 s a step, then 32 s at 4 s: 16 steps in all
+SPEEDS_UP = lambda s: 4.0 if s < 4 else 1.0  # 16 s at 4 s a step, then 24 s at 1 s: 28 steps
+
+
+def timed(corpus, cost, run_dir=None, clock=None, **kw) -> Trainer:
+    """A time-driven trainer on a fake clock: warmup is the first 10% of the budget, cosine to 0.1 after it."""
+    clock = clock or FakeClock()
+    trainer = make(corpus, run_dir, max_steps=10_000, time_budget_s=BUDGET, schedule_by="time", clock=clock, **kw)
+    trainer.schedule = Schedule("cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    trainer.train_data = Timed(trainer.train_data, clock, cost)
+    return trainer
+
+
+def steps_of(trainer: Trainer, *keys: str) -> list[tuple]:
+    return [tuple(r[k] for k in keys) for r in trainer.history if "loss" in r]
+
+
+@pytest.mark.parametrize(("cost", "expected_steps"), [(SLOWS, 16), (SPEEDS_UP, 28)], ids=["slows", "speeds-up"])
+def test_time_driven_run_spends_its_budget_and_ends_decayed(corpus, cost, expected_steps):
+    trainer = timed(corpus, cost)
+    trainer.fit()
+    assert trainer.step == expected_steps  # the step count follows the machine's speed (hand-counted above)
+    assert trainer.elapsed_s == BUDGET and trainer.ended_by == "time_budget"  # the whole budget, not a step more
+    records = steps_of(trainer, "elapsed_s", "progress", "lr_factor")
+    elapsed, progress, factors = zip(*records, strict=True)
+    assert list(elapsed) == sorted(set(elapsed)) and elapsed[-1] == BUDGET
+    assert list(progress) == sorted(progress) and progress[0] == 0.0 and progress[-1] == 1.0
+    assert factors[0] == 0.0 and factors[-1] == pytest.approx(0.1, abs=1e-12)  # warmup from 0, ends at min_lr_ratio
+    after_warmup = [f for p, f in zip(progress, factors, strict=True) if p >= 0.1]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # the lr only falls once warmup is over
+    assert factors == pytest.approx([trainer.schedule.at(p) for p in progress], abs=1e-12)
+    if cost is SLOWS:  # the first slow step was projected from the last fast one: it ends at (8 + 1) / 40
+        assert progress[8] == 9 / 40 and progress[9] == (12 + 4) / 40
+
+
+def test_time_driven_resume_continues_the_same_schedule(corpus, tmp_path):
+    straight = timed(corpus, SLOWS)
+    straight.fit()
+    first = timed(corpus, SLOWS, tmp_path)
+    first.max_steps = 10  # killed after step 10, in the slow part
+    first.fit()
+    assert first.ended_by == "max_steps" and first.schedule_progress < 1
+    second = timed(corpus, SLOWS, tmp_path, clock=FakeClock(now=1e6), seed=123)  # a new process: other clock, weights
+    second.fit()
+    keys = ("step", "elapsed_s", "progress", "lr_factor", "loss")
+    assert steps_of(second, *keys) == steps_of(straight, *keys)
+    assert second.step == 16 and second.elapsed_s == BUDGET
+    assert_same_weights(weights(second), weights(straight))
+    again = timed(corpus, SLOWS, tmp_path)  # resuming a finished time-driven run trains nothing more
+    again.fit()
+    assert again.step == 16 and again.ended_by == "time_budget"
+
+
+def test_a_step_driven_checkpoint_is_not_resumed_time_driven(corpus, tmp_path):
+    from lmforge.train.checkpoint import CheckpointError
+
+    plain = make(corpus, tmp_path, max_steps=3)
+    plain.fit()
+    assert "progress" not in plain.history[-1]  # step-driven records are as before
+    with pytest.raises(CheckpointError, match="extra has no 'elapsed_s': it was not written by a time-driven run"):
+        timed(corpus, SLOWS, tmp_path).fit()
+
+
+def test_time_driven_bad_arguments(corpus):
+    with pytest.raises(ValueError, match="invalid schedule_by='clock': must be one of step, time"):
+        make(corpus, schedule_by="clock")
+    with pytest.raises(ValueError, match=r"invalid time_budget_s=None: schedule_by='time' needs a finite budget"):
+        make(corpus, schedule_by="time")
+    with pytest.raises(ValueError, match=r"invalid time_budget_s=0: schedule_by='time'"):
+        make(corpus, schedule_by="time", time_budget_s=0)
+    trainer = make(corpus, schedule_by="time", time_budget_s=1.0)
+    trainer.schedule = Schedule("constant")
+    with pytest.raises(ValueError, match=r"invalid schedule.total_steps=None: schedule_by='time'"):
+        trainer.fit()  # fit checks again: the speedrun sets these attributes after construction

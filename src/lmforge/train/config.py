@@ -90,7 +90,7 @@ from lmforge.configfile import parse_value as parse_value  # re-exported: its ho
 from lmforge.train.distributed import STRATEGIES as DIST_STRATEGIES
 from lmforge.train.optim import OPTIMIZERS
 from lmforge.train.schedule import Schedule
-from lmforge.train.trainer import PRECISIONS
+from lmforge.train.trainer import PRECISIONS, SCHEDULE_BY
 from lmforge.utils.atomic import atomic_write
 
 LOADERS = ("random", "sequential")
@@ -218,6 +218,7 @@ class LoopConfig:
 
     max_steps: int = 1000  # optimizer steps
     time_budget_min: float | None = None  # stop (and checkpoint) after this many minutes; none: no budget
+    schedule_by: str = "step"  # "time": the budget drives the lr schedule and ends the run (needs time_budget_min)
     precision: str = "fp32"  # autocast dtype of the forward pass; weights stay fp32
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
@@ -240,6 +241,9 @@ class LoopConfig:
     def __post_init__(self) -> None:
         check_integer("train.max_steps", self.max_steps, 1)
         check_finite("train.time_budget_min", self.time_budget_min, above=0, optional=True)
+        check_choice("train.schedule_by", self.schedule_by, SCHEDULE_BY)
+        check(self.schedule_by == "step" or self.time_budget_min is not None, "train.schedule_by", self.schedule_by,
+              "a time-driven schedule needs train.time_budget_min")  # fmt: skip
         check_choice("train.precision", self.precision, PRECISIONS)
         check_finite("train.z_loss", self.z_loss, at_least=0)
         _unit("train.label_smoothing", self.label_smoothing)

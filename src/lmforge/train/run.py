@@ -95,8 +95,8 @@ def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> Trai
         label_smoothing=loop.label_smoothing, log_every=loop.log_every, eval_every=loop.eval_every,
         eval_steps=loop.eval_steps, checkpoint_every=loop.checkpoint_every, keep_last=loop.keep_last,
         tokenizer=tokenizer, sample_every=loop.sample_every,
-        time_budget_s=loop.time_budget_min * 60 if loop.time_budget_min else None, progress=progress,
-        tensorboard=loop.tensorboard, skip_nonfinite=loop.skip_nonfinite,
+        time_budget_s=loop.time_budget_min * 60 if loop.time_budget_min else None, schedule_by=loop.schedule_by,
+        progress=progress, tensorboard=loop.tensorboard, skip_nonfinite=loop.skip_nonfinite,
         max_consecutive_skips=loop.max_consecutive_skips, dist=info, parallel=parallel,
     )  # fmt: skip
 

@@ -19,6 +19,10 @@ The trainer sets  lr_g(s) = base_lr_g * f(s)  for every parameter group g before
 So f(S) = m for the decaying kinds, and f stays m for s > S. The three decay shapes share one `anneal(shape, q, m)`:
 cosine and linear schedules anneal over the whole post-warmup span, WSD only over its final D steps.
 
+Time-driven runs (`Trainer(schedule_by="time")`, the speedrun) evaluate the same shapes at a fraction of the
+schedule instead of a step: `schedule.at(p)` = f(p * S) for the progress p in [0, 1] (elapsed time over the budget),
+so warmup takes the first W / S of the budget and f(1) = m for the decaying kinds, at whatever speed the run goes.
+
 Use: `Schedule(...)` is a callable step -> f; `set_lr(optimizer, schedule, step)` applies it (each group keeps its
 own base lr under "initial_lr", the key `torch.optim.lr_scheduler` uses); a `Schedule` is also a valid `lr_lambda`
 for `torch.optim.lr_scheduler.LambdaLR` (see `lambda_lr`).
@@ -122,13 +126,28 @@ class Schedule:
         q = min(1.0, (step - start) / self.decay_steps)
         return anneal(self.decay_shape if self.kind == "wsd" else self.kind, q, self.min_lr_ratio)
 
+    def at(self, progress: float) -> float:
+        """f at a fraction `progress` of the schedule: f(progress * total_steps), with progress above 1 held at 1.
+
+        The steps are continuous here (warmup is linear in progress, the decay is evaluated between steps), so a
+        time-driven run gets the same shape whatever number of steps fits its budget; total_steps is required."""
+        if not (isinstance(progress, int | float) and math.isfinite(progress) and progress >= 0):
+            _fail("progress", progress, "must be a finite number >= 0")
+        if self.total_steps is None:
+            _fail("total_steps", None, f"a schedule evaluated by progress needs total_steps (kind {self.kind!r})")
+        return self(min(1.0, progress) * self.total_steps)
+
 
 def set_lr(optimizer: torch.optim.Optimizer, schedule: Schedule, step: int) -> float:
     """Set every group's lr to its base lr times `schedule(step)`; returns the multiplier.
 
     A group's base lr is its lr the first time it is seen, kept under "initial_lr" (so it travels with the
     optimizer's state_dict and an exact resume needs nothing else)."""
-    factor = schedule(step)
+    return scale_lr(optimizer, schedule(step))
+
+
+def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's lr to its base lr ("initial_lr", see `set_lr`) times `factor`; returns `factor`."""
     for group in optimizer.param_groups:
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
     return factor

@@ -2,7 +2,7 @@
 
 One step s (s = 0, 1, ...):
 
-    lr      <- base_lr * schedule(s)                          (schedule.py)
+    lr      <- base_lr * schedule(s)                          (schedule.py; time-driven: see below)
     batch   <- train_data.batch(s): (B, T) input_ids, targets (-100: not counted)
     for each of the `grad_accum` micro-batches m (B / grad_accum rows):
         loss_m = sum over m's counted tokens of CE (+ z-loss) / (counted tokens in the whole batch)
@@ -22,6 +22,23 @@ which clipping computes anyway, are read together), none per micro-batch. With `
 is skipped instead (no update; a `{"step", "skipped"}` record in the log, counted in `skipped_steps`), and
 `max_consecutive_skips` skipped steps in a row still stop the run. With fp16 the gradient scaler owns non-finite
 gradients (it skips the step and lowers the scale, by design); only a non-finite loss counts there.
+
+Time-driven runs (`schedule_by="time"`, what the speedrun uses) follow the clock instead of the step count, so
+a run spends its budget B and ends at the decayed rate whatever the machine's speed does:
+
+    p_s     <- max(p_(s-1), min(1, (e_s + d_(s-1)) / B))      lr <- base_lr * schedule.at(p_s)
+    stop    after the step whose end has e >= B (or at max_steps, then a cap)
+
+e_s is the time elapsed since `fit` began when step s starts (every evaluation, sample and checkpoint before it
+included: the budget is the wall time of the run), d_(s-1) the previous step's duration. p_s is thus the fraction
+of the budget spent when step s will *end*: the step that exhausts the budget runs at p = 1, the schedule's
+minimum, and taking the max keeps the lr monotone in time when the machine speeds up. Time comes from `clock`
+(`time.perf_counter` unless a test injects a fake one; tokens/s always uses `time.perf_counter`). A time-driven
+checkpoint records the elapsed time, the last step's duration and p (extra "elapsed_s", "step_s",
+"schedule_progress"), so a resumed run continues the same schedule where the killed one stopped (the time between
+the checkpoint and the restart is not counted); one without them cannot be resumed time-driven. After `fit`,
+`elapsed_s`, `schedule_progress` and `ended_by` ("max_steps" or "time_budget") say how much of the budget and of
+the schedule ran and why the run ended.
 
 Options: bf16 autocast (CPU and CUDA) or fp16 autocast with a gradient scaler (CUDA), activation checkpointing
 (each block's activations are recomputed in backward: memory O(layers) block inputs instead of every
@@ -48,7 +65,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,12 +76,13 @@ from lmforge.train.checkpoint import CheckpointError, is_sharded, latest_checkpo
 from lmforge.train.distributed import DistInfo, all_reduce_sum
 from lmforge.train.loss import ModelLoss, moe_loss_coefs, total_loss
 from lmforge.train.plot import plot_losses
-from lmforge.train.schedule import Schedule, set_lr
+from lmforge.train.schedule import Schedule, scale_lr
 from lmforge.utils.atomic import atomic_write
 from lmforge.utils.errors import LmforgeError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # training precision -> dtype
 PRECISIONS = tuple(DTYPES)
+SCHEDULE_BY = ("step", "time")  # what drives the lr schedule and ends the run: the step count, or the clock
 
 
 class NonFiniteError(LmforgeError, RuntimeError):
@@ -128,6 +146,17 @@ def _counter(path: Path, extra: dict[str, Any], key: str) -> int:
     return value
 
 
+def _seconds(path: Path, extra: dict[str, Any], key: str) -> float:
+    """A finite number >= 0 of a time-driven checkpoint's extra (a duration or a progress), required."""
+    value = extra.get(key)
+    if value is None:
+        raise CheckpointError(f"{path}: extra has no {key!r}: it was not written by a time-driven run "
+                              "(schedule_by='time'); resume it step-driven or start a new run")  # fmt: skip
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise CheckpointError(f"{path}: extra[{key!r}] is {value!r}, expected a finite number >= 0")
+    return float(value)
+
+
 def _summary_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -170,6 +199,8 @@ class Trainer:
         sample_every: int = 0,
         sample_prompt: str = "",
         time_budget_s: float | None = None,
+        schedule_by: str = "step",
+        clock: Callable[[], float] = time.perf_counter,
         progress: bool = True,
         tensorboard: bool = False,
         skip_nonfinite: bool = False,
@@ -204,6 +235,12 @@ class Trainer:
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.tokenizer, self.sample_every, self.sample_prompt = tokenizer, sample_every, sample_prompt
         self.time_budget_s, self.progress = time_budget_s, progress
+        self.schedule_by, self.clock = schedule_by, clock
+        self._check_schedule_by()
+        self.elapsed_s = self.step_s = 0.0  # time since fit began when the last step ended; that step's duration
+        self._start = 0.0  # `clock` when this run's time began (set by fit)
+        self.schedule_progress = 0.0  # time-driven: the schedule fraction p of the last step
+        self.ended_by: str | None = None  # "max_steps" or "time_budget" once fit has ended the run
         self.dist = dist or DistInfo(device=self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         model.activation_checkpointing = activation_checkpointing
@@ -226,6 +263,21 @@ class Trainer:
             _summary_writer_class()  # fail now, not at the first log line, when tensorboard is not installed
         self._tb: Any = None
 
+    def _check_schedule_by(self) -> None:
+        """schedule_by is "step" or "time"; time needs a finite budget > 0 and a schedule with total_steps (the
+        shape `Schedule.at` stretches over the budget). Checked again by `fit`, for attributes set after init."""
+        if self.schedule_by not in SCHEDULE_BY:
+            raise ValueError(f"invalid schedule_by={self.schedule_by!r}: must be one of {', '.join(SCHEDULE_BY)}")
+        if self.schedule_by == "step":
+            return
+        budget = self.time_budget_s
+        if not (isinstance(budget, int | float) and math.isfinite(budget) and budget > 0):
+            raise ValueError(f"invalid time_budget_s={budget!r}: schedule_by='time' needs a finite budget > 0 "
+                             "(train.time_budget_min)")  # fmt: skip
+        if self.schedule.total_steps is None:
+            raise ValueError(f"invalid schedule.total_steps=None: schedule_by='time' stretches the schedule's "
+                             f"total_steps over the budget; give {self.schedule.kind!r} a total_steps")  # fmt: skip
+
     # -- one step ---------------------------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -233,10 +285,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer update from `train_data.batch(step)`; returns its metrics."""
+    def train_step(self, step: int, progress: float | None = None) -> dict[str, float]:
+        """One optimizer update from `train_data.batch(step)` at base lr * schedule(step), or, given the schedule
+        `progress` (time-driven runs), at base lr * schedule.at(progress); returns its metrics."""
         self.model.train()
-        lr_factor = set_lr(self.optimizer, self.schedule, step)
+        factor = self.schedule(step) if progress is None else self.schedule.at(progress)
+        lr_factor = scale_lr(self.optimizer, factor)
         batch = self.train_data.batch(step)
         ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
         if ids.shape[0] % self.grad_accum:
@@ -270,8 +324,9 @@ class Trainer:
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "lr": lr, "lr_factor": lr_factor, "grad_norm": norm, "skipped_steps": self.skipped_steps,
-                "tokens": ids.numel() * ranks, "seq_len": ids.shape[1]}  # fmt: skip
+        metrics = {"loss": loss, "lr": lr, "lr_factor": lr_factor, "grad_norm": norm,
+                   "skipped_steps": self.skipped_steps, "tokens": ids.numel() * ranks, "seq_len": ids.shape[1]}
+        return metrics if progress is None else metrics | {"progress": progress}  # fmt: skip
 
     def _update_is_finite(self, step: int, loss: float, grad_norm: float, lr: float) -> bool:
         """Whether the update of `step` may be applied; raises `NonFiniteError`, or with `skip_nonfinite` counts
@@ -364,6 +419,10 @@ class Trainer:
         self.step, extra = load_checkpoint(path, self.model, self.optimizer)
         self.history = [r for r in _restored_history(path, extra) if r["step"] <= self.step]
         self.skipped_steps, self.skip_streak = (_counter(path, extra, key) for key in ("skipped_steps", "skip_streak"))
+        if self.schedule_by == "time":
+            self.elapsed_s, self.step_s, self.schedule_progress = (
+                _seconds(path, extra, key) for key in ("elapsed_s", "step_s", "schedule_progress")
+            )
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         if self.dist.is_main:
             atomic_write(self.run_dir / "log.jsonl", lines)  # drop what was logged after the checkpoint
@@ -371,18 +430,50 @@ class Trainer:
     def _checkpoint(self) -> None:  # every rank takes part (FSDP2 gathers the shards); rank 0 writes
         if self.run_dir is not None:
             extra = {"history": self.history, "skipped_steps": self.skipped_steps, "skip_streak": self.skip_streak}
+            if self.schedule_by == "time":  # the clock now (after this step's evaluation): resume continues from it
+                extra |= {"elapsed_s": self._elapsed(), "step_s": self.step_s,
+                          "schedule_progress": self.schedule_progress}  # fmt: skip
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, keep_last=self.keep_last)
+
+    def _elapsed(self) -> float:
+        """Seconds of this run so far on `clock` (a resumed time-driven run counts its earlier processes' too)."""
+        return self.clock() - self._start
+
+    def _budget_spent(self) -> bool:
+        return self.time_budget_s is not None and self.elapsed_s >= self.time_budget_s
+
+    def _end_reason(self) -> str | None:
+        """Why the run ends after the step just done: "max_steps", "time_budget", or None (it goes on)."""
+        if self.step == self.max_steps:
+            return "max_steps"
+        return "time_budget" if self._budget_spent() else None
+
+    def _next_progress(self) -> float:
+        """The schedule progress p of the step about to run (module docstring): the fraction of the budget spent
+        when it will end, projected from the last step's duration, and never below the last step's."""
+        projected = (self._elapsed() + self.step_s) / self.time_budget_s
+        self.schedule_progress = max(self.schedule_progress, min(1.0, projected))
+        return self.schedule_progress
 
     def _steps(self) -> Iterator[int]:
         from tqdm import tqdm
 
+        if self.schedule_by == "time" and self._budget_spent():  # a finished time-driven run, resumed
+            self.ended_by = "time_budget"
+            return
         quiet = not (self.progress and self.dist.is_main)
-        bar = tqdm(range(self.step, self.max_steps), initial=self.step, total=self.max_steps, disable=quiet)
+        steps = range(self.step, self.max_steps)
+        if self.schedule_by == "time":  # the clock ends the run: max_steps is only a cap, no step total to show
+            bar = tqdm(iter(steps), initial=self.step, total=None, disable=quiet, unit="step")
+        else:
+            bar = tqdm(steps, initial=self.step, total=self.max_steps, disable=quiet)
         self._bar = bar
         yield from bar
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
-        """Train up to `max_steps` (or the time budget); returns the last logged metrics."""
+        """Train up to `max_steps` (or the time budget; time-driven: until the budget is spent, module docstring);
+        returns the last logged metrics."""
+        self._check_schedule_by()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume:
@@ -392,16 +483,22 @@ class Trainer:
         if self.tensorboard:  # events logged after the checkpoint (or all, without resume) are purged
             self._tb = _summary_writer_class()(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
         peak = measure_peak_flops(self.device, DTYPES[self.precision])
-        start = time.perf_counter()
+        if self.schedule_by == "step":
+            self.elapsed_s = 0.0  # a step-driven run's budget counts from each fit; a time-driven one goes on
+        self._start = self.clock() - self.elapsed_s
         window_start, window_tokens = time.perf_counter(), 0
         last: dict[str, Any] = {}
         for step in self._steps():
-            metrics = self.train_step(step)
+            progress = self._next_progress() if self.schedule_by == "time" else None
+            step_start = self.clock()
+            metrics = self.train_step(step, progress)
             self.step = step + 1
+            self.step_s, self.elapsed_s = self.clock() - step_start, self._elapsed()
             window_tokens += metrics["tokens"]
-            done = self.step == self.max_steps or (
-                self.time_budget_s is not None and time.perf_counter() - start >= self.time_budget_s
-            )
+            self.ended_by = self._end_reason()
+            done = self.ended_by is not None
+            if progress is not None:
+                metrics["elapsed_s"] = self.elapsed_s
             if self.step % self.log_every == 0 or done:
                 seconds = time.perf_counter() - window_start
                 tok_s = window_tokens / seconds
