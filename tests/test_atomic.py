@@ -75,3 +75,15 @@ def test_a_symlinked_directory_is_replaced_where_it_points(tmp_path):
     new = model(1)
     save_hf(new, tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and same_weights(lmforge.load(Path(real))[0], new)
+
+
+def test_files_get_the_usual_mode_even_when_the_writer_replaces_them(tmp_path):
+    """safetensors writes through its own private temporary file; the saved weights are still readable by others."""
+    umask = os.umask(0o022)
+    try:
+        save_hf(model(0), tmp_path / "m")
+    finally:
+        os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "m").iterdir()} == {
+        "config.json": "0o644", "model.safetensors": "0o644"
+    }
