@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from lmforge.train.checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.clip import clip_grad_norm
 from lmforge.train.distributed import DistInfo, all_reduce_sum
 from lmforge.train.loss import ModelLoss, moe_loss_coefs, total_loss
 from lmforge.train.plot import plot_losses
@@ -310,7 +311,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = clip_grad_norm(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         ce_total = all_reduce_sum(ce_total, self.dist)  # every rank sees the same loss and norm: the same decision
