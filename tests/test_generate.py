@@ -285,6 +285,15 @@ def test_stats_on_the_last_event_only(byte_tok):
     assert stats.prefill_s > 0 and stats.decode_s > 0
     assert stats.prefill_tokens_per_s == pytest.approx(10 / stats.prefill_s)
     assert stats.decode_tokens_per_s == pytest.approx(6 / stats.decode_s)
+    assert stats.warmup_s == 0.0  # the plain path compiles nothing
+
+
+def test_a_compiling_first_step_is_not_in_the_decode_rate():
+    from lmforge.infer.generate import GenerationStats
+
+    stats = GenerationStats(prompt_tokens=4, generated_tokens=10, prefill_s=1.0, decode_s=4.0, warmup_s=30.0)
+    assert stats.decode_tokens_per_s == 8 / 4.0  # 10 tokens: the first after prefill, one compiling, 8 decoded
+    assert GenerationStats(4, 10, 1.0, 4.0).decode_tokens_per_s == 9 / 4.0
 
 
 @pytest.mark.parametrize(

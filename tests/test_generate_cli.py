@@ -44,6 +44,8 @@ def test_generate_with_compile_prints_the_same_text(model_dir):
     plain, fast = runner.invoke(app, args), runner.invoke(app, [*args, "--compile"])
     assert fast.exit_code == 0, fast.output
     assert fast.stdout == plain.stdout and "tok/s decode" in fast.stderr
+    assert "--compile: the first step compiles the decoder" in fast.stderr
+    assert "(compilation, not in the rate)" in fast.stderr and "compil" not in plain.stderr
 
 
 def test_chat_keeps_history_and_resets(model_dir):

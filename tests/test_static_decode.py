@@ -122,8 +122,10 @@ def test_generate_with_compile_gives_the_same_tokens(tiny):
     plain = [e.token_id for e in generate(model, tok, "the quick", temperature=0, max_tokens=40, ignore_eos=True)]
     fast = list(generate(model, tok, "the quick", temperature=0, max_tokens=40, ignore_eos=True, compile=True))
     assert [e.token_id for e in fast] == plain
+    assert fast[-1].stats.warmup_s > 0  # the first step compiled the decoder: reported apart from the decode rate
     sampled = [list(generate(model, tok, "the", max_tokens=20, seed=3, top_k=5, compile=c)) for c in (False, True)]
     assert [e.token_id for e in sampled[0]] == [e.token_id for e in sampled[1]]
+    assert sampled[1][-1].stats.warmup_s == 0.0  # the same (cached, compiled) decoder: nothing to compile
 
 
 def test_generate_with_compile_falls_back_for_alibi(tiny):
@@ -134,3 +136,16 @@ def test_generate_with_compile_falls_back_for_alibi(tiny):
     plain = [e.token_id for e in generate(model, tok, "the", temperature=0, max_tokens=5, ignore_eos=True)]
     fast = [e.token_id for e in generate(model, tok, "the", temperature=0, max_tokens=5, ignore_eos=True, compile=True)]
     assert fast == plain
+
+
+@pytest.mark.slow
+def test_models_of_different_shapes_compile_in_one_process(tiny):
+    """A second model recompiles the same decoder code with its head counts made symbolic by torch.compile; the
+    GQA flag must stay a constant (SDPA refuses a symbolic one)."""
+    _, tok = tiny
+    for seed, (d, layers, heads, kv) in enumerate(((64, 2, 4, None), (16, 1, 2, None), (32, 1, 4, 1))):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, d_ff=96)
+        model = Transformer(cfg).eval()
+        run = [generate(model, tok, "the", temperature=0, max_tokens=6, ignore_eos=True, compile=c) for c in (0, 1)]
+        assert [e.token_id for e in run[1]] == [e.token_id for e in run[0]]

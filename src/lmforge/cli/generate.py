@@ -63,6 +63,9 @@ def _stream(model: Any, tokenizer: Any, prompt: str | list[int], params: Any, co
     from lmforge.infer.generate import generate
 
     pieces, stats = [], None
+    if compile:
+        err.print("[dim]--compile: the first step compiles the decoder (about a minute in a new process on a small "
+                  "CPU; torch's on-disk cache shortens later runs)[/dim]")  # fmt: skip
     for event in generate(model, tokenizer, prompt, params, compile=compile):
         sys.stdout.write(event.text)
         sys.stdout.flush()
@@ -75,7 +78,9 @@ def _report(stats: Any) -> None:
     if stats is not None:
         err.print(
             f"[dim]prompt {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_s:.1f} tok/s prefill; "
-            f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode[/dim]"
+            f"generated {stats.generated_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode"
+            + (f"; first step {stats.warmup_s:.1f} s (compilation, not in the rate)" if stats.warmup_s else "")
+            + "[/dim]"
         )
 
 

@@ -59,7 +59,8 @@ class GenerationStats:
     prompt_tokens: int
     generated_tokens: int
     prefill_s: float  # prompt forward + first token
-    decode_s: float  # every later token
+    decode_s: float  # every later token, except a compiling first step
+    warmup_s: float = 0.0  # the first step of a new compiled decoder (torch.compile runs then): not in decode_s
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -67,7 +68,7 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        n = self.generated_tokens - 1
+        n = self.generated_tokens - 1 - (self.warmup_s > 0)
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
@@ -205,23 +206,23 @@ def generate(
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids |= {i for attr in ("eos_token", "eot_token") if (i := eos_token_id(tokenizer, attr)) is not None}
-    forward = _forward_fn(model, len(ids) + budget, compile)
-    return _stream(forward, model, tokenizer, ids, params, budget, stop_ids)  # errors above raise before any step
+    forward, compiles = _forward_fn(model, len(ids) + budget, compile)
+    return _stream(forward, model, tokenizer, ids, params, budget, stop_ids, compiles)  # errors raised above
 
 
 def _forward_fn(model, n_tokens: int, compile: bool):
-    """forward(new_ids (1, T), first: bool) -> (1, V) fp32 logits of the last of `new_ids`, with a fresh
-    cache when `first`: the plain `KVCache` path, or a (compiled) `StaticDecoder`."""
+    """(forward, compiles): forward(new_ids (1, T), first: bool) -> (1, V) fp32 logits of the last of `new_ids`,
+    with a fresh cache when `first`: the plain `KVCache` path, or a (compiled) `StaticDecoder`; `compiles` when
+    its first decode step will compile the graph."""
     if compile and static_decode.supports(model):
         decoder = static_decode.decoder_for(model, n_tokens, compile=True)
-        return lambda ids, first: decoder.prefill(ids) if first else decoder.step(ids)
+        return (lambda ids, first: decoder.prefill(ids) if first else decoder.step(ids)), not decoder.warm
     cache = KVCache(n_tokens)
-    return lambda ids, first: _last_logits(model, ids, cache)
+    return (lambda ids, first: _last_logits(model, ids, cache)), False
 
 
-def _stream(
-    forward, model, tokenizer: BaseTokenizer, ids: list[int], params: SamplingParams, budget: int, stop_ids: set[int]
-):
+def _stream(forward, model, tokenizer: BaseTokenizer, ids: list[int], params: SamplingParams, budget: int,
+            stop_ids: set[int], compiles: bool):  # fmt: skip
     device = next(model.parameters()).device
     generator = torch.Generator(device)
     if params.seed is None:
@@ -232,7 +233,7 @@ def _stream(
     tokens = torch.zeros(1, n_prompt + budget, dtype=torch.long, device=device)  # prompt, then generated
     tokens[0, :n_prompt] = torch.tensor(ids)
     decoder, stops = IncrementalDecoder(tokenizer), StopStringBuffer(params.stop)
-    prefill_s = decode_s = 0.0
+    prefill_s = decode_s = warmup_s = 0.0
 
     start = time.perf_counter()
     logits = forward(tokens[:, :n_prompt], True)
@@ -261,10 +262,12 @@ def _stream(
         elapsed = time.perf_counter() - start
         if step == 0:
             prefill_s = elapsed
+        elif step == 1 and compiles:
+            warmup_s = elapsed
         else:
             decode_s += elapsed
         if finish:
-            stats = GenerationStats(n_prompt, n - n_prompt, prefill_s, decode_s)
+            stats = GenerationStats(n_prompt, n - n_prompt, prefill_s, decode_s, warmup_s)
             yield GenerationEvent(text, token, finish, stats)
             return
         yield GenerationEvent(text, token)

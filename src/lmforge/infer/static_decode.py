@@ -138,6 +138,7 @@ class StaticDecoder:
         # one graph per step shape; MoE routing is data-dependent (graph breaks allowed there)
         fullgraph = cfg.moe is None
         self._step = torch.compile(self._forward, fullgraph=fullgraph) if compile else self._forward
+        self.warm = not compile  # False until the first step has compiled the graph
 
     @property
     def model(self) -> nn.Module:
@@ -171,6 +172,7 @@ class StaticDecoder:
             raise CacheFullError(f"static KV cache holds {self.max_len} tokens; all are used")
         self._token.copy_(token)
         logits = self._step(self._step_model or self.model, self._token, self.position)
+        self.warm = True
         self.length += 1
         self.position.add_(1)
         return logits

@@ -68,10 +68,13 @@ def attend(
     softcap: float | None = None,
     bias: torch.Tensor | None = None,
     backend: str = "sdpa",
+    gqa: bool | None = None,
 ) -> torch.Tensor:
     """q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) -> (B, H, Tq, Dv).
 
-    `mask` None means causal with Tq == Tk, or a single query that sees every key."""
+    `mask` None means causal with Tq == Tk, or a single query that sees every key. `gqa`: whether Hkv < H, when
+    the caller knows it as a constant (None: from the shapes, which torch.compile may have made symbolic after a
+    second model's sizes: SDPA refuses a symbolic `enable_gqa`)."""
     causal = mask is None and q.shape[-2] > 1
     if backend == "sdpa" and softcap is None:
         attn_mask = mask
@@ -80,7 +83,7 @@ def attend(
             if causal:
                 attn_mask = attn_mask + _causal_bias(q.shape[-2], k.shape[-2], q.device)
                 causal = False
-        gqa = q.shape[1] != k.shape[1]
+        gqa = q.shape[1] != k.shape[1] if gqa is None else gqa
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=gqa
         )
@@ -116,6 +119,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.layer_type = cfg.layer_type(layer_idx)
+        self.gqa = kv != h  # a constant for torch.compile (bools are not made symbolic; head counts may be)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         cfg = self.cfg
@@ -139,5 +143,6 @@ class Attention(nn.Module):
             cfg.attn_softcap,
             inputs.alibi,
             cfg.attn_backend,
+            self.gqa,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
