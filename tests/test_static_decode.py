@@ -18,7 +18,8 @@ from lmforge import ModelConfig, Transformer
 from lmforge.infer import static_decode
 from lmforge.infer.generate import generate
 from lmforge.infer.kv_cache import CacheFullError, KVCache
-from lmforge.infer.static_decode import StaticDecoder, decoder_for, matvec, matvec_view
+from lmforge.infer.matvec import MatVecLinear, matvec, matvec_view
+from lmforge.infer.static_decode import StaticDecoder, decoder_for
 from lmforge.tokenizer import train_bpe
 
 ARCHES = ["gpt2", "llama", "mistral", "qwen3", "gemma2", "qwen3_moe", "deepseek_v3"]
@@ -87,7 +88,7 @@ def test_matvec_view_shares_parameters_and_leaves_the_model_alone():
     model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64))
     view = matvec_view(model)
     assert type(model.blocks[0].attn.q_proj) is nn.Linear
-    assert type(view.blocks[0].attn.q_proj) is static_decode.MatVecLinear
+    assert type(view.blocks[0].attn.q_proj) is MatVecLinear
     ours = dict(model.named_parameters())
     theirs = dict(view.named_parameters())
     assert ours.keys() == theirs.keys() and all(ours[k] is theirs[k] for k in ours)

@@ -28,46 +28,15 @@ Batch rows share positions (no padding).
 
 from __future__ import annotations
 
-import copy
-import itertools
 import weakref
 
 import torch
 from torch import nn
 
 from lmforge.infer.kv_cache import CacheFullError
+from lmforge.infer.matvec import matvec, matvec_view
 from lmforge.model.attention import AttentionInputs, build_mask
 from lmforge.model.position import rope_cos_sin
-
-
-def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; for one row under `torch.compile`, as multiply + sum (module doc)."""
-    if x.numel() != x.shape[-1] or not torch.compiler.is_compiling():
-        return nn.functional.linear(x, weight, bias)
-    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)  # (..., 1, in) * (out, in) -> (..., out)
-    return y if bias is None else y + bias
-
-
-class MatVecLinear(nn.Module):
-    """An `nn.Linear`'s parameters, applied with `matvec`."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matvec(x, self.weight, self.bias)
-
-
-def matvec_view(model: nn.Module) -> nn.Module:
-    """A copy of `model`'s module tree sharing all its parameters and buffers, with `MatVecLinear`s."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    view = copy.deepcopy(model, shared)
-    for module in list(view.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                setattr(module, name, MatVecLinear(child))
-    return view
 
 
 def _slots_dim(t: torch.Tensor) -> torch.Tensor:
