@@ -10,13 +10,17 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.nn import functional as F
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from lmforge.config import ConfigError, ModelConfig, MoEConfig
-from lmforge.model.moe import MoE
+from lmforge.model.moe import ExpertLinear, MoE
+from lmforge.model.surgery import swap_modules
 
 D, H, E = 32, 16, 8
 
@@ -237,9 +241,9 @@ def test_reference_equals_grouped(n_group, per_group, top_k, sigmoid, norm, shar
         if moe.score_bias is not None:
             moe.score_bias.normal_(0, 0.3)
     _check_paths_agree(moe, torch.randn(1, n_tokens, 16))
-    moe.use_reference = True
+    moe.runtime.moe_reference = True
     ref = moe(torch.ones(1, 2, 16))
-    moe.use_reference = False
+    moe.runtime.moe_reference = False
     torch.testing.assert_close(moe(torch.ones(1, 2, 16)), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -279,7 +283,7 @@ def test_aux_and_z_loss_hand_computed() -> None:
 
 def test_aux_loss_is_one_when_every_expert_gets_every_token() -> None:
     moe, x, _ = _hand_moe(top_k=2)  # f = (1/2, 1/2), sum_e P_e = 1
-    moe.use_reference = True
+    moe.runtime.moe_reference = True
     moe(x)
     assert moe.aux_loss.item() == pytest.approx(1.0, rel=1e-6)
 
@@ -304,6 +308,40 @@ def test_state_dict_names_and_bf16() -> None:
     logits, w, _ = moe.route(x.reshape(-1, 16))
     assert logits.dtype == torch.float32 and w.dtype == torch.float32
     assert moe(x).dtype == torch.bfloat16
+
+
+class _Base(nn.Module):
+    """A wrapper keeping the module it replaces as `base` (as a LoRA adapter does)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.base(x, e)
+
+
+def test_expert_matrices_are_modules_under_the_checkpoint_names() -> None:
+    torch.manual_seed(0)
+    moe = MoE(_model_cfg(MoEConfig(n_experts=4, top_k=2, d_expert=8, n_shared_experts=1), d_model=16))
+    assert [type(moe.get_submodule(n)) for n in ("gate_proj", "up_proj", "down_proj")] == [ExpertLinear] * 3
+    assert moe.w_gate is moe.gate_proj.weight and moe.w_down is moe.down_proj.weight
+    assert moe.w_up.shape == (4, 8, 16) and moe.w_down.shape == (4, 16, 8)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(moe.expert(2, x), (F.silu(x @ moe.w_gate[2].T) * (x @ moe.w_up[2].T)) @ moe.w_down[2].T)
+    names = list(moe.state_dict())
+    assert names[:4] == ["w_gate", "w_up", "w_down", "router.weight"]  # where the MoE's own parameters stood
+    assert [n for n, _ in moe.named_parameters()][:3] == ["gate_proj.w_gate", "up_proj.w_up", "down_proj.w_down"]
+    state = {k: torch.randn_like(v) for k, v in moe.state_dict().items()}
+    moe.load_state_dict(state)  # checkpoint names in, module names inside
+    assert all(torch.equal(moe.state_dict()[k], v) for k, v in state.items())
+    assert list(get_model_state_dict(moe)) == names  # torch.distributed.checkpoint (FSDP2) sees the same names
+    state = {k: torch.randn_like(v) for k, v in state.items()}
+    set_model_state_dict(moe, state)
+    assert torch.equal(moe.w_down, state["w_down"]) and torch.equal(moe.w_gate, state["w_gate"])
+    swap_modules(moe, "up_proj", lambda _, old: _Base(old))  # a replaced matrix shows its own names
+    assert list(moe.state_dict())[:3] == ["w_gate", "w_down", "up_proj.base.w_up"]
+    assert list(get_model_state_dict(moe)) == list(moe.state_dict())
 
 
 @pytest.mark.parametrize(

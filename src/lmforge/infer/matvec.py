@@ -8,16 +8,15 @@ as a broadcast multiply and a sum,
 
 inductor fuses it into one vectorized pass over W's rows (accumulating in float32) that runs near memory speed
 (see benchmarks/decode.py). `matvec_view(model)` is a view of a model (its module tree copied, every parameter
-shared) whose `nn.Linear`s use that form; the model itself is not changed.
+shared: `lmforge.model.surgery.view`) whose `nn.Linear`s use that form; the model itself is not changed.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-
 import torch
 from torch import nn
+
+from lmforge.model.surgery import swap_modules
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,10 +40,5 @@ class MatVecLinear(nn.Module):
 
 def matvec_view(model: nn.Module) -> nn.Module:
     """A copy of `model`'s module tree sharing all its parameters and buffers, with `MatVecLinear`s."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    view = copy.deepcopy(model, shared)
-    for module in list(view.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                setattr(module, name, MatVecLinear(child))
-    return view
+    plain_linear = lambda _, m: type(m) is nn.Linear  # not its subclasses: they compute otherwise
+    return swap_modules(model, plain_linear, lambda _, linear: MatVecLinear(linear), on_view=True).model
