@@ -96,7 +96,8 @@ def test_variants_decode_and_backends_agree(name):
     mask[1, :3] = 0
     with torch.no_grad():
         full = model(x, attention_mask=mask)
-        eager = Transformer(cfg.replace(attn_backend="eager")).eval()
+        eager = Transformer(cfg).eval()
+        eager.runtime.attn_backend = "eager"
         eager.load_state_dict(model.state_dict())
         torch.testing.assert_close(eager(x, attention_mask=mask), full, atol=1e-5, rtol=1e-5)
         cache = KVCache(16)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from hf_reference import hf_config
 from lmforge.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from lmforge.io.hf_arch import SUPPORTED, UnsupportedArchitectureError, config_from_hf, config_to_hf
+from lmforge.model.runtime import RuntimeOptions
 from lmforge.model.transformer import Transformer
 from lmforge.utils.errors import LmforgeError
 
@@ -26,7 +29,6 @@ from lmforge.utils.errors import LmforgeError
         ({"layer_types": ("full",)}, "layer_types"),
         ({"layer_types": ("sliding",) * 8}, "layer_types"),  # no sliding_window
         ({"attn_softcap": -1.0}, "attn_softcap"),
-        ({"attn_backend": "flash9"}, "attn_backend"),
         ({"pad_token_id": 10**6}, "pad_token_id"),
         ({"pad_token_id": "1"}, "pad_token_id"),
         ({"vocab_size": "many"}, "vocab_size"),
@@ -50,6 +52,13 @@ from lmforge.utils.errors import LmforgeError
 def test_bad_value_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"\b{field}\b"):
         ModelConfig(**changes)
+
+
+def test_runtime_options_are_not_config_fields():
+    """The attention backend is a runtime option (checked there), not part of what a checkpoint defines."""
+    with pytest.raises(ConfigError, match=r"\battn_backend\b"):
+        RuntimeOptions(attn_backend="flash9")
+    assert "attn_backend" not in {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def rope(kind: str, **kw) -> RopeScaling:

@@ -13,7 +13,8 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 from lmforge.config import MLAConfig, ModelConfig, RopeScaling
 from lmforge.infer.kv_cache import KVCache
-from lmforge.model.attention import AttentionInputs, build_mask
+from lmforge.model.attention import build_mask
+from lmforge.model.cache import AttentionInputs
 from lmforge.model.mla import LatentAttention
 from lmforge.model.position import rope_cos_sin
 
@@ -101,9 +102,9 @@ def hf_pair(version: str, q_lora: int | None, rope: dict | None, bias: bool = Fa
         attn_bias=bias,
         attn_out_bias=bias,
         rope_layout="interleaved" if interleave else "half",
-        attn_backend="eager",
     )
     ours = LatentAttention(cfg, 0)
+    ours.runtime.attn_backend = "eager"
     ours.load_state_dict(hf.state_dict())  # strict: the parameter names are HF's
     return hf, rotary, ours
 
@@ -144,7 +145,7 @@ def test_matches_hf(version, q_lora, rope, bias, interleave):
     with torch.no_grad():
         ref = run_hf(hf, rotary, x, causal())
         for absorb in (False, True):
-            ours.absorb = absorb
+            ours.runtime.mla_absorb = absorb
             torch.testing.assert_close(run_ours(ours, x, None), ref, atol=1e-5, rtol=0)
             torch.testing.assert_close(run_ours(ours, x, causal()), ref, atol=1e-5, rtol=0)
 
@@ -192,9 +193,11 @@ def test_gradients_match_hf(version):
 @pytest.mark.parametrize("q_lora", [24, None])
 def test_absorbed_equals_plain(backend, padded, q_lora):
     torch.manual_seed(0)
-    ref_attn = LatentAttention(make_cfg(q_lora, attn_backend="eager"), 0)
+    ref_attn = LatentAttention(make_cfg(q_lora), 0)
+    ref_attn.runtime.attn_backend = "eager"
     randomize(ref_attn, seed=3)
-    attn = LatentAttention(make_cfg(q_lora, attn_backend=backend), 0)
+    attn = LatentAttention(make_cfg(q_lora), 0)
+    attn.runtime.attn_backend = backend
     attn.load_state_dict(ref_attn.state_dict())
     x = inputs_x(2)
     mask = None
@@ -205,7 +208,7 @@ def test_absorbed_equals_plain(backend, padded, q_lora):
     with torch.no_grad():
         ref = run_ours(ref_attn, x, mask)  # plain form, eager backend
         for absorb in (False, True):
-            attn.absorb = absorb
+            attn.runtime.mla_absorb = absorb
             torch.testing.assert_close(run_ours(attn, x, mask), ref, atol=1e-5, rtol=0)
 
 
@@ -216,30 +219,31 @@ class SpyCache(KVCache):
         super().__init__(max_len)
         self.stored: list[tuple[torch.Size, ...]] = []
 
-    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.stored.append(tuple(t.shape for t in new))
-        return super().update(layer, *new)
+    def store(self, layer: int, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if layer >= 0:  # not the positions the cache keeps for itself
+            self.stored.append(tuple(t.shape for t in new))
+        return super().store(layer, new)
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("absorb", [False, True])
 def test_incremental_decoding_matches_full(backend, absorb):
-    attn = LatentAttention(make_cfg(24, attn_backend=backend, rope_scaling=rope_scaling(YARN)), 0)
+    attn = LatentAttention(make_cfg(24, rope_scaling=rope_scaling(YARN)), 0)
+    attn.runtime.attn_backend, attn.runtime.mla_absorb = backend, absorb
     randomize(attn, seed=4)
-    attn.absorb = absorb
     x = inputs_x(3)
     with torch.no_grad():
         full = run_ours(attn, x, None)
         cache = SpyCache(max_len=16)
         outs = []
         for start, end in [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]:
-            t, past = end - start, cache.length
-            cache.reserve(B, t, x.device)  # the Transformer's protocol: reserve, run the layers, advance
+            t, past = end - start, start
             positions = torch.arange(past, past + t).expand(B, -1)
+            keys = cache.prepare(None, positions)  # the Transformer's protocol: prepare, run the layers, commit
             cos, sin = rope_cos_sin(attn.cfg, positions)
-            mask = None if (t == 1 or past == 0) else build_mask(torch.arange(past, end), torch.arange(end), None, None)
+            mask = None if (t == 1 or past == 0) else build_mask(positions, keys.positions, keys.valid, None)
             outs.append(attn(x[:, start:end], AttentionInputs(cos=cos, sin=sin, masks={"full": mask}, cache=cache)))
-            cache.advance(torch.ones(B, t, dtype=torch.bool), positions)
+            cache.commit()
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=0)
     # only the normalised latent and the roped shared key are cached
     assert cache.stored[0] == (torch.Size([B, 5, KV_RANK]), torch.Size([B, 5, ROPE]))
@@ -252,8 +256,7 @@ def test_transformer_cached_generation_with_left_padding(absorb):
 
     torch.manual_seed(0)
     model = Transformer(make_cfg(24, n_layers=2)).eval()
-    for block in model.blocks:
-        block.attn.absorb = absorb
+    model.runtime.mla_absorb = absorb
     ids = torch.randint(0, 50, (B, 7))
     am = torch.ones(B, 7, dtype=torch.long)
     am[1, :2] = 0

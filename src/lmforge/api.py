@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmforge.model.runtime import RuntimeOptions
 from lmforge.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -20,24 +23,34 @@ def load(
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
     it has them; the tokenizer is None when it has none) or a GGUF file (llama.cpp; weights are
-    dequantized to float32). `dtype` casts floating-point weights;
-    `overrides` replace `ModelConfig` fields (e.g. `attn_backend="eager"`).
+    dequantized to float32). `dtype` casts floating-point weights. `overrides` naming `RuntimeOptions` fields set
+    `model.runtime` (how to compute, e.g. `attn_backend="eager"`); the others replace `ModelConfig` fields (what
+    the checkpoint defines, e.g. `max_seq_len=4096`).
     """
     from lmforge.io.hf import load_hf
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    runtime = {name: overrides.pop(name) for name in RuntimeOptions.names() if name in overrides}
+    tokenizer = None
     if path.is_file() and path.suffix == ".gguf":
         from lmforge.io.gguf_model import load_gguf_model
 
-        return load_gguf_model(path, dtype=dtype, **overrides), load_tokenizer(path)
-    model = load_hf(path, dtype=dtype, **overrides)
-    try:
-        tokenizer = load_tokenizer(path)
-    except FileNotFoundError:
-        tokenizer = None
+        model, tokenizer = load_gguf_model(path, dtype=dtype, **overrides), load_tokenizer(path)
+    else:
+        model = load_hf(path, dtype=dtype, **overrides)
+        with contextlib.suppress(FileNotFoundError):
+            tokenizer = load_tokenizer(path)
+    _set_runtime(model, runtime)
     return model, tokenizer
+
+
+def _set_runtime(model: Transformer, options: dict[str, Any]) -> None:
+    """Set `options` on the model's one `RuntimeOptions` object (shared by its layers), checked first."""
+    checked = dataclasses.replace(model.runtime, **options)
+    for name in options:
+        setattr(model.runtime, name, getattr(checked, name))
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:

@@ -37,7 +37,6 @@ ROPE_LAYOUTS = ("half", "interleaved")
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 LAYER_TYPES = ("full", "sliding")
 SCORINGS = ("softmax", "sigmoid")
-BACKENDS = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -198,8 +197,6 @@ class ModelConfig:
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
     pad_token_id: int | None = None  # its embedding row gets no gradient from the lookup (padding_idx)
     final_softcap: float | None = None
-    # runtime (not part of the checkpoint)
-    attn_backend: str = "sdpa"
     # unknown HF config.json fields, written back by config_to_hf; not a field of a TOML config file
     extra: dict[str, Any] = field(default_factory=dict, compare=False, metadata=HIDDEN)
 
@@ -226,7 +223,6 @@ class ModelConfig:
         check_choice("mlp", self.mlp, MLPS)
         check_choice("position", self.position, POSITIONS)
         check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
-        check_choice("attn_backend", self.attn_backend, BACKENDS)
         check(is_finite(self.rotary_fraction) and 0 < self.rotary_fraction <= 1, "rotary_fraction",
               self.rotary_fraction, "must be in (0, 1]")  # fmt: skip
         rot = self.rotary_dim

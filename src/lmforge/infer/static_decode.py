@@ -1,29 +1,21 @@
-"""A static-shape decode path: preallocated KV cache, positions as tensors, one compiled graph per step.
+"""A static-shape decode path: the model's own forward over a `StaticKVCache`, one compiled graph per step.
 
-The plain path (`KVCache` + `Transformer.hidden_states`) grows the keys it attends over by one slot per
-step and rebuilds RoPE tables and masks in Python every time. That is fine for reading, but at batch 1
-on a CPU the per-step Python work costs as much as the weight reads. Here, as in gpt-fast:
+The plain path (`KVCache` + `Transformer.hidden_states`) grows the keys it attends over by one slot per step
+and does its bookkeeping in Python every time. That is fine for reading, but at batch 1 on a CPU the per-step
+Python work costs as much as the weight reads. Here, as in gpt-fast, the decoder is the same
+`Transformer.hidden_states` over a different cache (infer/static_cache.py): fixed shapes, positions as tensors,
+attention over all `max_len` slots with the empty ones masked by position, so `torch.compile` traces the
+single-token step once and never recompiles. The head runs on the last position only.
 
-* `StaticKVCache` holds every layer's keys and values in buffers of a fixed `max_len` slots; a step
-  writes its token at a position given as a *tensor* (`index_copy_`), and attention always reads all
-  `max_len` slots, with a boolean mask hiding the slots not filled yet. Shapes never change, so
-  `torch.compile` traces the single-token step once and never recompiles.
-* RoPE cos/sin for every slot are computed once (the same arithmetic as `rope_cos_sin`) and gathered
-  by position; the mask is one comparison `slot <= position` inside the graph.
-* The head runs on the last position only.
-* Matrix-vector products. A decode step multiplies one row by every weight matrix: pure memory
-  traffic (2 flops per 4 bytes in fp32). On CPU, BLAS's row-by-matrix `linear` streams the weights
-  at about half the machine's read bandwidth. Written as a broadcast multiply and a sum,
-  `y_o = sum_i x_i W_oi`, inductor fuses it into one vectorized pass over W's rows (accumulating in
-  float32) that runs near memory speed (see benchmarks/decode.py). The compiled step uses that form
-  for every `nn.Linear` and the head (`matvec`); eager runs and prefill keep `linear`. It runs on a view of
-  the model (its module tree copied, every parameter shared), so the model itself is not changed.
+Matrix-vector products (infer/matvec.py): a decode step multiplies one row by every weight matrix, pure memory
+traffic; the compiled step runs on `matvec_view(model)` (the module tree copied, every parameter shared), whose
+`nn.Linear`s and head use the multiply-and-sum form inductor fuses into one pass over the weights; eager runs and
+prefill keep `linear`. The model itself is not changed.
 
-Otherwise the model's own modules do the work (each `Attention` calls `cache.update`, reads `inputs.masks`), so
-the fast path computes what the plain path does; only the attention sees masked-out empty slots, which
-add exactly zero weight. Supported: absolute/learned/sinusoidal/no positions and RoPE (except dynamic
-NTK, whose frequencies depend on the sequence length), sliding windows, soft-capping, MLA, MoE; not ALiBi.
-Batch rows share positions (no padding).
+Since the modules and the forward are the model's, the fast path computes what the plain path does; only the
+attention also sees masked-out empty slots, which add exactly zero weight. Supported: absolute/learned/
+sinusoidal/no positions and RoPE (except dynamic NTK, whose frequencies depend on the sequence length), sliding
+windows, soft-capping, MLA, MoE; not ALiBi. Batch rows share positions (no padding).
 """
 
 from __future__ import annotations
@@ -33,36 +25,11 @@ import weakref
 import torch
 from torch import nn
 
-from lmforge.infer.kv_cache import CacheFullError
 from lmforge.infer.matvec import matvec, matvec_view
-from lmforge.model.attention import AttentionInputs, build_mask
-from lmforge.model.position import rope_cos_sin
+from lmforge.infer.static_cache import StaticKVCache
+from lmforge.model.cache import CacheFullError
 
-
-def _slots_dim(t: torch.Tensor) -> torch.Tensor:
-    """Compile the slot dimension (-2, or 0 of a vector) as symbolic: one graph serves every cache size."""
-    torch._dynamo.mark_dynamic(t, t.dim() - 2 if t.dim() > 1 else 0)
-    return t
-
-
-class StaticKVCache:
-    """Per-layer tensors of `max_len` slots (sequence on dim -2), written at `self.slots`, read whole."""
-
-    def __init__(self, max_len: int) -> None:
-        self.max_len = max_len
-        self.slots: torch.Tensor | None = None  # (T,) long: where this forward writes; set by the caller
-        self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if layer not in self._layers:  # first (eager) prefill allocates; compiled steps only write
-            self._layers[layer] = tuple(_slots_dim(t.new_zeros(*t.shape[:-2], self.max_len, t.shape[-1])) for t in new)
-        stores = self._layers[layer]
-        for store, t in zip(stores, new, strict=True):
-            store.index_copy_(store.dim() - 2, self.slots, t)
-        return stores
-
-    def reset(self) -> None:
-        self._layers.clear()
+__all__ = ["CacheFullError", "StaticDecoder", "decoder_for", "supports"]
 
 
 def supports(model: nn.Module) -> bool:
@@ -91,19 +58,9 @@ class StaticDecoder:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
         self._model, self.max_len, self.compiled = weakref.ref(model), max_len, compile
         self._step_model = matvec_view(model) if compile else None
-        self.cache = StaticKVCache(max_len)
-        device = next(model.parameters()).device
-        self.k_slots = _slots_dim(torch.arange(max_len, device=device))
-        self.cos = self.sin = None
-        if cfg.position == "rope":  # (1, 1, max_len, rot/2): the exact values rope_cos_sin gives per step
-            self.cos, self.sin = map(_slots_dim, rope_cos_sin(cfg, self.k_slots[None]))
-        self.windows = {}
-        for i in range(cfg.n_layers):
-            kind = cfg.layer_type(i)
-            self.windows[kind] = cfg.sliding_window if kind == "sliding" else None
-        self.length = 0  # slots filled (host-side bookkeeping only; the graph reads `position`)
+        self.cache = StaticKVCache(max_len, next(model.parameters()).device)
+        self.length = 0  # slots filled (host-side bookkeeping only; the graph reads `cache.position`)
         self._token = torch.zeros(1, 1, dtype=torch.long)  # replaced by prefill
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # the next slot, as a tensor
         # one graph per step shape; MoE routing is data-dependent (graph breaks allowed there)
         fullgraph = cfg.moe is None
         self._step = torch.compile(self._forward, fullgraph=fullgraph) if compile else self._forward
@@ -119,7 +76,6 @@ class StaticDecoder:
     def reset(self) -> None:
         self.cache.reset()
         self.length = 0
-        self.position.zero_()
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -128,10 +84,10 @@ class StaticDecoder:
         t = ids.shape[1]
         if t > self.max_len:
             raise CacheFullError(f"static KV cache holds {self.max_len} tokens; the prompt has {t}")
-        logits = self._forward(self.model, ids, self.k_slots[:t])
+        logits = self._forward(self.model, ids, self.cache.key_positions[:t])
         self._token = ids.new_zeros(ids.shape[0], 1)  # the step's input: one tensor, so its strides never change
         self.length = t
-        self.position.fill_(t)
+        self.cache.position.fill_(t)
         return logits
 
     @torch.inference_mode()
@@ -140,24 +96,17 @@ class StaticDecoder:
         if self.length >= self.max_len:
             raise CacheFullError(f"static KV cache holds {self.max_len} tokens; all are used")
         self._token.copy_(token)
-        logits = self._step(self._step_model or self.model, self._token, self.position)
+        logits = self._step(self._step_model or self.model, self._token, self.cache.position)
         self.warm = True
         self.length += 1
-        self.position.add_(1)
+        self.cache.position.add_(1)
         return logits
 
     def _forward(self, model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits of the last of `ids` (B, T) written at slots `pos` (T,): one traceable function."""
-        x = model.embed_tokens(ids, pos[None].expand(ids.shape))
-        inputs = AttentionInputs(cache=self.cache)
-        if self.cos is not None:
-            inputs.cos, inputs.sin = self.cos.index_select(2, pos), self.sin.index_select(2, pos)
-        for kind, window in self.windows.items():
-            inputs.masks[kind] = build_mask(pos, self.k_slots, None, window)  # (1, 1, T, max_len)
-        self.cache.slots = pos
-        for block in model.blocks:
-            x = block(x, inputs)
-        return model.logits(model.norm(x[:, -1]), matvec).float()
+        """Logits of the last of `ids` (B, T) at positions (= slots) `pos` (T,): the model's own forward over the
+        static cache, then the head on the last position (as matrix-vector products when compiled)."""
+        h = model.hidden_states(ids, position_ids=pos[None].expand(ids.shape), cache=self.cache)
+        return model.logits(h[:, -1], matvec).float()
 
 
 _DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, bool], StaticDecoder]] = weakref.WeakKeyDictionary()

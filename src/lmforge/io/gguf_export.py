@@ -154,7 +154,6 @@ def _comparable(cfg: ModelConfig) -> ModelConfig:
         rope_theta=_f32(cfg.rope_theta),
         rope_scaling=rs,
         layer_types=layer_types,
-        attn_backend="sdpa",
         pad_token_id=None,
         extra={},
     )

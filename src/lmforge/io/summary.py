@@ -52,7 +52,7 @@ def _config_rows(cfg: ModelConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
-        if field.name in ("arch", "extra", "attn_backend") or value is None or value is False:
+        if field.name in ("arch", "extra") or value is None or value is False:
             continue
         summary[field.name] = value
     return summary

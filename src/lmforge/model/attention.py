@@ -20,43 +20,44 @@ torch.nn.functional.scaled_dot_product_attention (fused kernels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.infer.kv_cache import KVCache
+from lmforge.model.cache import AttentionInputs
 from lmforge.model.norm import RMSNorm
 from lmforge.model.position import apply_rope
-
-
-@dataclass
-class AttentionInputs:
-    """Everything a layer's attention needs besides its input, shared by all layers of one forward."""
-
-    cos: torch.Tensor | None = None  # RoPE tables (B, 1, T, rot/2)
-    sin: torch.Tensor | None = None
-    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per layer type; None: plain causal
-    alibi: torch.Tensor | None = None  # (1, H, Tq, Tk) additive bias
-    cache: KVCache | None = None
+from lmforge.model.runtime import RuntimeOptions
 
 
 def build_mask(
-    q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None, window: int | None
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    window: int | None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean mask (B or 1, 1, Tq, Tk), True where query slot i may attend key slot j:
-    j <= i, i - j < window, and j holds a real token. The diagonal is always allowed so a
-    padding query never sees an empty row (its output is ignored)."""
-    i, j = q_slots[:, None], k_slots[None, :]
+    """Boolean mask (B or 1, 1, Tq, Tk), True where query i may attend key j, from their positions (Tq,) or
+    (B, Tq) and (Tk,) or (B, Tk): p_j <= p_i, p_i - p_j < window, key j holds a real token, and, for packed rows
+    (`doc_ids` (B, T), queries and keys the same tokens), both lie in one document. A query that may see no key
+    (padding) sees the keys at its own position instead, or else every key, so no softmax row is empty (its output
+    is ignored)."""
+    i, j = q_pos[..., :, None], k_pos[..., None, :]
     allowed = j <= i
     if window is not None:
         allowed = allowed & (i - j < window)
-    allowed = allowed[None, None]
+    if allowed.dim() == 2:
+        allowed = allowed[None]
     if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    return allowed | (i == j)[None, None]
+        allowed = allowed & key_valid[:, None, :]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    allowed = allowed | (~allowed.any(-1, keepdim=True) & (i == j))
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
 
 
 def attend(
@@ -108,9 +109,10 @@ def _causal_bias(tq: int, tk: int, device: torch.device) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, runtime: RuntimeOptions | None = None) -> None:
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
+        self.runtime = RuntimeOptions() if runtime is None else runtime  # shared with the model: attn_backend
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head
         self.q_proj = nn.Linear(d, h * hd, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(d, kv * hd, bias=cfg.attn_bias)
@@ -132,17 +134,11 @@ class Attention(nn.Module):
         if inputs.cos is not None:
             q = apply_rope(q, inputs.cos, inputs.sin, cfg.rope_layout)
             k = apply_rope(k, inputs.cos, inputs.sin, cfg.rope_layout)
-        if inputs.cache is not None:
-            k, v = inputs.cache.update(self.layer_idx, k, v)
-        out = attend(
-            q,
-            k,
-            v,
-            inputs.masks.get(self.layer_type),
-            cfg.softmax_scale,
-            cfg.attn_softcap,
-            inputs.alibi,
-            cfg.attn_backend,
-            self.gqa,
-        )
+        out = inputs.attend(self.layer_idx, self.layer_type, q, (k, v), partial(self._attend, inputs.alibi))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _attend(
+        self, bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        return attend(q, k, v, mask, cfg.softmax_scale, cfg.attn_softcap, bias, self.runtime.attn_backend, self.gqa)

@@ -21,7 +21,9 @@ Absorbed form (inference): W_uk and W_uv fold into the query and the output,
     o_i  = W_uv (sum_j p_ij c_kv_j)
 so attention runs over the cached latent directly: MQA with a single shared
 "head" whose key is [c_kv; k_pe] (c + r channels) and whose value is c_kv.
-Both forms compute the same function; `absorb` picks one.
+Both forms compute the same function; `RuntimeOptions.mla_absorb` picks one, by default the absorbed form when
+attending over a cache without gradients (decoding then never re-expands the cached latent), the expanded one
+otherwise (training: the per-head matrices are cheaper than the latent's c + r channels per head).
 
 RoPE pairs channels 2i, 2i+1 (rope_layout "interleaved"; DeepSeek-V2 multiplies
 complex numbers, V3's rope_interleave rotates the same pairs). Parameter names
@@ -34,22 +36,24 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.model.attention import AttentionInputs, attend
+from lmforge.model.attention import attend
+from lmforge.model.cache import AttentionInputs
 from lmforge.model.norm import RMSNorm
 from lmforge.model.position import apply_rope
+from lmforge.model.runtime import RuntimeOptions
 
 # DeepSeek builds q_a_layernorm and kv_a_layernorm with the default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
 
 
 class LatentAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, runtime: RuntimeOptions | None = None) -> None:
         super().__init__()
         if cfg.mla is None:
             raise ValueError("LatentAttention needs cfg.mla")
         self.cfg, self.layer_idx = cfg, layer_idx
+        self.runtime = RuntimeOptions() if runtime is None else runtime  # shared with the model: backend, absorb
         self.layer_type = cfg.layer_type(layer_idx)
-        self.absorb = False
         m, d, h = cfg.mla, cfg.d_model, cfg.n_heads
         qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
         if m.q_lora_rank is None:
@@ -77,48 +81,44 @@ class LatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, c)
         q_pe = apply_rope(q_pe, inputs.cos, inputs.sin, cfg.rope_layout)
         k_pe = apply_rope(k_pe[:, None], inputs.cos, inputs.sin, cfg.rope_layout)[:, 0]  # (B, T, r)
-        if inputs.cache is not None:
-            c_kv, k_pe = inputs.cache.update(self.layer_idx, c_kv, k_pe)  # the latent cache: (B, S, c), (B, S, r)
-        mask = inputs.masks.get(self.layer_type)
-        if self.absorb:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        if self.absorbs(inputs):
+            q, fn = torch.cat((q_nope @ self._split_kv_b()[0], q_pe), dim=-1), self._absorbed  # (B, H, T, c + r)
         else:
-            out = self._plain(q_nope, q_pe, c_kv, k_pe, mask)
+            q, fn = torch.cat((q_nope, q_pe), dim=-1), self._expanded
+        out = inputs.attend(self.layer_idx, self.layer_type, q, (c_kv, k_pe), fn)  # the latent is what is stored
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def absorbs(self, inputs: AttentionInputs) -> bool:
+        """Whether this call runs the absorbed form: `runtime.mla_absorb`, or by default when decoding over a cache."""
+        if self.runtime.mla_absorb is not None:
+            return self.runtime.mla_absorb
+        return inputs.cache is not None and not torch.is_grad_enabled()
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
-        return attend(q, k, v, mask, cfg.softmax_scale, cfg.attn_softcap, None, cfg.attn_backend)
+        return attend(q, k, v, mask, cfg.softmax_scale, cfg.attn_softcap, None, self.runtime.attn_backend)
 
-    def _plain(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        c_kv: torch.Tensor,
-        k_pe: torch.Tensor,
-        mask: torch.Tensor | None,
+    def _split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk (H, n, c) and W_uv (H, dv, c): the rows of kv_b_proj that expand the latent into keys and values."""
+        m, h = self.cfg.mla, self.cfg.n_heads
+        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        return w.split([m.qk_nope_head_dim, m.v_head_dim], dim=1)
+
+    def _expanded(
+        self, q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Expand the latent into per-head keys and values: ordinary multi-head attention."""
+        """Expand the latent into per-head keys and values: ordinary multi-head attention. q (B, H, T, n + r)."""
         m, h = self.cfg.mla, self.cfg.n_heads
         b, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, s, h, -1).transpose(1, 2)  # (B, H, S, n + dv)
         k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(-1, h, -1, -1)), dim=-1)
-        return self._attend(torch.cat((q_nope, q_pe), dim=-1), k, v, mask)  # (B, H, T, dv)
+        return self._attend(q, k, v, mask)  # (B, H, T, dv)
 
     def _absorbed(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        c_kv: torch.Tensor,
-        k_pe: torch.Tensor,
-        mask: torch.Tensor | None,
+        self, q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Fold W_uk into the query and W_uv into the output; attend over the latent (MQA)."""
-        m, h = self.cfg.mla, self.cfg.n_heads
-        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-        w_uk, w_uv = w.split([m.qk_nope_head_dim, m.v_head_dim], dim=1)  # (H, n, c), (H, dv, c)
-        q = torch.cat((q_nope @ w_uk, q_pe), dim=-1)  # (B, H, T, c + r)
+        """Attend over the latent (MQA) with W_uk folded into q (B, H, T, c + r), then apply W_uv to the output."""
         k = torch.cat((c_kv, k_pe), dim=-1)[:, None]  # (B, 1, S, c + r)
         latent_out = self._attend(q, k, c_kv[:, None], mask)  # (B, H, T, c)
-        return latent_out @ w_uv.transpose(1, 2)  # (B, H, T, dv)
+        return latent_out @ self._split_kv_b()[1].transpose(1, 2)  # (B, H, T, dv)

@@ -140,7 +140,10 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_bias(n_heads: int, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
-    """Additive ALiBi bias -m_h·(i - j), shape (1, H, Tq, Tk)."""
-    distance = (q_slots[:, None] - k_slots[None, :]).float()
-    return -(alibi_slopes(n_heads).to(q_slots.device)[:, None, None] * distance)[None]
+def alibi_bias(n_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Additive ALiBi bias -m_h·(i - j) for query and key positions (Tq,) or (B, Tq) and (Tk,) or (B, Tk):
+    shape (B or 1, H, Tq, Tk)."""
+    distance = (q_pos[..., :, None] - k_pos[..., None, :]).float()
+    if distance.dim() == 2:
+        distance = distance[None]
+    return -(alibi_slopes(n_heads).to(q_pos.device)[:, None, None] * distance[:, None])

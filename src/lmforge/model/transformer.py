@@ -17,38 +17,39 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.infer.kv_cache import KVCache
-from lmforge.model.attention import Attention, AttentionInputs, build_mask
+from lmforge.model.attention import Attention, build_mask
+from lmforge.model.cache import AttentionInputs, Cache, KeyLayout
 from lmforge.model.mlp import MLP
 from lmforge.model.norm import make_norm
 from lmforge.model.position import alibi_bias, rope_cos_sin, sinusoidal_embedding
+from lmforge.model.runtime import RuntimeOptions
 
 
-def _make_attention(cfg: ModelConfig, i: int) -> nn.Module:
+def _make_attention(cfg: ModelConfig, i: int, runtime: RuntimeOptions) -> nn.Module:
     if cfg.mla is not None:
         from lmforge.model.mla import LatentAttention
 
-        return LatentAttention(cfg, i)
-    return Attention(cfg, i)
+        return LatentAttention(cfg, i, runtime)
+    return Attention(cfg, i, runtime)
 
 
-def _make_mlp(cfg: ModelConfig, i: int) -> nn.Module:
+def _make_mlp(cfg: ModelConfig, i: int, runtime: RuntimeOptions) -> nn.Module:
     if cfg.is_moe_layer(i):
         from lmforge.model.moe import MoE
 
-        return MoE(cfg)
+        return MoE(cfg, runtime)
     return MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.mlp_bias)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int) -> None:
+    def __init__(self, cfg: ModelConfig, i: int, runtime: RuntimeOptions) -> None:
         super().__init__()
 
         def norm() -> nn.Module:
             return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
 
-        self.attn_norm, self.attn = norm(), _make_attention(cfg, i)
-        self.mlp_norm, self.mlp = norm(), _make_mlp(cfg, i)
+        self.attn_norm, self.attn = norm(), _make_attention(cfg, i, runtime)
+        self.mlp_norm, self.mlp = norm(), _make_mlp(cfg, i, runtime)
         self.post_attn_norm = norm() if cfg.post_norms else None
         self.post_mlp_norm = norm() if cfg.post_norms else None
 
@@ -67,10 +68,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.activation_checkpointing = False  # training: keep only block inputs, recompute the rest in backward
+        self.runtime = RuntimeOptions()  # how to compute (backend, MLA absorb, MoE path, checkpointing): shared
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, self.runtime) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -98,15 +99,21 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
+        *,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T).
 
-        attention_mask: (B, T) or, with a cache, (B, past + T); 1 for real tokens, 0 for padding.
-        position_ids default to the count of real tokens before each one, so left padding is invisible.
-        cache: a `KVCache`; the new tokens are appended to it.
+        attention_mask: (B, T), 1 for real tokens, 0 for padding (anywhere in a row); with a cache, the last T
+        columns of a longer mask are used (the mask of every token so far, as transformers takes it).
+        position_ids default to the count of real tokens before each one (in its row, the cache included), so
+        padding is invisible.
+        cache: a `Cache` (model/cache.py), e.g. `KVCache(max_len)`; the new real tokens are appended to it.
+        doc_ids: packed rows (no cache): the document of each token; a token attends only to earlier tokens of its
+        own document, so with position_ids restarting at each document it is computed as if alone.
         """
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache, doc_ids=doc_ids))
 
     def logits(self, h: torch.Tensor, linear: Callable[..., torch.Tensor] = nn.functional.linear) -> torch.Tensor:
         """Vocabulary logits of final-normed states `h`; `linear(h, W)` computes h @ W^T (the static decoder
@@ -132,58 +139,56 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
+        *,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The final-normed hidden states (B, T, d_model)."""
-        cfg = self.config
-        b, t = input_ids.shape
+        """The final-normed hidden states (B, T, d_model) (arguments as `forward`)."""
         if input_ids.dtype not in (torch.long, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        past = 0 if cache is None else cache.length
-        valid_new = None
-        if attention_mask is not None:
-            if attention_mask.shape[-1] not in (t, past + t):
-                raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; expected {t} or {past + t}")
-            valid_new = attention_mask[:, -t:].bool()
-        if cache is not None:
-            cache.reserve(b, t, input_ids.device)
-            if valid_new is None:
-                valid_new = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed rows) cannot be used with a cache")
+        valid = _new_token_mask(attention_mask, input_ids.shape[1], cache is not None)
         if position_ids is None:
-            start = cache.next_pos[:, None] if cache is not None else 0
-            if valid_new is None:
-                position_ids = torch.arange(t, device=input_ids.device).expand(b, t) + start
-            else:
-                position_ids = (start + valid_new.long().cumsum(-1) - 1).clamp(min=0)
-        key_valid = None
-        if cache is not None:
-            key_valid = torch.cat((cache.valid[:, :past], valid_new), dim=1)
-            if bool(key_valid.all()):
-                key_valid = None
-        elif valid_new is not None and not bool(valid_new.all()):
-            key_valid = valid_new
-
+            start = None if cache is None else cache.next_positions(input_ids.shape[0], input_ids.device)
+            position_ids = _default_positions(valid, input_ids.shape, input_ids.device, start)
+        keys = KeyLayout(position_ids, valid, past=0) if cache is None else cache.prepare(valid, position_ids)
         x = self.embed_tokens(input_ids, position_ids)
-        q_slots = torch.arange(past, past + t, device=x.device)
-        k_slots = torch.arange(past + t, device=x.device)
-        inputs = AttentionInputs(cache=cache)
-        if cfg.position == "rope":
-            inputs.cos, inputs.sin = rope_cos_sin(cfg, position_ids)
-        elif cfg.position == "alibi":
-            inputs.alibi = alibi_bias(cfg.n_heads, q_slots, k_slots).to(x.dtype)
-        for kind in {cfg.layer_type(i) for i in range(cfg.n_layers)}:
-            window = cfg.sliding_window if kind == "sliding" else None
-            plain = key_valid is None and (t == 1 or past == 0) and (window is None or past + t <= window)
-            inputs.masks[kind] = None if plain else build_mask(q_slots, k_slots, key_valid, window)
-
+        inputs = self.attention_inputs(position_ids, valid, keys, cache, doc_ids, x.dtype)
         for block in self.blocks:
-            if self.activation_checkpointing and torch.is_grad_enabled():  # recompute the block in backward
+            if self.runtime.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
             else:
                 x = block(x, inputs)
         if cache is not None:
-            cache.advance(valid_new, position_ids)
+            cache.commit()
         return self.norm(x)
+
+    def attention_inputs(
+        self,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
+        keys: KeyLayout,
+        cache: Cache | None,
+        doc_ids: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> AttentionInputs:
+        """What every layer's attention shares in one forward: masks per layer type, RoPE tables, ALiBi biases."""
+        cfg, t = self.config, positions.shape[1]
+        inputs = AttentionInputs(positions, valid, doc_ids, keys, cache=cache)
+        if cfg.position == "rope":
+            inputs.cos, inputs.sin = rope_cos_sin(cfg, positions)
+        elif cfg.position == "alibi":
+            inputs.alibi = alibi_bias(cfg.n_heads, positions, keys.positions).to(dtype)
+        past = keys.past
+        plain = keys.valid is None and doc_ids is None and past is not None and (t == 1 or past == 0)
+        for kind in {cfg.layer_type(i) for i in range(cfg.n_layers)}:
+            window = cfg.sliding_window if kind == "sliding" else None
+            if plain and (window is None or past + t <= window):
+                inputs.masks[kind] = None
+            else:
+                inputs.masks[kind] = build_mask(positions, keys.positions, keys.valid, window, doc_ids)
+        return inputs
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """MoE load-balancing and router z-losses of the last forward, summed over layers."""
@@ -194,3 +199,26 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _new_token_mask(attention_mask: torch.Tensor | None, t: int, cached: bool) -> torch.Tensor | None:
+    """(B, T) bool, True for the real new tokens; None when all are real."""
+    if attention_mask is None:
+        return None
+    n = attention_mask.shape[-1]
+    if n != t and not (cached and n > t):
+        more = " or more (with a cache)" if cached else ""
+        raise ValueError(f"attention_mask has {n} columns; expected {t}{more}")
+    valid = attention_mask[:, -t:].bool()
+    return None if bool(valid.all()) else valid
+
+
+def _default_positions(
+    valid: torch.Tensor | None, shape: torch.Size, device: torch.device, start: torch.Tensor | None
+) -> torch.Tensor:
+    """Each token's position: its row's start (0 without a cache) plus the real tokens before it in this call."""
+    b, t = shape
+    first = 0 if start is None else start[:, None]
+    if valid is None:
+        return torch.arange(t, device=device).expand(b, t) + first
+    return (first + valid.long().cumsum(-1) - 1).clamp(min=0)
