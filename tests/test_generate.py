@@ -154,19 +154,17 @@ class ScriptedModel(torch.nn.Module):
 
     def __init__(self, script: list[int], vocab_size: int = 259, max_seq_len: int = 128) -> None:
         super().__init__()
-        self.script, self.vocab_size, self.fed = script, vocab_size, []
+        self.script, self.vocab_size, self.fed, self.cache = script, vocab_size, [], None
         self.config = SimpleNamespace(max_seq_len=max_seq_len, vocab_size=vocab_size)
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives generate a device
 
     def hidden_states(self, ids: torch.Tensor, cache) -> torch.Tensor:
         b, t = ids.shape
-        if cache.length == 0:
-            self.fed, self.prompt_len = [], t
+        if cache is not self.cache:  # a new generation (each one gets a fresh cache): the prompt
+            self.cache, self.fed, self.prompt_len, self.length = cache, [], t, 0
         self.fed.append(ids[0].tolist())
-        positions = torch.arange(cache.length, cache.length + t).expand(b, t)
-        cache.reserve(b, t, ids.device)
-        cache.advance(torch.ones(b, t, dtype=torch.bool), positions)
-        return torch.full((b, t, 1), float(cache.length - self.prompt_len))
+        self.length += t
+        return torch.full((b, t, 1), float(self.length - self.prompt_len))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(h.shape[0], self.vocab_size)

@@ -1,10 +1,12 @@
-"""Single-stream generation with a contiguous KV cache, streaming text as it is decided.
+"""Generation with a contiguous KV cache, streaming text as it is decided: one prompt (`generate`) or several
+with per-row parameters (`generate_batch`), both through the one decode loop of `infer.decode`.
 
     prefill:  one forward over the prompt fills the cache and gives the logits of token 1
     decode:   token t -> forward of that one token (reading the cache) -> logits of token t + 1
 
-Each step the logits go through `sampling.process_logits` (penalties, temperature, top-k/p, min-p) and
-`sampling.next_token` (argmax or a seeded draw). `generate` yields one `GenerationEvent` per token with the
+Each step the logits go through `sampling.process_rows` (penalties, temperature, top-k/p, min-p; per row, equal
+to `sampling.process_logits` of that row alone) and `sampling.sample_rows` (argmax, or a draw with the row's own
+seeded generator, equal to `sampling.next_token`). `generate` yields one `GenerationEvent` per token with the
 text that token completed, so a caller can print as it goes. Text is held back in two places:
 
 * the `IncrementalDecoder` keeps the bytes of an unfinished UTF-8 character until the next token ends it;
@@ -30,6 +32,11 @@ weights or activations overflow) stop generation with a `NonFiniteLogitsError` i
 With `compile=True` the forward passes go through `static_decode.StaticDecoder` instead (a preallocated
 cache and one `torch.compile`d graph per decode step, as gpt-fast does): the same tokens, faster once
 compiled; the first call per model and cache size pays the compilation.
+
+`generate_batch` left-pads the prompts to one length and prefills them with an attention mask (as a padded batch
+runs through `Transformer.hidden_states`); each row then stops on its own rules, and a finished row stops producing
+events. Row i's tokens and text are those of `generate` for prompt i alone (the padded forward equals the
+unpadded one up to float rounding, so only an exact near-tie could tell them apart).
 """
 
 from __future__ import annotations
@@ -37,84 +44,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from lmforge.infer import static_decode
+from lmforge.infer.decode import (
+    DecodeBatch,
+    Forward,
+    GenerationEvent,
+    GenerationStats,
+    NonFiniteLogitsError,
+    SequenceState,
+    StopStringBuffer,
+    decode,
+    seeded_generator,
+)
 from lmforge.infer.kv_cache import KVCache
-from lmforge.infer.sampling import GenerationInputError, SamplingParams, next_token, process_logits
+from lmforge.infer.sampling import GenerationInputError, SamplingParams
 from lmforge.tokenizer.base import BaseTokenizer, IncrementalDecoder
-from lmforge.utils.errors import LmforgeError
 
-
-class NonFiniteLogitsError(LmforgeError):
-    """The model produced NaN or infinite logits: its weights (the user's file) or activations overflow."""
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int
-    generated_tokens: int
-    prefill_s: float  # prompt forward + first token
-    decode_s: float  # every later token, except a compiling first step
-    warmup_s: float = 0.0  # the first step of a new compiled decoder (torch.compile runs then): not in decode_s
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("inf")
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        n = self.generated_tokens - 1 - (self.warmup_s > 0)
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
-
-
-@dataclass
-class GenerationEvent:
-    """One generated token and the text it released (possibly "" while text is held back)."""
-
-    text: str
-    token_id: int
-    finish_reason: str | None = None  # set on the last event: "stop" or "length"
-    stats: GenerationStats | None = None  # set on the last event
-
-
-class StopStringBuffer:
-    """Cut the text at the first stop string, holding back any tail that may still grow into one.
-
-    Invariant: text already released contains no stop string and no start of one (every released
-    position was checked against the text that followed it, or was not a possible start).
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add `text`; return (the text now safe to release, whether a stop string was found)."""
-        buf = self.held + text
-        found = [i for s in self.stops if (i := buf.find(s)) >= 0]
-        if found:
-            self.held = ""
-            return buf[: min(found)], True
-        keep = max((self._partial(buf, s) for s in self.stops), default=0)
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
-
-    @staticmethod
-    def _partial(buf: str, stop: str) -> int:
-        """The length of the longest tail of `buf` that is a proper prefix of `stop`."""
-        for k in range(min(len(stop) - 1, len(buf)), 0, -1):
-            if stop.startswith(buf[-k:]):
-                return k
-        return 0
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
+__all__ = [
+    "GenerationEvent",
+    "GenerationStats",
+    "NonFiniteLogitsError",
+    "StopStringBuffer",
+    "check_prompt",
+    "encode_prompt",
+    "eos_token_id",
+    "generate",
+    "generate_batch",
+    "generate_text",
+]
 
 
 def eos_token_id(tokenizer: BaseTokenizer, attr: str = "eos_token") -> int | None:
@@ -177,9 +138,13 @@ def check_prompt(ids: list[int], vocab_size: int, max_seq_len: int, from_text: b
 
 
 @torch.inference_mode()  # per call, not around the loop: a suspended generator must not leak the mode
-def _last_logits(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """(1, V) fp32 logits of the last position; the head runs on that position only."""
-    h = model.hidden_states(ids, cache=cache)
+def last_logits(model, ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) fp32 logits of the last position of `ids` (B, T); the head runs on that position only. The one
+    place the decode loop calls the model (a left-padded prefill passes its `attention_mask`)."""
+    if attention_mask is None:
+        h = model.hidden_states(ids, cache=cache)
+    else:
+        h = model.hidden_states(ids, cache=cache, attention_mask=attention_mask)
     return model.logits(h[:, -1]).float()
 
 
@@ -200,79 +165,86 @@ def generate(
     """
     params = dataclasses.replace(params or SamplingParams(), **overrides)
     ids = encode_prompt(tokenizer, prompt)
-    limit = model.config.max_seq_len
-    check_prompt(ids, model.config.vocab_size, limit, from_text=isinstance(prompt, str))
-    budget = min(params.max_tokens, limit - len(ids))
+    check_prompt(ids, model.config.vocab_size, model.config.max_seq_len, from_text=isinstance(prompt, str))
+    device = next(model.parameters()).device
+    row = _sequence(model, tokenizer, ids, params, 0, device)
+    forward, compiles = _forward_fn(model, len(ids) + row.budget, compile)
+    batch = DecodeBatch([row], tokenizer.vocab_size)
+    events = decode(forward, batch, torch.tensor([ids], device=device), compiles=compiles)
+    return (event for _, event in events)  # errors raised above
+
+
+def generate_batch(
+    model,
+    tokenizer: BaseTokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
+    **overrides,
+) -> Iterator[tuple[int, GenerationEvent]]:
+    """Decode several prompts in one batch, each with its own parameters (one `SamplingParams` for all, or one
+    per prompt; `overrides` replace fields of each); yield (the prompt's index, event) as tokens come, each step's
+    events in prompt order. Prompt i's events are those of `generate(model, tokenizer, prompts[i], params[i])`
+    (the same tokens and text, a seeded row the same draws); the timings are the batch's. The prompts are
+    left-padded to one length and run with an attention mask through one contiguous `KVCache`. Bad prompts raise
+    here, naming `prompts[i]`.
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise GenerationInputError("prompts", "expected a non-empty list of prompts (text or token ids)")
+    each = params if isinstance(params, list | tuple) else [params] * len(prompts)
+    if len(each) != len(prompts):
+        raise GenerationInputError("params", f"has {len(each)} SamplingParams for {len(prompts)} prompts")
+    each = [dataclasses.replace(p or SamplingParams(), **overrides) for p in each]
+    ids = [_checked_prompt(model, tokenizer, prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
+    device = next(model.parameters()).device
+    rows = [_sequence(model, tokenizer, r, p, i, device) for i, (r, p) in enumerate(zip(ids, each, strict=True))]
+    padded, mask = left_pad(ids, device)
+    cache = KVCache(padded.shape[1] + max(row.budget for row in rows))
+    forward = lambda step_ids, step_mask, _first: last_logits(model, step_ids, cache, step_mask)
+    return decode(forward, DecodeBatch(rows, tokenizer.vocab_size), padded, mask)
+
+
+def left_pad(ids: Sequence[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) the rows of `ids` padded on the left with id 0 to the longest, and the (B, T) attention mask (1 on
+    real tokens), None when no row is padded."""
+    width = max(len(row) for row in ids)
+    padded = torch.tensor([[0] * (width - len(row)) + row for row in ids], device=device)
+    if all(len(row) == width for row in ids):
+        return padded, None
+    lengths = torch.tensor([len(row) for row in ids], device=device)
+    return padded, (torch.arange(width, device=device) >= width - lengths[:, None]).long()
+
+
+def _checked_prompt(model, tokenizer: BaseTokenizer, prompt: str | Sequence[int], name: str) -> list[int]:
+    """`prompt`'s ids, checked as `generate` checks them, an error naming `name` (its place in the batch)."""
+    try:
+        ids = encode_prompt(tokenizer, prompt)
+        check_prompt(ids, model.config.vocab_size, model.config.max_seq_len, from_text=isinstance(prompt, str))
+    except GenerationInputError as error:
+        raise GenerationInputError(name, error.rule) from None
+    return ids
+
+
+def _sequence(model, tokenizer: BaseTokenizer, ids: list[int], params: SamplingParams, slot: int,
+              device: torch.device) -> SequenceState:  # fmt: skip
+    """The decode state of one prompt: its budget (max_tokens cut to the room left in the context) and its stop
+    tokens (eos and eot unless `ignore_eos`, and `params.stop_token_ids`)."""
+    budget = min(params.max_tokens, model.config.max_seq_len - len(ids))
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids |= {i for attr in ("eos_token", "eot_token") if (i := eos_token_id(tokenizer, attr)) is not None}
-    forward, compiles = _forward_fn(model, len(ids) + budget, compile)
-    return _stream(forward, model, tokenizer, ids, params, budget, stop_ids, compiles)  # errors raised above
+    generator = seeded_generator(params.seed, device)
+    return SequenceState(slot, ids, params, budget, frozenset(stop_ids), IncrementalDecoder(tokenizer), generator)
 
 
-def _forward_fn(model, n_tokens: int, compile: bool):
-    """(forward, compiles): forward(new_ids (1, T), first: bool) -> (1, V) fp32 logits of the last of `new_ids`,
-    with a fresh cache when `first`: the plain `KVCache` path, or a (compiled) `StaticDecoder`; `compiles` when
-    its first decode step will compile the graph."""
+def _forward_fn(model, n_tokens: int, compile: bool) -> tuple[Forward, bool]:
+    """(forward, compiles) for one sequence (no mask): forward(new_ids (1, T), None, first) -> (1, V) fp32 logits
+    of the last of `new_ids`, with a fresh cache when `first`: the plain `KVCache` path, or a (compiled)
+    `StaticDecoder`; `compiles` when its first decode step will compile the graph."""
     if compile and static_decode.supports(model):
         decoder = static_decode.decoder_for(model, n_tokens, compile=True)
-        return (lambda ids, first: decoder.prefill(ids) if first else decoder.step(ids)), not decoder.warm
+        return (lambda ids, _, first: decoder.prefill(ids) if first else decoder.step(ids)), not decoder.warm
     cache = KVCache(n_tokens)
-    return (lambda ids, first: _last_logits(model, ids, cache)), False
-
-
-def _stream(forward, model, tokenizer: BaseTokenizer, ids: list[int], params: SamplingParams, budget: int,
-            stop_ids: set[int], compiles: bool):  # fmt: skip
-    device = next(model.parameters()).device
-    generator = torch.Generator(device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed)
-    n_prompt = n = len(ids)
-    tokens = torch.zeros(1, n_prompt + budget, dtype=torch.long, device=device)  # prompt, then generated
-    tokens[0, :n_prompt] = torch.tensor(ids)
-    decoder, stops = IncrementalDecoder(tokenizer), StopStringBuffer(params.stop)
-    prefill_s = decode_s = warmup_s = 0.0
-
-    start = time.perf_counter()
-    logits = forward(tokens[:, :n_prompt], True)
-    known = tokenizer.vocab_size  # ids past the tokenizer's (a padded embedding) can never be decoded
-    for step in range(budget):
-        with torch.inference_mode():
-            if not logits.isfinite().all():
-                raise NonFiniteLogitsError(f"the model's logits are NaN or inf at generated token {step}: its "
-                                           "weights or activations overflow (float32 may help)")  # fmt: skip
-            if logits.shape[-1] > known:
-                logits[..., known:] = float("-inf")
-            logits = process_logits(logits, params, tokens[:, :n], tokens[:, n_prompt:n])
-            token = int(next_token(logits, params, generator))
-        tokens[0, n] = token
-        n += 1
-        finish = "stop" if token in stop_ids else "length" if step == budget - 1 else None
-        text = "" if token in stop_ids else decoder.add(token)
-        if finish:
-            text += decoder.flush()
-        text, hit = stops.push(text)
-        if hit:
-            finish = "stop"
-        elif finish:
-            text += stops.flush()
-
-        elapsed = time.perf_counter() - start
-        if step == 0:
-            prefill_s = elapsed
-        elif step == 1 and compiles:
-            warmup_s = elapsed
-        else:
-            decode_s += elapsed
-        if finish:
-            stats = GenerationStats(n_prompt, n - n_prompt, prefill_s, decode_s, warmup_s)
-            yield GenerationEvent(text, token, finish, stats)
-            return
-        yield GenerationEvent(text, token)
-        start = time.perf_counter()
-        logits = forward(tokens[:, n - 1 : n], False)
+    return (lambda ids, _, first: last_logits(model, ids, cache)), False
 
 
 def generate_text(

@@ -25,6 +25,15 @@ below `MIN_TEMPERATURE` (1e-5) scale as 1e-5 does (next to greedy, and finite); 
 NaN or infinite values, top_p/min_p outside [0, 1], seeds outside [0, 2**64)) with a `SamplingParamsError`
 naming the field.
 
+Per-row parameters. A batch of sequences, each with its own `SamplingParams`, runs through `process_rows` and
+`sample_rows` with the parameters as (B, 1) columns (`SamplingRows`) and the histories as (B, V) tensors
+(`TokenHistory`): the same formulas as batched tensor ops, where a row that does not use a transform holds the value
+that leaves its logits unchanged (top-k 0, temperature 1, min-p 0, a top-p threshold below every mass, penalties
+1 and 0) and greedy rows skip every warper. Row b equals `process_logits` / `next_token` of row b alone, bit for bit:
+each number is prepared as the single-row path prepares it (in float32 for float32 logits), the elementwise
+formulas round alike, and a draw is the one `torch.multinomial` makes (argmax_i p_i / E_i, E_i ~ Exp(1) from the
+row's own generator), so a row's tokens do not depend on the rows beside it. The saturation rules hold there too.
+
 References: Holtzman et al. 2019 (nucleus), Keskar et al. 2019 (CTRL repetition penalty), Nguyen et al.
 2024 (min-p), the OpenAI API reference (frequency and presence penalties).
 """
@@ -32,7 +41,7 @@ References: Holtzman et al. 2019 (nucleus), Keskar et al. 2019 (CTRL repetition 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -87,11 +96,19 @@ def _saturate(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.where(old.isfinite(), new.clamp(info.min, info.max), old).to(old.dtype)
 
 
+def _divide(x: torch.Tensor, d: float | torch.Tensor) -> torch.Tensor:
+    """x / d, rounded as `x / float` is on x's device, so a per-row divisor (B, 1) gives each row what its number
+    alone gives: ATen divides by a Python number on the CPU, but multiplies by its float32 reciprocal on CUDA."""
+    if isinstance(d, torch.Tensor) and x.is_cuda:
+        return x * d.reciprocal()
+    return x / d
+
+
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """z / T, with T at least `MIN_TEMPERATURE` and the result saturated (never inf)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 to scale logits (0 means greedy), got {temperature}")
-    return _saturate(logits / max(temperature, MIN_TEMPERATURE), logits)
+    return _saturate(_divide(logits, max(temperature, MIN_TEMPERATURE)), logits)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -110,17 +127,23 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """
     if p >= 1.0:
         return logits
+    return logits.masked_fill(_nucleus_drop(logits, 1 - p), NEG_INF)
+
+
+def _nucleus_drop(logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """(B, V) the tokens top-p drops: those whose mass together with every less likely token is <= `threshold`
+    (1 - p; a number, or (B, 1) per row), never a row's most likely token."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
     mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = mass_up_to <= 1 - p
+    drop_sorted = mass_up_to <= threshold
     drop_sorted[..., -1] = False  # the most likely token always stays
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, NEG_INF)
+    return drop_sorted.scatter(-1, order, drop_sorted)
 
 
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens whose probability is below `min_p` times the most likely token's."""
-    if min_p <= 0.0:
+def min_p_filter(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below `min_p` times the most likely token's; `min_p` is a number, or
+    (B, 1) per row (a row with 0 keeps every token: no probability is below 0)."""
+    if not isinstance(min_p, torch.Tensor) and min_p <= 0.0:
         return logits
     probs = logits.softmax(dim=-1)
     drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
@@ -137,9 +160,13 @@ def repetition_penalty(logits: torch.Tensor, history_ids: torch.Tensor, penalty:
         return logits
     info = torch.finfo(logits.dtype)
     r = min(max(penalty, info.tiny), info.max)
-    seen = logits.gather(-1, history_ids)
-    penalized = _saturate(torch.where(seen < 0, seen * r, seen / r), seen)
-    return logits.scatter(-1, history_ids, penalized)
+    return logits.scatter(-1, history_ids, _penalize(logits.gather(-1, history_ids), r))
+
+
+def _penalize(logits: torch.Tensor, r: float | torch.Tensor) -> torch.Tensor:
+    """The CTRL formula on every logit, saturated; `r` (a number, or (B, 1) per row) is within the dtype's
+    normal range already."""
+    return _saturate(torch.where(logits < 0, logits * r, _divide(logits, r)), logits)
 
 
 def token_counts(history_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -157,7 +184,15 @@ def frequency_presence_penalty(
     float32) and the result saturates to the logits' finite range."""
     if (frequency == 0.0 and presence == 0.0) or history_ids.shape[-1] == 0:
         return logits
-    counts = token_counts(history_ids, logits.shape[-1]).double()
+    return _subtract_counts(logits, token_counts(history_ids, logits.shape[-1]), frequency, presence)
+
+
+def _subtract_counts(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: float | torch.Tensor, presence: float | torch.Tensor
+) -> torch.Tensor:
+    """z - (frequency * c + presence * [c > 0]) in float64, saturated; `counts` (B, V), the rates numbers or
+    (B, 1) float64 per row (a row with both 0 subtracts exactly 0)."""
+    counts = counts.double()
     penalty = frequency * counts + presence * (counts > 0).double()
     return _saturate(logits.double() - penalty, logits)
 
@@ -284,3 +319,149 @@ def process_logits(
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) the next tokens from processed logits: argmax when greedy, else a draw."""
     return greedy(logits) if params.greedy else sample(logits, generator)
+
+
+# -- a batch of sequences, each with its own parameters -------------------------------------------------------------
+
+# the value of each per-row column that leaves a row's logits as they are (top_p -1: below every probability mass)
+_OFF = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": -1.0,
+    "min_p": 0.0,
+    "repetition": 1.0,
+    "frequency": 0.0,
+    "presence": 0.0,
+}
+_KIND = {"top_k": torch.long, "frequency": torch.float64, "presence": torch.float64}  # the others: the logits' dtype
+
+
+def _row_values(p: SamplingParams, vocab_size: int, info: torch.finfo) -> dict[str, float]:
+    """One row's numbers, prepared as the single-row transforms prepare them, at `_OFF` where the row skips one."""
+    warp = not p.greedy
+    return {
+        "temperature": max(p.temperature, MIN_TEMPERATURE) if warp else 1.0,
+        "top_k": p.top_k if warp and p.top_k < vocab_size else 0,
+        "top_p": 1 - p.top_p if warp and p.top_p < 1 else -1.0,
+        "min_p": p.min_p if warp else 0.0,
+        "repetition": min(max(p.repetition_penalty, info.tiny), info.max),
+        "frequency": p.frequency_penalty,
+        "presence": p.presence_penalty,
+    }
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """The `SamplingParams` of B sequences as (B, 1) columns, one row each, in the form `process_rows` takes.
+
+    A row that skips a transform holds the value that leaves its logits unchanged (`_OFF`: top-k 0, the top-p
+    threshold -1, min-p 0, temperature and repetition penalty 1, frequency and presence 0); a greedy row holds it
+    for every warper, so its processed logits are the penalized ones, as in `process_logits`. A column no row uses
+    is None and its transform is skipped.
+    """
+
+    greedy: tuple[bool, ...]
+    greedy_rows: torch.Tensor  # (B,) bool, the same
+    temperature: torch.Tensor | None = None  # (B, 1) in the logits' dtype, at least MIN_TEMPERATURE
+    top_k: torch.Tensor | None = None  # (B, 1) long
+    top_k_max: int = 0
+    top_p: torch.Tensor | None = None  # (B, 1) the threshold 1 - p
+    min_p: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None  # (B, 1) within the dtype's normal range
+    frequency: torch.Tensor | None = None  # (B, 1) float64
+    presence: torch.Tensor | None = None  # (B, 1) float64
+
+    @classmethod
+    def of(
+        cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> SamplingRows:  # fmt: skip
+        """The rows of `params` (one per sequence) for logits (B, vocab_size) of `dtype` on `device`."""
+        rows = [_row_values(p, vocab_size, torch.finfo(dtype)) for p in params]
+        columns = {}
+        for name, off in _OFF.items():
+            values = [row[name] for row in rows]
+            if any(v != off for v in values):
+                columns[name] = torch.tensor(values, dtype=_KIND.get(name, dtype), device=device)[:, None]
+        greedy = tuple(p.greedy for p in params)
+        top_k_max = max(row["top_k"] for row in rows)
+        return cls(greedy, torch.tensor(greedy, device=device), top_k_max=top_k_max, **columns)
+
+
+class TokenHistory:
+    """What the penalties count, per row, as (B, V) tensors: `seen` marks every token of the prompt and the output
+    (the repetition penalty), `counts` counts the output tokens (frequency and presence, float32 as
+    `token_counts`)."""
+
+    def __init__(self, seen: torch.Tensor, counts: torch.Tensor) -> None:
+        self.seen, self.counts = seen, counts
+
+    @classmethod
+    def of(
+        cls, prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str = "cpu",
+        outputs: Sequence[Sequence[int]] | None = None,
+    ) -> TokenHistory:  # fmt: skip
+        """The history of B rows, each a prompt and (default: none) the tokens generated after it."""
+        outputs = outputs if outputs is not None else [[] for _ in prompts]
+        seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+        counts = torch.zeros(len(prompts), vocab_size, device=device)
+        for row, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
+            seen[row, list(prompt) + list(output)] = True
+            counts[row] = token_counts(torch.tensor([list(output)], dtype=torch.long, device=device), vocab_size)[0]
+        return cls(seen, counts)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Append one generated token (B,) to every row."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.seen[rows, tokens] = True
+        self.counts[rows, tokens] += 1
+
+    def select(self, rows: torch.Tensor) -> TokenHistory:
+        """The history of `rows` (indices) only, in that order."""
+        return TokenHistory(self.seen[rows], self.counts[rows])
+
+
+def _top_k_rows(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """`top_k_filter` with k (B, 1) per row (0: keep all): the k-th largest of each row, from one top-`k_max`."""
+    kth = torch.topk(logits, k_max, dim=-1).values.gather(-1, (k - 1).clamp(min=0))
+    return logits.masked_fill((logits < kth) & (k > 0), NEG_INF)
+
+
+def process_rows(logits: torch.Tensor, rows: SamplingRows, history: TokenHistory) -> torch.Tensor:
+    """`process_logits` for B sequences at once, each with its own parameters: row b of the result equals
+    `process_logits(logits[b:b+1], params[b], its prompt and output, its output)` bit for bit (logits in the dtype
+    `rows` was made for)."""
+    if rows.repetition is not None:
+        logits = torch.where(history.seen, _penalize(logits, rows.repetition), logits)
+    if rows.frequency is not None or rows.presence is not None:
+        frequency, presence = (0.0 if c is None else c for c in (rows.frequency, rows.presence))
+        logits = _subtract_counts(logits, history.counts, frequency, presence)
+    if rows.temperature is not None:
+        logits = _saturate(_divide(logits, rows.temperature), logits)
+    if rows.top_k is not None:
+        logits = _top_k_rows(logits, rows.top_k, rows.top_k_max)
+    if rows.top_p is not None:
+        logits = logits.masked_fill(_nucleus_drop(logits, rows.top_p), NEG_INF)
+    if rows.min_p is not None:
+        logits = min_p_filter(logits, rows.min_p)
+    return logits
+
+
+def sample_rows(logits: torch.Tensor, rows: SamplingRows, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """`next_token` for B sequences at once: (B,) the argmax of greedy rows, a draw for the others, each row with
+    its own generator (`generators[b]`), so a row's tokens do not depend on which rows share its batch.
+
+    One draw from softmax(z) with one sample is, as ATen's `multinomial` computes it, argmax_i p_i / E_i with
+    E_i ~ Exp(1) drawn from the generator (the exponential race: P(i wins) = p_i). Each sampled row draws its V
+    noises with its own generator, exactly as `multinomial(p[b:b+1], 1, generator)` would, and one argmax picks
+    every row's token.
+    """
+    tokens = logits.argmax(dim=-1)
+    sampled = [b for b, greedy in enumerate(rows.greedy) if not greedy]
+    if not sampled:
+        return tokens
+    probs = logits.float().softmax(dim=-1)
+    noise = torch.ones_like(probs)
+    for b in sampled:
+        noise[b].exponential_(1, generator=generators[b])
+    return torch.where(rows.greedy_rows, tokens, (probs / noise).argmax(dim=-1))
