@@ -139,7 +139,7 @@ def test_nested_moe_and_rope_scaling(tmp_path):
         ("model.dmodel=64", "model.dmodel", "did you mean 'd_model'"),
         ("optimizer.lr=1e-3", "optimizer", "did you mean 'optim'"),
         ("model.preset=tinyy", "tinyy", "did you mean 'tiny'"),
-        ("dist.zzz=1", "dist.zzz", "valid: backend, strategy"),
+        ("dist.zzz=1", "dist.zzz", "valid: backend, param_dtype, reduce_dtype, strategy"),
     ],
 )
 def test_unknown_names_get_a_suggestion(override, unknown, hint):

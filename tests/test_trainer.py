@@ -170,7 +170,7 @@ def test_bad_arguments(corpus):
         make(corpus, precision="fp8")
     with pytest.raises(ValueError, match=r"fp16.*CUDA"):
         make(corpus, precision="fp16")
-    with pytest.raises(ValueError, match=r"parallel must be distributed.parallelize\(ModelLoss\(model\)"):
+    with pytest.raises(ValueError, match=r"parallel must be distributed.parallelize\(objective, ...\) of an objective"):
         make(corpus, parallel=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="not divisible by grad_accum=3"):
         make(corpus, grad_accum=3).fit()

@@ -36,7 +36,10 @@ a dot and end in .tmp), and the next save sweeps leftovers away. After a success
 `keep_last` checkpoints are deleted.
 
 Several processes: every rank calls `save_checkpoint` and `load_checkpoint`; rank 0 alone writes. With DDP each
-rank holds the whole model, so rank 0 saves its own. With FSDP2 (DTensor parameters) saving is a collective:
+rank holds the whole model, so rank 0 saves its own. With ZeRO-1 (`ZeroRedundancyOptimizer`) each rank holds
+part of the optimizer state: saving consolidates it on rank 0 (a collective), so the file holds the same whole
+`optimizer` entry a single process writes (indexed over all parameters; it resumes a DDP or single-process run
+too), and at load every rank keeps the state of its own share. With FSDP2 (DTensor parameters) saving is a collective:
 the full tensors are gathered to rank 0's CPU (torch.distributed.checkpoint's `get_state_dict`), so the file
 holds the same whole-model `model` entry as any other checkpoint (and loads into any model), and the optimizer
 state is keyed by parameter name; at load every rank reads the file and keeps its own shard (`set_state_dict`),
@@ -56,6 +59,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from lmforge.train.distributed import full_state_dict, is_sharded, is_zero
 from lmforge.utils.atomic import atomic_path
 from lmforge.utils.errors import LmforgeError
 
@@ -105,11 +109,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # FSDP2
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
-
-
 def _full_state_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -121,9 +120,7 @@ def gather_model(model: torch.nn.Module, build: Any) -> torch.nn.Module | None:
     `build()` (a fresh unsharded model) on rank 0's CPU, and returns None on the other ranks."""
     if not is_sharded(model):
         return model
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(model, options=_full_state_options())
+    state = full_state_dict(model, rank0_only=True)
     if not _is_writer():
         return None
     whole = build()
@@ -186,7 +183,9 @@ def save_checkpoint(
         model_state, optimizer_state = get_state_dict(model, optimizer or [], options=_full_state_options())
     else:
         model_state = model.state_dict()
-        optimizer_state = optimizer.state_dict() if optimizer is not None else None
+        if is_zero(optimizer):  # a collective: every rank sends its share of the state to rank 0
+            optimizer.consolidate_state_dict(to=0)
+        optimizer_state = optimizer.state_dict() if optimizer is not None and _is_writer() else None
     if not _is_writer():
         return None
     folder = checkpoint_dir(run_dir)
@@ -394,6 +393,11 @@ def _check_model(check: _Checker, saved: dict[str, torch.Tensor], model: torch.n
             check.fail(f"model[{name!r}]", f"has dtype {value.dtype}, the model needs {ref.dtype}")
 
 
+def _local(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose update runs: ZeRO-1's local one (same class and hyper-parameters), else `optimizer`."""
+    return optimizer.optim if is_zero(optimizer) else optimizer
+
+
 def _probed_state(
     optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor
 ) -> tuple[dict[str, Any], bool] | None:
@@ -401,7 +405,7 @@ def _probed_state(
     the meta device (shapes and types, no memory, no arithmetic), or where it reads values (Adafactor) on a tiny
     CPU stand-in of `p`'s rank (the keys, kinds and dtypes only). None for an optimizer without lmforge's
     `_update` (torch.optim's)."""
-    update = getattr(optimizer, "_update", None)
+    update = getattr(_local(optimizer), "_update", None)
     if update is None:
         return None
     meta, tiny = torch.zeros(p.shape, dtype=p.dtype, device="meta"), torch.zeros((2,) * p.ndim, dtype=p.dtype)
@@ -452,6 +456,7 @@ def _check_hyperparameters(
 ) -> None:
     """A saved group's hyper-parameters pass the optimizer's own constructor checks (for lmforge's optimizers,
     whose `defaults` are their keyword arguments), so a step cannot fail on them (a negative lr or block size)."""
+    optimizer = _local(optimizer)
     if not hasattr(optimizer, "_update"):
         return
     kwargs = {key: group.get(key, value) for key, value in optimizer.defaults.items()}

@@ -8,7 +8,7 @@ A run is described by one `TrainConfig`, made of six frozen sections; each maps 
     [optim]      optimizer name (see `lmforge.train.optim.OPTIMIZERS`) and its hyper-parameters
     [schedule]   lr schedule (see `lmforge.train.schedule.Schedule`); total_steps defaults to train.max_steps
     [train]      the loop: steps, precision, compile, losses, eval / sample / log / checkpoint cadence, out_dir
-    [dist]       torch.distributed backend and strategy (DDP or FSDP)
+    [dist]       torch.distributed backend, strategy (DDP, FSDP2, or DDP + ZeRO-1) and FSDP2's mixed precision
 
 Every field has a default, so an empty file (or no file) is a tiny CPU run. Example `run.toml`:
 
@@ -90,7 +90,6 @@ from lmforge.configfile import parse_value as parse_value  # re-exported: its ho
 from lmforge.train.distributed import STRATEGIES as DIST_STRATEGIES
 from lmforge.train.optim import OPTIMIZERS
 from lmforge.train.schedule import Schedule
-from lmforge.train.trainer import PRECISIONS, SCHEDULE_BY
 from lmforge.utils.atomic import atomic_write
 
 LOADERS = ("random", "sequential")
@@ -98,6 +97,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 CONFIG_FILE = "config.toml"
 MAX_LR = 10.0  # a learning rate above it can only diverge
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names -> dtypes
+PRECISIONS = tuple(DTYPES)
+SCHEDULE_BY = ("step", "time")  # what drives the lr schedule and ends the run: the step count, or the clock
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +216,11 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """[train]: the training loop."""
+    """[train]: the training loop; `Trainer(..., loop=...)` reads it (its keyword arguments build one).
+
+    time_budget_min, out_dir, seed and device are the run's (train/run.py, `TrainConfig.trainer_options`);
+    chunked_ce, z_loss, label_smoothing and document_mask describe the language-model objective the trainer
+    builds when it is given none (`LanguageModelObjective.from_loop`)."""
 
     max_steps: int = 1000  # optimizer steps
     time_budget_min: float | None = None  # stop (and checkpoint) after this many minutes; none: no budget
@@ -225,6 +231,7 @@ class LoopConfig:
     chunked_ce: bool = False  # cross entropy over sequence chunks (never the full logits tensor)
     z_loss: float = 0.0  # coefficient of the log(Z)^2 penalty
     label_smoothing: float = 0.0
+    document_mask: bool = False  # give the model the batch's position_ids and doc_ids: packed documents apart
     eval_every: int = 100  # steps between evaluations; 0: never
     eval_steps: int = 10  # validation batches per evaluation
     sample_every: int = 0  # steps between printed samples; 0: never
@@ -242,8 +249,6 @@ class LoopConfig:
         check_integer("train.max_steps", self.max_steps, 1)
         check_finite("train.time_budget_min", self.time_budget_min, above=0, optional=True)
         check_choice("train.schedule_by", self.schedule_by, SCHEDULE_BY)
-        check(self.schedule_by == "step" or self.time_budget_min is not None, "train.schedule_by", self.schedule_by,
-              "a time-driven schedule needs train.time_budget_min")  # fmt: skip
         check_choice("train.precision", self.precision, PRECISIONS)
         check_finite("train.z_loss", self.z_loss, at_least=0)
         _unit("train.label_smoothing", self.label_smoothing)
@@ -262,11 +267,23 @@ class DistConfig:
     """[dist]: multi-process training (launched with torchrun; a single process ignores it)."""
 
     backend: str = "auto"  # "auto": nccl on cuda, gloo on cpu
-    strategy: str = "ddp"  # "ddp": replicated weights; "fsdp": sharded (FSDP2)
+    strategy: str = "ddp"  # "ddp": replicated weights; "fsdp": sharded (FSDP2); "zero1": DDP + sharded optimizer
+    param_dtype: str | None = None  # fsdp: the dtype blocks compute in (gathered weights); none: the weights'
+    reduce_dtype: str | None = None  # fsdp: the dtype gradients are reduced in; none: param_dtype's
 
     def __post_init__(self) -> None:
         check_choice("dist.backend", self.backend, DIST_BACKENDS)
         check_choice("dist.strategy", self.strategy, DIST_STRATEGIES)
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                check_choice(f"dist.{name}", value, PRECISIONS)
+                check(self.strategy == "fsdp", f"dist.{name}", value, "a mixed-precision policy needs "
+                      "dist.strategy = 'fsdp'")  # fmt: skip
+
+    def parallel_options(self) -> dict[str, Any]:
+        """`distributed.parallelize`'s mixed-precision keyword arguments (torch dtypes; None: not set)."""
+        return {name: DTYPES[v] if (v := getattr(self, name)) else None for name in ("param_dtype", "reduce_dtype")}
 
 
 def _tiny() -> ModelConfig:
@@ -284,8 +301,10 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
-    def __post_init__(self) -> None:  # checks that span sections
+    def __post_init__(self) -> None:  # checks that span sections (or the trainer's keyword form does not have)
         self.schedule.build(self.train.max_steps)
+        check(self.train.schedule_by == "step" or self.train.time_budget_min is not None, "train.schedule_by",
+              self.train.schedule_by, "a time-driven schedule needs train.time_budget_min")  # fmt: skip
         check(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",
@@ -303,6 +322,14 @@ class TrainConfig:
 
     def lr_schedule(self) -> Schedule:
         return self.schedule.build(self.train.max_steps)
+
+    def trainer_options(self) -> dict[str, Any]:
+        """The `Trainer` arguments this config holds outside [train]'s loop options, in the trainer's units: the
+        run directory (train.out_dir), the time budget in seconds (train.time_budget_min), gradient accumulation
+        ([data]) and clipping ([optim]; none: 0, no clipping). The one place they are translated."""
+        budget = self.train.time_budget_min
+        return {"run_dir": self.train.out_dir, "time_budget_s": budget * 60 if budget else None,
+                "grad_accum": self.data.grad_accum, "grad_clip": self.optim.grad_clip or 0.0}  # fmt: skip
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass

@@ -28,6 +28,9 @@ one-hot scatter, their sum); the chunked path holds a few C x V chunk temporarie
 plain 2.69 GB (5.0x the logits), chunked 96 MB (tests/test_loss.py). The chunked path computes in float32
 (bf16 inputs are upcast chunk by chunk; the gradients are cast back to the inputs' dtypes).
 
+The training loop's language-model objective (train/objective.py) composes these: `cross_entropy` or
+`chunked_cross_entropy` with reduction "sum", plus the MoE terms below.
+
 MoE (see `lmforge.model.moe`): `Transformer.aux_losses()` returns the load-balancing loss and the router z-loss
 summed over MoE layers, without coefficients; `total_loss(lm_loss, model.aux_losses(), moe_loss_coefs(config))`
 adds  aux_loss_coef * aux + z_loss_coef * router_z  to the LM loss (the router z-loss of ST-MoE is unrelated to
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmforge.config import ModelConfig
 
@@ -238,37 +241,6 @@ def chunked_cross_entropy(
         ce, zl = ce * scale, zl * scale
         loss = ce + zl
     return LossOutput(loss=loss, ce=ce, z_loss=zl, tokens=tokens)
-
-
-class ModelLoss(nn.Module):
-    """A language model and its training loss as one module.
-
-    Wrappers that act on a module's forward (DDP, FSDP2, torch.compile) then cover the loss too: FSDP2
-    gathers the LM head for the chunked loss inside the forward, and compile fuses the loss with the model.
-    forward(input_ids, targets, ...) returns the summed loss (CE + z-loss over the counted targets), the summed
-    plain CE part (detached) and the model's MoE auxiliary losses (`Transformer.aux_losses()`).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        targets: Tensor,
-        chunked: bool = False,
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        kw = {"label_smoothing": label_smoothing, "z_loss": z_loss, "reduction": "sum"}
-        if chunked:
-            hidden = self.model.hidden_states(input_ids)
-            softcap = self.model.config.final_softcap
-            out = chunked_cross_entropy(hidden, self.model.head_weight, targets, softcap=softcap, **kw)
-        else:
-            out = cross_entropy(self.model(input_ids), targets, **kw)
-        return out.loss, out.ce, self.model.aux_losses()
 
 
 def moe_loss_coefs(config: ModelConfig) -> dict[str, float]:

@@ -2,8 +2,9 @@
 `Trainer`; at the end the trained model is exported next to its logs.
 
     build_trainer   TrainConfig (+ the tokenizer data.tokenizer names) -> Trainer: token shards -> train/val
-                    loaders (the global batch split over torchrun's ranks), the model wrapped for dist.strategy,
-                    the optimizer over its parameters, the schedule
+                    loaders (the global batch split over torchrun's ranks), the model's language-model objective
+                    wrapped for dist.strategy, the optimizer over its parameters (sharded for zero1), the
+                    schedule; [train] goes to the Trainer whole, the rest through `TrainConfig.trainer_options`
     export_run      the trained model -> run_dir/hf (Hugging Face) and run_dir/model.gguf (F16, when GGUF can
                     hold it)
     run_training    both, with the resolved config saved and the run resumed from its newest checkpoint: what
@@ -31,7 +32,7 @@ from lmforge.train import distributed
 from lmforge.train.checkpoint import gather_model
 from lmforge.train.config import TrainConfig, save_resolved
 from lmforge.train.distributed import DistInfo
-from lmforge.train.loss import ModelLoss
+from lmforge.train.objective import LanguageModelObjective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.trainer import Trainer
 from lmforge.utils.errors import LmforgeError
@@ -84,21 +85,14 @@ def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> Trai
 
     torch.manual_seed(loop.seed)
     model = Transformer(cfg.model).to(info.device)
-    parallel = distributed.parallelize(ModelLoss(model), cfg.dist.strategy, info)
+    strategy = cfg.dist.strategy
+    objective = distributed.parallelize(LanguageModelObjective.from_loop(model, loop), strategy, info,
+                                        **cfg.dist.parallel_options())  # fmt: skip
     opt = cfg.optim
     optimizer = build_optimizer(opt.name, model, opt.lr, opt.weight_decay, **opt.optimizer_kwargs())
-    return Trainer(
-        model, optimizer, cfg.lr_schedule(), train_data,
-        max_steps=loop.max_steps, val_data=val_data, run_dir=loop.out_dir, grad_accum=data.grad_accum,
-        grad_clip=opt.grad_clip or 0.0, precision=loop.precision, compile=loop.compile,
-        activation_checkpointing=loop.activation_checkpointing, chunked_ce=loop.chunked_ce, z_loss=loop.z_loss,
-        label_smoothing=loop.label_smoothing, log_every=loop.log_every, eval_every=loop.eval_every,
-        eval_steps=loop.eval_steps, checkpoint_every=loop.checkpoint_every, keep_last=loop.keep_last,
-        tokenizer=tokenizer, sample_every=loop.sample_every,
-        time_budget_s=loop.time_budget_min * 60 if loop.time_budget_min else None, schedule_by=loop.schedule_by,
-        progress=progress, tensorboard=loop.tensorboard, skip_nonfinite=loop.skip_nonfinite,
-        max_consecutive_skips=loop.max_consecutive_skips, dist=info, parallel=parallel,
-    )  # fmt: skip
+    optimizer = distributed.shard_optimizer(optimizer, strategy, info)
+    return Trainer(model, optimizer, cfg.lr_schedule(), train_data, objective, loop, val_data=val_data,
+                   tokenizer=tokenizer, progress=progress, dist=info, **cfg.trainer_options())  # fmt: skip
 
 
 def export_run(model: torch.nn.Module, tokenizer: Tokenizer | None, run_dir: Path) -> list[Path]:

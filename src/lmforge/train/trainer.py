@@ -1,17 +1,22 @@
-"""The pre-training loop: one optimizer update per step, from deterministic batches, resumable bit for bit.
+"""The training loop: one optimizer update per step, from deterministic batches, resumable bit for bit.
+
+What it minimises is injected: an objective (objective.py) maps a batch to (loss sum, counted units, metrics);
+by default the language model's next-token cross entropy. Its options are one `LoopConfig` ([train] in a run's
+TOML file, train/config.py); the keyword arguments of old (`Trainer(..., max_steps=12, grad_accum=4)`) build one.
 
 One step s (s = 0, 1, ...):
 
     lr      <- base_lr * schedule(s)                          (schedule.py; time-driven: see below)
-    batch   <- train_data.batch(s): (B, T) input_ids, targets (-100: not counted)
+    batch   <- train_data.batch(s): (B, ...) tensors, e.g. input_ids and targets (-100: not counted)
+    N       <- objective.count(batch), summed over ranks      (the global batch's counted units)
     for each of the `grad_accum` micro-batches m (B / grad_accum rows):
-        loss_m = sum over m's counted tokens of CE (+ z-loss) / (counted tokens in the whole batch)
-                 + MoE auxiliary losses / grad_accum
+        out_m   = objective(m)
+        loss_m  = R * out_m.loss / N + out_m.mean_loss / grad_accum     (R ranks; objective.py)
         loss_m.backward()                                     (gradients add up to those of the whole batch)
-    g_norm  <- ||grad||_2 over all parameters; gradients scaled by min(1, clip / g_norm)
+    g_norm  <- ||grad||_2 over all parameters; gradients scaled by min(1, clip / g_norm)   (clip.py)
     optimizer.step() if the loss and g_norm are finite; zero the gradients
 
-Dividing each micro-batch's summed loss by the token count of the *whole* batch makes accumulation exact:
+Dividing each micro-batch's summed loss by the unit count of the *whole* batch makes accumulation exact:
 `grad_accum = 4` computes the same update as one batch 4x larger (tested), even when micro-batches count
 different numbers of tokens.
 
@@ -41,8 +46,9 @@ the checkpoint and the restart is not counted); one without them cannot be resum
 the schedule ran and why the run ended.
 
 Options: bf16 autocast (CPU and CUDA) or fp16 autocast with a gradient scaler (CUDA), activation checkpointing
-(each block's activations are recomputed in backward: memory O(layers) block inputs instead of every
-intermediate), chunked cross entropy (loss.py: the (tokens, vocab) logits are never held), `torch.compile`.
+(`model.runtime.activation_checkpointing`: each block's activations are recomputed in backward: memory O(layers)
+block inputs instead of every intermediate), chunked cross entropy (loss.py: the (tokens, vocab) logits are never
+held), document masking (the batch's position_ids and doc_ids reach the model), `torch.compile` of the objective.
 
 Every `log_every` steps a line goes to `<run>/log.jsonl` and the progress bar (and, with `tensorboard=True`, to
 TensorBoard event files in `<run>/tensorboard/`): loss, lr, gradient norm, tokens/s and MFU, the model FLOPs
@@ -53,7 +59,8 @@ utilisation:
 (6 N per token for the forward and backward matrix products of the N non-embedding parameters, 12 L d T for
 attention over T positions, PaLM appendix B; peak = the measured speed of a large matmul in the training
 dtype on this device, so MFU says how much of what this machine can do the training uses). Every `eval_every`
-steps: validation loss and bits per byte, bpb = (sum of CE in nats / ln 2) / (UTF-8 bytes of the targets),
+steps: the objective's validation loss (eval mode: plain CE for the language model) and bits per byte,
+bpb = (sum of CE in nats / ln 2) / (UTF-8 bytes of the targets),
 which compares models with different tokenizers; and, with a tokenizer, a sample continuation. Checkpoints
 (checkpoint.py) every `checkpoint_every` steps and at the end; `fit` resumes from the newest one. The loss
 curves are drawn to `<run>/loss.png`.
@@ -62,6 +69,7 @@ curves are drawn to `<run>/loss.png`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -72,18 +80,24 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from lmforge.configfile import ConfigError, check_finite, check_integer
 from lmforge.train.checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.clip import clip_grad_norm
-from lmforge.train.distributed import DistInfo, all_reduce_sum
-from lmforge.train.loss import ModelLoss, moe_loss_coefs, total_loss
+from lmforge.train.config import DTYPES, PRECISIONS, SCHEDULE_BY, LoopConfig
+from lmforge.train.distributed import DistInfo, all_reduce_sum, unwrap
+from lmforge.train.objective import LanguageModelObjective, ObjectiveOutput, count_targets, lm_options
 from lmforge.train.plot import plot_losses
 from lmforge.train.schedule import Schedule, scale_lr
 from lmforge.utils.atomic import atomic_write
 from lmforge.utils.errors import LmforgeError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # training precision -> dtype
-PRECISIONS = tuple(DTYPES)
-SCHEDULE_BY = ("step", "time")  # what drives the lr schedule and ends the run: the step count, or the clock
+__all__ = ["DTYPES", "PRECISIONS", "SCHEDULE_BY", "Batches", "NonFiniteError", "Trainer"]  # the first three: config's
+
+# [train] fields the run uses and the loop does not (train/run.py, `TrainConfig.trainer_options`)
+RUN_FIELDS = ("time_budget_min", "out_dir", "seed", "device")
+LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(LoopConfig) if f.name not in RUN_FIELDS)
+# the keyword form's defaults where they differ from [train]'s: no evaluation or checkpoints unless asked
+KEYWORD_DEFAULTS = {"eval_every": 0, "checkpoint_every": 0, "keep_last": 3}
 
 
 class NonFiniteError(LmforgeError, RuntimeError):
@@ -95,15 +109,19 @@ class NonFiniteError(LmforgeError, RuntimeError):
 
 class Batches(Protocol):
     def batch(self, step: int) -> dict[str, Tensor]:
-        """The batch of `step`: "input_ids" and "targets" (B, T) long tensors (a pure function of the step)."""
+        """The batch of `step` (a pure function of the step): (B, ...) tensors for the objective, "input_ids"
+        (B, T) among them (tokens/s and MFU count it); the language model's also "targets" (B, T), and with
+        document masking "position_ids" and "doc_ids" (data/loader.py)."""
         ...
 
 
 def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """6 N + 12 L d T: training FLOPs per token (N: parameters outside the embedding table)."""
-    cfg = model.config
+    """6 N + 12 L d T: training FLOPs per token (N: parameters outside the embedding table; the attention term
+    for models with a `config` that has n_layers and d_model)."""
     n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("embed.", "pos_embed.")))
-    return 6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len
+    cfg = getattr(model, "config", None)
+    attention = 12 * cfg.n_layers * cfg.d_model * seq_len if hasattr(cfg, "n_layers") else 0
+    return 6 * n + attention
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
@@ -158,6 +176,28 @@ def _seconds(path: Path, extra: dict[str, Any], key: str) -> float:
     return float(value)
 
 
+def _loop(loop: LoopConfig | None, options: dict[str, Any]) -> LoopConfig:
+    """`loop` with the loop fields in `options` replaced (no loop: built from them over `KEYWORD_DEFAULTS`; then
+    max_steps is required). A refused value names the keyword, e.g. "invalid schedule_by='clock'"."""
+    unknown = [name for name in options if name not in LOOP_FIELDS]
+    if unknown:
+        raise TypeError(f"Trainer() got an unexpected keyword argument {unknown[0]!r}")
+    if loop is None:
+        if "max_steps" not in options:
+            raise TypeError("Trainer() needs loop=LoopConfig(...) or max_steps=")
+        options = KEYWORD_DEFAULTS | options
+    try:
+        return dataclasses.replace(loop, **options) if loop is not None else LoopConfig(**options)
+    except ConfigError as e:  # only keyword values can be refused here: name them as the caller wrote them
+        raise ConfigError(str(e).replace("invalid train.", "invalid ", 1)) from None
+
+
+def _split(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """`batch` as `parts` micro-batches of consecutive rows (every tensor split along its first dimension)."""
+    chunks = {k: v.chunk(parts) for k, v in batch.items() if isinstance(v, Tensor)}
+    return [batch | {k: c[i] for k, c in chunks.items()} for i in range(parts)]
+
+
 def _summary_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -168,10 +208,17 @@ def _summary_writer_class() -> Any:
 
 
 class Trainer:
-    """Trains `model` with `optimizer` on `train_data` for `max_steps` steps (see the module docstring).
+    """Trains `model` with `optimizer` on `train_data`, minimising `objective`, as `loop` says (module docstring).
 
-    Several processes: `dist` from `distributed.setup()` and `parallel =
-    distributed.parallelize(ModelLoss(model), strategy, dist)`, made before the optimizer (see train/run.py)."""
+    objective: an `nn.Module` mapping a batch to an `ObjectiveOutput` (objective.py) that holds `model`, maybe
+    wrapped by `distributed.parallelize` (made before the optimizer; see train/run.py); None: the language-model
+    objective that loop's chunked_ce, z_loss, label_smoothing and document_mask describe. `parallel` is the
+    older name of a wrapped objective. loop: a `LoopConfig` ([train]); today's keyword arguments (max_steps=...,
+    precision=..., any field of it the loop reads) replace its fields, and without a loop they build one (with
+    no evaluation or checkpoints unless asked). `trainer.max_steps` and the other loop fields read `trainer.loop`;
+    setting one replaces the loop (checked again). The rest are the run's: `run_dir` (train.out_dir),
+    `time_budget_s` (train.time_budget_min, in seconds), `grad_accum` ([data]), `grad_clip` ([optim]; 0 or None:
+    no clipping); `TrainConfig.trainer_options()` gives them from a config."""
 
     def __init__(
         self,
@@ -179,64 +226,35 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         schedule: Schedule,
         train_data: Batches,
+        objective: Callable[[dict[str, Tensor]], ObjectiveOutput] | None = None,
+        loop: LoopConfig | None = None,
         *,
-        max_steps: int,
         val_data: Batches | None = None,
         run_dir: str | Path | None = None,
         grad_accum: int = 1,
         grad_clip: float | None = 1.0,
-        precision: str = "fp32",
-        compile: bool = False,
-        activation_checkpointing: bool = False,
-        chunked_ce: bool = False,
-        z_loss: float = 0.0,
-        label_smoothing: float = 0.0,
-        log_every: int = 10,
-        eval_every: int = 0,
-        eval_steps: int = 10,
-        checkpoint_every: int = 0,
-        keep_last: int = 3,
-        tokenizer: Any = None,
-        sample_every: int = 0,
-        sample_prompt: str = "",
         time_budget_s: float | None = None,
-        schedule_by: str = "step",
+        tokenizer: Any = None,
+        sample_prompt: str = "",
         clock: Callable[[], float] = time.perf_counter,
         progress: bool = True,
-        tensorboard: bool = False,
-        skip_nonfinite: bool = False,
-        max_consecutive_skips: int = 10,
         dist: DistInfo | None = None,
         parallel: torch.nn.Module | None = None,
+        **loop_options: Any,
     ) -> None:
-        for name, value, low in (
-            ("max_steps", max_steps, 1),
-            ("grad_accum", grad_accum, 1),
-            ("log_every", log_every, 1),
-            ("max_consecutive_skips", max_consecutive_skips, 1),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"invalid {name}={value!r}: must be an integer >= {low}")
+        self.loop = _loop(loop, loop_options)
+        check_integer("grad_accum", grad_accum, 1)
         grad_clip = 0.0 if grad_clip is None else grad_clip
-        if not (isinstance(grad_clip, int | float) and math.isfinite(grad_clip) and grad_clip >= 0):
-            raise ValueError(f"invalid grad_clip={grad_clip!r}: must be a finite number >= 0 (0 or None: no clipping)")
-        if precision not in PRECISIONS:
-            raise ValueError(f"invalid precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
+        check_finite("grad_clip", grad_clip, at_least=0)  # 0 (or None): no clipping
         self.device = next(model.parameters()).device
-        if precision == "fp16" and self.device.type != "cuda":
+        if self.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision='fp16' needs a CUDA device (it relies on a gradient scaler); use bf16 on CPU")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.train_data, self.val_data = train_data, val_data
-        self.max_steps, self.grad_accum, self.grad_clip = max_steps, grad_accum, grad_clip
-        self.skip_nonfinite, self.max_consecutive_skips = bool(skip_nonfinite), max_consecutive_skips
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.skipped_steps = self.skip_streak = 0  # steps skipped in all, and in a row up to the last one
-        self.precision, self.chunked_ce = precision, chunked_ce
-        self.z_loss, self.label_smoothing = z_loss, label_smoothing
-        self.log_every, self.eval_every, self.eval_steps = log_every, eval_every, eval_steps
-        self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
-        self.tokenizer, self.sample_every, self.sample_prompt = tokenizer, sample_every, sample_prompt
-        self.time_budget_s, self.progress = time_budget_s, progress
-        self.schedule_by, self.clock = schedule_by, clock
+        self.tokenizer, self.sample_prompt = tokenizer, sample_prompt
+        self.time_budget_s, self.progress, self.clock = time_budget_s, progress, clock
         self._check_schedule_by()
         self.elapsed_s = self.step_s = 0.0  # time since fit began when the last step ended; that step's duration
         self._start = 0.0  # `clock` when this run's time began (set by fit)
@@ -244,25 +262,67 @@ class Trainer:
         self.ended_by: str | None = None  # "max_steps" or "time_budget" once fit has ended the run
         self.dist = dist or DistInfo(device=self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        model.activation_checkpointing = activation_checkpointing
+        self._set_activation_checkpointing()
         if is_sharded(model) and not getattr(optimizer, "shardable", True):
             raise ValueError(f"optimizer {type(optimizer).__name__} cannot update FSDP2-sharded parameters: use "
                              "dist.strategy='ddp' or another optimizer (adamw, adam, sgd, lion, muon)")  # fmt: skip
-        self.objective = parallel if parallel is not None else ModelLoss(model)  # model + loss, maybe wrapped
-        if getattr(getattr(self.objective, "module", self.objective), "model", None) is not model:
-            raise ValueError("parallel must be distributed.parallelize(ModelLoss(model), ...) of this model")
-        self.forward = torch.compile(self.objective) if compile else self.objective
-        self.aux_coefs = moe_loss_coefs(model.config)
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        wrapped = self._objective(objective, parallel)  # what the loop calls: the objective, maybe wrapped
+        self.objective = unwrap(wrapped)  # the objective itself (its count, train/eval mode, FSDP2's root)
+        self._wrapped = wrapped
+        self.forward = torch.compile(wrapped) if self.compile else wrapped
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._byte_lengths: Tensor | None = None
-        if tensorboard and self.run_dir is None:
+        if self.tensorboard and self.run_dir is None:
             raise ValueError("tensorboard=True needs a run_dir to write the event files to")
-        self.tensorboard = tensorboard and self.dist.is_main
-        if self.tensorboard:
+        self._tb_on = self.tensorboard and self.dist.is_main
+        if self._tb_on:
             _summary_writer_class()  # fail now, not at the first log line, when tensorboard is not installed
         self._tb: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        """`trainer.max_steps` and every other loop field: read from `trainer.loop`."""
+        loop = self.__dict__.get("loop")
+        if loop is not None and name in LOOP_FIELDS:
+            return getattr(loop, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Setting a loop field (`trainer.max_steps = 6`) replaces `trainer.loop`, checked again."""
+        if name in LOOP_FIELDS:
+            name, value = "loop", _loop(self.loop, {name: value})
+        super().__setattr__(name, value)
+
+    def _objective(self, objective: Any, parallel: torch.nn.Module | None) -> Any:
+        """The objective to call: the one given (or `parallel`, its older name), else the language model's of
+        the loop; it must hold `model`, and loop options of the language-model objective must be its own."""
+        if objective is not None and parallel is not None:
+            raise ValueError("give the objective once: objective= or parallel= (its older name), not both")
+        given, arg = (objective, "objective") if objective is not None else (parallel, "parallel")
+        if given is None:
+            return LanguageModelObjective.from_loop(self.model, self.loop)
+        inner = unwrap(given)
+        if not (isinstance(inner, torch.nn.Module) and any(m is self.model for m in inner.modules())):
+            raise ValueError(f"{arg} must be distributed.parallelize(objective, ...) of an objective holding this "
+                             "model (or the objective itself), e.g. LanguageModelObjective(model)")  # fmt: skip
+        wanted = lm_options(self.loop)
+        default = lm_options(LoopConfig())
+        own = inner.options() if isinstance(inner, LanguageModelObjective) else None
+        changed = [k for k in wanted if wanted[k] != default[k] and (own is None or own[k] != wanted[k])]
+        if changed:
+            raise ValueError(f"loop options {', '.join(changed)} describe the language-model objective the trainer "
+                             f"builds, but {arg}= was given ({type(inner).__name__}): set them on it")  # fmt: skip
+        return given
+
+    def _set_activation_checkpointing(self) -> None:
+        """The loop's activation_checkpointing, set on the model's runtime options (`model.runtime`)."""
+        runtime = getattr(self.model, "runtime", None)
+        if runtime is not None:
+            runtime.activation_checkpointing = self.activation_checkpointing
+        elif self.activation_checkpointing:
+            raise ValueError(f"activation_checkpointing=True needs a model with runtime options (model.runtime); "
+                             f"{type(self.model).__name__} has none")  # fmt: skip
 
     def _check_schedule_by(self) -> None:
         """schedule_by is "step" or "time"; time needs a finite budget > 0 and a schedule with total_steps (the
@@ -286,38 +346,53 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
+    def _batch(self, data: Batches, step: int) -> dict[str, Any]:
+        """Batch `step` of `data` on the training device."""
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in data.batch(step).items()}
+
+    def _count(self, batch: dict[str, Tensor]) -> Tensor:
+        """The units the objective's loss of `batch` sums over (objective.py), known before its forward."""
+        return getattr(self.objective, "count", count_targets)(batch)
+
+    def _set_mode(self, training: bool) -> None:
+        self.model.train(training)
+        if isinstance(self.objective, torch.nn.Module):
+            self.objective.train(training)
+
     def train_step(self, step: int, progress: float | None = None) -> dict[str, float]:
         """One optimizer update from `train_data.batch(step)` at base lr * schedule(step), or, given the schedule
         `progress` (time-driven runs), at base lr * schedule.at(progress); returns its metrics."""
-        self.model.train()
+        self._set_mode(True)
         factor = self.schedule(step) if progress is None else self.schedule.at(progress)
         lr_factor = scale_lr(self.optimizer, factor)
-        batch = self.train_data.batch(step)
-        ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
+        batch = self._batch(self.train_data, step)
+        ids = batch["input_ids"]
         if ids.shape[0] % self.grad_accum:
             raise ValueError(f"the batch has {ids.shape[0]} rows, not divisible by grad_accum={self.grad_accum}")
-        counted = all_reduce_sum((targets != -100).sum(), self.dist).clamp(min=1)  # the global batch's tokens
+        counted = all_reduce_sum(self._count(batch), self.dist).clamp(min=1)  # the global batch's units
         ranks = self.dist.world_size  # the wrappers average gradients over ranks; the loss undoes it
-        ce_total = torch.zeros((), device=self.device)
-        for micro_ids, micro_targets in zip(ids.chunk(self.grad_accum), targets.chunk(self.grad_accum), strict=True):
+        sums: dict[str, Tensor] = {}
+        for micro in _split(batch, self.grad_accum):
             with self._autocast():
-                loss_sum, ce_sum, aux = self.forward(
-                    micro_ids, micro_targets, self.chunked_ce, self.label_smoothing, self.z_loss
-                )
-            aux = {k: v / self.grad_accum for k, v in aux.items()}
-            loss = total_loss(loss_sum * ranks / counted, aux, self.aux_coefs)
+                out = self.forward(micro)
+            loss = out.loss * ranks / counted  # objective.py: the normalisation
+            if out.mean_loss is not None:
+                loss = loss + out.mean_loss / self.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            ce_total += ce_sum.detach()
+            for key, value in out.logged().items():
+                sums[key] = sums.get(key, torch.zeros((), device=self.device)) + value.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        ce_total = all_reduce_sum(ce_total, self.dist)  # every rank sees the same loss and norm: the same decision
-        loss, norm = torch.stack([ce_total / counted, grad_norm.float()]).tolist()  # the step's one host sync
+        names = list(sums)  # every rank sees the same loss and norm: the same decision
+        means = [all_reduce_sum(sums[k], self.dist).float() / counted for k in names]
+        *values, norm = torch.stack([*means, grad_norm.float()]).tolist()  # the step's one host sync
+        logged = dict(zip(names, values, strict=True))
         lr = self.optimizer.param_groups[0]["lr"]
-        if self._update_is_finite(step, loss, norm, lr):
+        if self._update_is_finite(step, logged["loss"], norm, lr):
             if self.scaler:
                 self.scaler.step(self.optimizer)
             else:
@@ -325,7 +400,7 @@ class Trainer:
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": loss, "lr": lr, "lr_factor": lr_factor, "grad_norm": norm,
+        metrics = {**logged, "lr": lr, "lr_factor": lr_factor, "grad_norm": norm,
                    "skipped_steps": self.skipped_steps, "tokens": ids.numel() * ranks, "seq_len": ids.shape[1]}
         return metrics if progress is None else metrics | {"progress": progress}  # fmt: skip
 
@@ -355,31 +430,31 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------------------------
 
     def _target_bytes(self, targets: Tensor) -> Tensor:
-        """UTF-8 bytes of the counted targets (the bits-per-byte denominator)."""
+        """UTF-8 bytes of the counted targets (the bits-per-byte denominator; ids past the tokenizer's: 0)."""
         if self._byte_lengths is None:
-            n = self.model.config.vocab_size
-            lengths = [len(self.tokenizer.token_to_bytes(i)) if i < self.tokenizer.vocab_size else 0 for i in range(n)]
+            n = self.tokenizer.vocab_size
+            lengths = [len(self.tokenizer.token_to_bytes(i)) for i in range(n)] + [0]
             self._byte_lengths = torch.tensor(lengths, device=self.device)
         counted = targets != -100
-        return self._byte_lengths[targets.clamp(min=0)][counted].sum()
+        return self._byte_lengths[targets.clamp(0, len(self._byte_lengths) - 1)][counted].sum()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token) over `eval_steps` batches, and bits per byte with a tokenizer."""
-        self.model.eval()
-        ce = tokens = nbytes = 0.0
+        """Validation loss (per unit: nats/token for the language model) of the objective in eval mode over
+        `eval_steps` batches, and bits per byte with a tokenizer and batches with "targets"."""
+        self._set_mode(False)
+        loss = units = nbytes = 0.0
         for i in range(self.eval_steps):
-            batch = self.val_data.batch(i)
-            ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
+            batch = self._batch(self.val_data, i)
             with self._autocast():
-                _, ce_sum, _ = self.objective(ids, targets, self.chunked_ce)
-            ce += ce_sum.item()
-            tokens += (targets != -100).sum().item()
-            if self.tokenizer is not None:
-                nbytes += self._target_bytes(targets).item()
-        metrics = {"val_loss": ce / max(tokens, 1)}
+                out = self._wrapped(batch)
+            loss += out.logged()["loss"].item()
+            units += out.tokens.item()
+            if self.tokenizer is not None and "targets" in batch:
+                nbytes += self._target_bytes(batch["targets"]).item()
+        metrics = {"val_loss": loss / max(units, 1)}
         if nbytes:
-            metrics["val_bpb"] = ce / math.log(2) / nbytes
+            metrics["val_bpb"] = loss / math.log(2) / nbytes
         return metrics
 
     def sample(self, max_tokens: int = 48) -> str:
@@ -387,7 +462,7 @@ class Trainer:
 
         self.model.eval()
         prompt = self.sample_prompt or [0]
-        sharded = is_sharded(self.model)  # FSDP2: gather the root's weights; each block gathers its own
+        sharded = is_sharded(self.model)  # FSDP2: gather the root's weights; each group gathers its own
         if sharded:
             self.objective.unshard()
         try:
@@ -481,7 +556,7 @@ class Trainer:
                 self._resume()
             elif (self.run_dir / "log.jsonl").exists():
                 (self.run_dir / "log.jsonl").unlink()
-        if self.tensorboard:  # events logged after the checkpoint (or all, without resume) are purged
+        if self._tb_on:  # events logged after the checkpoint (or all, without resume) are purged
             self._tb = _summary_writer_class()(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
         peak = measure_peak_flops(self.device, DTYPES[self.precision])
         if self.schedule_by == "step":
