@@ -147,7 +147,9 @@ def test_a_view_shares_every_tensor_and_leaves_the_model_alone() -> None:
     moe = m.blocks[0].mlp
     moe_view = view(moe)  # after a forward with gradients: its aux_loss is shared, not copied
     assert moe_view.aux_loss is moe.aux_loss and moe_view.w_gate is moe.w_gate
-    assert moe_view.runtime is not moe.runtime  # other attributes are copied: the view's options are its own
+    assert moe_view.runtime is moe.runtime  # one set of runtime options: switching the model switches its view
+    assert v.runtime is m.runtime and v.blocks[0].attn.runtime is m.runtime
+    assert v.blocks[0].attn is not m.blocks[0].attn  # while the modules themselves are copies
 
 
 def _moe(seed: int = 0) -> MoE:

@@ -23,8 +23,9 @@ How the next modules plug in (factories, not code here):
 
 View. `view(model)` copies the module tree and shares every tensor the modules hold: parameters, buffers and
 tensor attributes (such as a MoE's last `aux_loss`), the same tensor objects, so training the view trains the
-model. Everything else is copied: the view has its own module objects, other attributes and runtime options
-(`model.runtime`), and a swap on it leaves the model's modules as they were. `swap_modules(..., on_view=True)`
+model, and the same `RuntimeOptions` object (`model.runtime`: switching the backend switches both). Everything
+else is copied: the view has its own module objects and other attributes, and a swap on it leaves the model's
+modules as they were. `swap_modules(..., on_view=True)`
 swaps on such a view: `infer.matvec.matvec_view` is `swap_modules(model, is Linear, MatVecLinear, on_view=True)`.
 
 Mixture-of-experts layers expose their expert matrices as `moe.ExpertLinear` modules (`forward(x, e)`), so
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmforge.model.runtime import RuntimeOptions
 from lmforge.utils.errors import LmforgeError
 
 Where = str | Sequence[str] | Callable[[str, nn.Module], bool]
@@ -100,8 +102,10 @@ def select_modules(model: nn.Module, where: Where) -> list[str]:
 
 
 def view(model: nn.Module) -> nn.Module:
-    """A copy of `model`'s module tree holding the same tensors: parameters, buffers and tensor attributes."""
-    attributes = (t for m in model.modules() for t in vars(m).values() if isinstance(t, torch.Tensor))
+    """A copy of `model`'s module tree holding the same tensors (parameters, buffers and tensor attributes) and
+    the same runtime options."""
+    kept = (torch.Tensor, RuntimeOptions)
+    attributes = (t for m in model.modules() for t in vars(m).values() if isinstance(t, kept))
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers(), attributes)}
     return copy.deepcopy(model, shared)
 
