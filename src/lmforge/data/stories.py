@@ -6,7 +6,7 @@ of a story is the product of the probabilities of its choices:
 
     log2 P(story) = sum over choices c of log2 p(c)
 
-The grammar is *unambiguous*: every text it can produce has exactly one derivation (tests/test_stories.py
+The grammar is *unambiguous*: every text it can produce has exactly one derivation (tests/data/test_stories.py
 parses thousands of samples with an independent chart parser and finds one parse each, with the same
 probability). So P(text) = P(derivation), and the corpus' entropy rate is
 

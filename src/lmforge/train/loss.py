@@ -25,7 +25,7 @@ doing the gradient work in the forward; it is skipped when neither input require
 Memory, fp32: the plain path holds the N x V logits and, in the backward, several N x V gradients (softmax,
 one-hot scatter, their sum); the chunked path holds a few C x V chunk temporaries (4 C V bytes each) plus
 4 (N + V) D bytes of gradients. Measured peak growth for N = 4096, V = 32768, D = 64 (logits: 512 MB), C = 128:
-plain 2.69 GB (5.0x the logits), chunked 96 MB (tests/test_loss.py). The chunked path computes in float32
+plain 2.69 GB (5.0x the logits), chunked 96 MB (tests/train/test_loss.py). The chunked path computes in float32
 (bf16 inputs are upcast chunk by chunk; the gradients are cast back to the inputs' dtypes).
 
 The training loop's language-model objective (train/objective.py) composes these: `cross_entropy` or

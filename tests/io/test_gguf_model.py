@@ -16,7 +16,7 @@ from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 
 NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 
 
 def smollm2_dir() -> Path:

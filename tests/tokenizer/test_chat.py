@@ -28,7 +28,7 @@ from lmforge.tokenizer.chat import (
 )
 from lmforge.tokenizer.formats import load_tokenizer, save_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 
 SPECIALS = [
     "<|endoftext|>",

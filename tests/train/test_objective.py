@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_worker import ROWS, SEQ, VOCAB, MaskedTagging, Sharded, Tagger, tag_batch
 from torch import nn
 
-from dist_worker import ROWS, SEQ, VOCAB, MaskedTagging, Sharded, Tagger, tag_batch
 from lmforge import ModelConfig, Transformer
 from lmforge.train.config import LoopConfig, load_train_config
 from lmforge.train.objective import LanguageModelObjective

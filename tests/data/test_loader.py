@@ -15,7 +15,7 @@ from lmforge.data.shards import write_shards
 from lmforge.tokenizer import train_bpe
 from lmforge.tokenizer.bpe import Tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 SOURCES = {  # file -> characters kept: six documents of different sizes
     "phoenix_and_the_turtle_gut.txt": None,
     "passionate_pilgrim_gut.txt": None,

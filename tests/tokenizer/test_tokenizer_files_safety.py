@@ -35,7 +35,7 @@ from lmforge.tokenizer.gguf_vocab import tokenizer_from_gguf
 from lmforge.tokenizer.pretokenize import SPLIT_BEHAVIORS, SplitRule
 from lmforge.utils.errors import LmforgeError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 HF_BEHAVIOR = {
     "Removed": "removed",
     "Isolated": "isolated",

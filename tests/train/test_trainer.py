@@ -14,7 +14,7 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import Schedule
 from lmforge.train.trainer import Trainer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 SEQ = 32
 
 

@@ -24,7 +24,7 @@ from lmforge.tokenizer.bpe import Tokenizer, train_bpe
 from lmforge.tokenizer.gguf_vocab import QWEN2_PATTERN
 from lmforge.tokenizer.pretokenize import GPT2_PATTERN, LLAMA3_PATTERN, SplitRule
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 VOCAB = 352  # the model's rows; the tokenizer uses fewer, the rest are written as unused "[PAD{id}]"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (

