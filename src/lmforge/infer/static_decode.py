@@ -16,6 +16,10 @@ Since the modules and the forward are the model's, the fast path computes what t
 attention also sees masked-out empty slots, which add exactly zero weight. Supported: absolute/learned/
 sinusoidal/no positions and RoPE (except dynamic NTK, whose frequencies depend on the sequence length), sliding
 windows, soft-capping, MLA, MoE; not ALiBi. Batch rows share positions (no padding).
+
+The compiled step goes through `compile_cache.cached_compile`: when the caller made a store active (the CLI's
+`--compile` does), the whole compiled step is saved to disk and a later process loads it instead of tracing
+and compiling again (seconds instead of a minute).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import weakref
 import torch
 from torch import nn
 
+from lmforge.infer import compile_cache
 from lmforge.infer.matvec import matvec, matvec_view
 from lmforge.infer.static_cache import StaticKVCache
 from lmforge.model.cache import CacheFullError
@@ -63,7 +68,11 @@ class StaticDecoder:
         self._token = torch.zeros(1, 1, dtype=torch.long)  # replaced by prefill
         # one graph per step shape; MoE routing is data-dependent (graph breaks allowed there)
         fullgraph = cfg.moe is None
-        self._step = torch.compile(self._forward, fullgraph=fullgraph) if compile else self._forward
+        self._step = (  # kept on disk (a later process loads it) when the caller made a store active, as the CLI does
+            compile_cache.cached_compile(self._forward, fullgraph=fullgraph, name="decode-step", key=(max_len,))
+            if compile
+            else self._forward
+        )
         self.warm = not compile  # False until the first step has compiled the graph
 
     @property
