@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.tokenizer.pretokenize import cpu_count, iter_pieces, read_chunks
+from lmforge.tokenizer.pretokenize import iter_pieces, read_chunks
 from lmforge.utils.atomic import atomic_path, atomic_write
 from lmforge.utils.errors import LmforgeError
+from lmforge.utils.pool import cpu_count, pool_context
 
 UNIT_CHARS = 1 << 22
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
@@ -140,7 +141,8 @@ def write_shards(
         per_input[index]["tokens"] += len(ids)
         bar.update(n_bytes)
 
-    with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    workers_of = {"mp_context": pool_context(), "initializer": _init_worker, "initargs": (tokenizer,)}
+    with ProcessPoolExecutor(n_workers, **workers_of) as pool:
         for index, path in enumerate(paths):
             for text, is_last in _units(path, unit_chars):
                 pending.append((index, len(text.encode("utf-8")), is_last, pool.submit(_encode, text)))

@@ -29,6 +29,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
 import lmforge.tokenizer.pretokenize as pt
+from lmforge.utils.pool import cpu_count, map_in_pool
 
 __all__ = ["BaseTokenizer", "IncrementalDecoder"]
 
@@ -117,10 +118,10 @@ class BaseTokenizer(ABC):
         """``[encode(t, **kw) for t in texts]``; ``workers`` processes (default: all cores when over 1 MB)."""
         workers = workers or num_threads
         if workers is None:
-            workers = pt.cpu_count() if len(texts) > 1 and sum(map(len, texts)) > 1 << 20 else 1
+            workers = cpu_count() if len(texts) > 1 and sum(map(len, texts)) > 1 << 20 else 1
         if workers <= 1 or len(texts) <= 1:
             return [self.encode(t, **kw) for t in texts]
-        return pt.map_in_pool(_encode_one, texts, workers, self, kw)
+        return map_in_pool(_encode_one, texts, workers, self, kw)
 
     def apply_chat_template(
         self,

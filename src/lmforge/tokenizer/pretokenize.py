@@ -53,14 +53,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import multiprocessing
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import regex
+
+from lmforge.utils.pool import cpu_count, pool_context
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = (
@@ -335,36 +335,6 @@ def _count_batch(args: tuple[SplitRule, list[str]]) -> Counter[str]:
     return counts
 
 
-def cpu_count() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork starts workers in milliseconds (spawn would re-import torch through lmforge/__init__).
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
-
-
-_SHARED: tuple = ()
-
-
-def _init_shared(*shared) -> None:
-    global _SHARED
-    _SHARED = shared
-
-
-def _call_shared(fn_item: tuple[Callable, object]):
-    fn, item = fn_item
-    return fn(item, *_SHARED)
-
-
-def map_in_pool(fn: Callable, items: Sequence, workers: int, *shared) -> list:
-    """``[fn(item, *shared) for item in items]`` in ``workers`` processes; ``shared`` is sent once per worker."""
-    with _pool_context().Pool(min(workers, len(items)), _init_shared, shared) as pool:
-        return pool.map(_call_shared, [(fn, item) for item in items], chunksize=max(1, len(items) // (4 * workers)))
-
-
 def count_pretokens(
     pattern: str | SplitRule,
     texts: Iterable[str] | None = None,
@@ -390,7 +360,7 @@ def count_pretokens(
             if task is not None:
                 total.update(_count_batch(task))
         return total
-    with _pool_context().Pool(workers) as pool:
+    with pool_context().Pool(workers) as pool:
         pending = []  # at most 2 tasks per worker in flight: memory stays bounded on huge corpora
         for task in itertools.chain((first, second), tasks):
             while len(pending) >= 2 * workers:
