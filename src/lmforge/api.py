@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmforge.model.runtime import RuntimeOptions
+from lmforge.io import load as loading
 from lmforge.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -27,30 +25,7 @@ def load(
     `model.runtime` (how to compute, e.g. `attn_backend="eager"`); the others replace `ModelConfig` fields (what
     the checkpoint defines, e.g. `max_seq_len=4096`).
     """
-    from lmforge.io.hf import load_hf
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    runtime = {name: overrides.pop(name) for name in RuntimeOptions.names() if name in overrides}
-    tokenizer = None
-    if path.is_file() and path.suffix == ".gguf":
-        from lmforge.io.gguf_model import load_gguf_model
-
-        model, tokenizer = load_gguf_model(path, dtype=dtype, **overrides), load_tokenizer(path)
-    else:
-        model = load_hf(path, dtype=dtype, **overrides)
-        with contextlib.suppress(FileNotFoundError):
-            tokenizer = load_tokenizer(path)
-    _set_runtime(model, runtime)
-    return model, tokenizer
-
-
-def _set_runtime(model: Transformer, options: dict[str, Any]) -> None:
-    """Set `options` on the model's one `RuntimeOptions` object (shared by its layers), checked first."""
-    checked = dataclasses.replace(model.runtime, **options)
-    for name in options:
-        setattr(model.runtime, name, getattr(checked, name))
+    return loading.load_model(path, dtype, **overrides)
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:
@@ -59,17 +34,7 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:
 
     A `.tiktoken` file holds only the ranks: pass `pattern=` and `special_tokens=` for it (the
     defaults are cl100k's)."""
-    from lmforge.tokenizer.formats import load_tokenizer as load_any
-
-    if Path(path).suffix == ".gguf" and Path(path).is_file():
-        from lmforge.io.gguf import GGUFFile
-        from lmforge.tokenizer.gguf_vocab import tokenizer_from_gguf
-
-        with GGUFFile(path) as gguf:
-            tok = tokenizer_from_gguf(gguf.metadata, str(path))
-        tok.source = str(path)
-        return tok
-    return load_any(path, **kwargs)
+    return loading.load_tokenizer(path, **kwargs)
 
 
 def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None, qtype: str = "f16") -> None:

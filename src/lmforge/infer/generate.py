@@ -167,7 +167,7 @@ def generate(
     ids = encode_prompt(tokenizer, prompt)
     check_prompt(ids, model.config.vocab_size, model.config.max_seq_len, from_text=isinstance(prompt, str))
     device = next(model.parameters()).device
-    row = _sequence(model, tokenizer, ids, params, 0, device)
+    row = sequence_state(model, tokenizer, ids, params, 0, device)
     forward, compiles = _forward_fn(model, len(ids) + row.budget, compile)
     batch = DecodeBatch([row], tokenizer.vocab_size)
     events = decode(forward, batch, torch.tensor([ids], device=device), compiles=compiles)
@@ -196,7 +196,7 @@ def generate_batch(
     each = [dataclasses.replace(p or SamplingParams(), **overrides) for p in each]
     ids = [_checked_prompt(model, tokenizer, prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
     device = next(model.parameters()).device
-    rows = [_sequence(model, tokenizer, r, p, i, device) for i, (r, p) in enumerate(zip(ids, each, strict=True))]
+    rows = [sequence_state(model, tokenizer, r, p, i, device) for i, (r, p) in enumerate(zip(ids, each, strict=True))]
     padded, mask = left_pad(ids, device)
     cache = KVCache(padded.shape[1] + max(row.budget for row in rows))
     forward = lambda step_ids, step_mask, _first: last_logits(model, step_ids, cache, step_mask)
@@ -224,8 +224,8 @@ def _checked_prompt(model, tokenizer: BaseTokenizer, prompt: str | Sequence[int]
     return ids
 
 
-def _sequence(model, tokenizer: BaseTokenizer, ids: list[int], params: SamplingParams, slot: int,
-              device: torch.device) -> SequenceState:  # fmt: skip
+def sequence_state(model, tokenizer: BaseTokenizer, ids: list[int], params: SamplingParams, slot: int,
+                   device: torch.device) -> SequenceState:  # fmt: skip
     """The decode state of one prompt: its budget (max_tokens cut to the room left in the context) and its stop
     tokens (eos and eot unless `ignore_eos`, and `params.stop_token_ids`)."""
     budget = min(params.max_tokens, model.config.max_seq_len - len(ids))

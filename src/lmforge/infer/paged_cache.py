@@ -12,6 +12,10 @@ lengths and positions, where the real new tokens go) is `kv_cache.RowCache`'s.
 Blocks are reference-counted, so a caller (an engine's block manager, prefix caching) can start a row on blocks
 that hold tokens already: `add_rows(block_tables=[[...]], lengths=[n])` shares those blocks; a shared block must
 not be written again (the row's new tokens go to slots n, n + 1, ...: give it its own block from n on).
+
+`BlockTableCache` is the same pool with the bookkeeping moved out: an engine's block manager owns the blocks
+(free list, reference counts, prefix cache, copy-on-write) and, before each forward, `bind`s the rows of that
+forward to their block tables and computed lengths; `copy_blocks` copies whole blocks (copy-on-write).
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ class PagedKVCache(RowCache):
                 raise CacheFullError(f"paged KV cache: row {row} needs {need} more blocks; {free} are free")
             for _ in range(need):
                 self.tables[row].append(self._take(self._free[-1]))
+        self._bind_tables()
+
+    def _bind_tables(self) -> None:
+        """The rows' block tables as the (B, max blocks) tensor the forward under way reads and writes through."""
         width = max(len(t) for t in self.tables)
         padded = [t + [0] * (width - len(t)) for t in self.tables]  # past a row's length: masked out
         self._table = torch.tensor(padded, dtype=torch.long, device=self.next_pos.device)
@@ -106,3 +114,33 @@ class PagedKVCache(RowCache):
         pool = self._pools[layer][i].movedim(-2, 1)  # (n_blocks, block_size, ..., d)
         rows = pool[self._table].flatten(1, 2)  # (B, blocks * block_size, ..., d)
         return rows[:, :s].movedim(1, -2)
+
+
+class BlockTableCache(PagedKVCache):
+    """A paged pool whose blocks a caller allocates: each forward's rows are `bind`-ed to their block tables.
+
+    The caller guarantees that a row's table covers every slot it writes and that it writes no block another
+    row reads as already computed (see `engine.block_manager`). Reference counts and the free list of
+    `PagedKVCache` are not used; `add_rows` / `remove_rows` are replaced by `bind`.
+    """
+
+    def bind(self, tables: Sequence[Sequence[int]], lengths: Sequence[int], device: torch.device | str) -> None:
+        """The next forward's rows: row r holds `lengths[r]` computed tokens in blocks `tables[r]`."""
+        self.tables = [list(t) for t in tables]
+        self.lengths = list(lengths)
+        self.next_pos = torch.tensor(self.lengths, dtype=torch.long, device=device)
+
+    def capacity(self, row: int) -> int:
+        return len(self.tables[row]) * self.block_size
+
+    def _grow(self, new_lengths: list[int]) -> None:
+        self._bind_tables()
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy the contents of block `src` to block `dst` in every pool, for each (src, dst) of `pairs`."""
+        if not pairs:
+            return
+        src, dst = (torch.tensor(side, dtype=torch.long) for side in zip(*pairs, strict=True))
+        for pools in self._pools.values():
+            for pool in pools:
+                pool[dst.to(pool.device)] = pool[src.to(pool.device)]

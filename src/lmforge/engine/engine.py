@@ -1,0 +1,251 @@
+"""The engine: requests in, tokens out, many requests sharing every forward. `llm.LLM` (offline) and
+`async_llm.AsyncLLM` (streaming) are its two faces, in vLLM's shape.
+
+One step (`Engine.step`):
+
+    schedule   the scheduler picks the running sequences' chunks (decode: 1 token, prefill: up to the budget) and
+               admits waiting ones (prefix-cache hits skip their cached tokens)          scheduler.py, block_manager.py
+    forward    one `hidden_states` forward over the padded (B, T) batch through the paged cache       runner.py
+    computed   each row's computed length advances; full blocks get their prefix hashes
+    sample     rows that reached their last token sample one token with their own parameters and generator
+               (`infer.decode.DecodeBatch.step`: penalties, warpers, stop ids and strings, text, budget), so a
+               request's tokens are those `infer.generate.generate` gives it alone (the same draws when seeded)
+    fork       a request with n (or best_of) > 1 samples forks its sequence once the prompt is computed: the
+               samples share the prompt's blocks (copy-on-write) and each draws its first token from the same
+               logits
+    finish     a finished sequence frees its blocks; a finished request yields its last `RequestOutput`
+
+A request is checked when it arrives (prompt ids in the vocabulary, the prompt shorter than `max_model_len`, the
+sampling parameters, `n` within `max_num_seqs`), before anything is scheduled; each sample's budget is
+max_tokens cut to the room the prompt leaves in `max_model_len`. The pool must hold one sequence of
+`max_model_len` tokens, so the scheduler can always make progress by preemption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmforge.configfile import check, check_positive
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.params import CompletionOutput, EngineStats, RequestOutput, SamplingParams
+from lmforge.engine.runner import ModelRunner
+from lmforge.engine.scheduler import Scheduler
+from lmforge.engine.sequence import Sequence
+from lmforge.infer import sampling
+from lmforge.infer.decode import DecodeBatch, SequenceState
+from lmforge.infer.generate import check_prompt, encode_prompt, sequence_state
+from lmforge.infer.sampling import SEED_LIMIT, GenerationInputError
+from lmforge.tokenizer.base import BaseTokenizer
+
+Prompt = str | Seq[int]
+
+
+@dataclass(eq=False)
+class Request:
+    """One request: its prompt and parameters, and its samples (one sequence until the prompt is computed)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        done = len(self.seqs) == self.params.samples and all(s.finished for s in self.seqs)
+        return self.aborted or done
+
+    def output(self) -> RequestOutput:
+        """The outputs so far: every sample in index order; once finished with best_of > n, the n samples of the
+        highest cumulative log-probability."""
+        seqs, finished = sorted(self.seqs, key=lambda s: s.index), self.finished
+        if finished and len(seqs) > self.params.n:
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: self.params.n]
+        outputs = [_completion(i, seq) for i, seq in enumerate(seqs)]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outputs, finished)
+
+
+def _completion(index: int, seq: Sequence) -> CompletionOutput:
+    logprobs = None if seq.logprobs is None else [dict(d) for d in seq.logprobs]
+    return CompletionOutput(index, seq.text, list(seq.output), seq.finish_reason, logprobs, seq.cumulative_logprob)
+
+
+def as_params(params: sampling.SamplingParams | None) -> SamplingParams:
+    """The engine's `SamplingParams` of `params` (None: the defaults; generation's own: n = 1)."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, sampling.SamplingParams):
+        return SamplingParams(**{f.name: getattr(params, f.name) for f in dataclasses.fields(params)})
+    raise GenerationInputError("params", f"expected SamplingParams, got {type(params).__name__}")
+
+
+class Engine:
+    """The step loop over one model and one KV-cache pool (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: BaseTokenizer,
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        context = model.config.max_seq_len
+        max_model_len = context if max_model_len is None else max_model_len
+        sizes = {"max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "block_size": block_size,
+                 "max_num_batched_tokens": max_num_batched_tokens}  # fmt: skip
+        for name, value in sizes.items():
+            check_positive(name, value)
+        check(max_model_len <= context, "max_model_len", max_model_len, f"must be <= the model's context {context}")
+        per_seq = -(-max_model_len // block_size)
+        num_blocks = max_num_seqs * per_seq if num_blocks is None else num_blocks
+        check_positive("num_blocks", num_blocks)
+        check(num_blocks >= per_seq, "num_blocks", num_blocks,
+              f"must hold one sequence of max_model_len {max_model_len} tokens: >= {per_seq} blocks")  # fmt: skip
+        self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.prompt_tokens = self.generated_tokens = 0
+
+    # -- requests -----------------------------------------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt: Prompt, params: sampling.SamplingParams | None) -> Request:
+        """A checked request (nothing is scheduled: a bad input raises `GenerationInputError` here)."""
+        if request_id in self.requests:
+            raise GenerationInputError("request_id", f"{request_id!r} is already running")
+        params = as_params(params)
+        ids = encode_prompt(self.tokenizer, prompt)
+        check_prompt(ids, self.model.config.vocab_size, self.max_model_len, from_text=isinstance(prompt, str))
+        if params.samples > self.max_num_seqs:
+            name = "best_of" if params.best_of else "n"
+            raise GenerationInputError(name, f"asks for {params.samples} samples; max_num_seqs is {self.max_num_seqs}")
+        return Request(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+
+    def add(self, request: Request) -> None:
+        """Queue a request made by `make_request`."""
+        seq = self._sample_of(request, 0, list(request.prompt_ids), next(self._arrivals))
+        seq.forks = request.params.samples - 1
+        self.requests[request.request_id] = request
+        self.prompt_tokens += len(request.prompt_ids)
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: sampling.SamplingParams | None = None) -> None:
+        self.add(self.make_request(request_id, prompt, params))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now (its samples finish with "abort", their blocks are freed); its last output, or None
+        when it is not running."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.aborted = True
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return request.output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = {s.request_id for s in self.scheduler.waiting} - running
+        b = self.blocks
+        return EngineStats(len(running), len(waiting), b.used_blocks, b.free_blocks, b.stats.hit_rate,
+                           self.prompt_tokens, self.generated_tokens)  # fmt: skip
+
+    # -- one step -----------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward; return the outputs of the requests that got tokens (finished ones last seen here)."""
+        batch = self.scheduler.schedule()
+        if not batch.rows:
+            if self.scheduler.has_work():
+                raise RuntimeError("the scheduler scheduled nothing while sequences wait (a bug)")
+            return []
+        started = time.perf_counter()
+        logits = self.runner.run(batch)
+        done = []
+        for seq, n in batch.rows:
+            self.blocks.computed(seq, seq.num_computed + n)
+            if seq.remaining == 0:
+                done.append(seq)
+        rows, which = [], []
+        for i, seq in enumerate(done):
+            family = [seq, *self._fork(seq)]
+            rows += family
+            which += [i] * len(family)
+        if rows:
+            self._sample(rows, logits[which], started)
+        return self._outputs({seq.request_id for seq in rows})
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor, started: float) -> None:
+        """Sample each row's next token (one `DecodeBatch` step) and record it; finished rows leave."""
+        events = DecodeBatch([seq.state for seq in rows], self.tokenizer.vocab_size).step(logits, started)
+        logprobs = logits.log_softmax(-1)  # unknown ids were masked to -inf by the step
+        for seq, event, lp in zip(rows, events, logprobs, strict=True):
+            seq.tokens.append(event.token_id)
+            seq.text += event.text
+            seq.cumulative_logprob += float(lp[event.token_id])
+            if seq.logprobs is not None:
+                top = lp.topk(seq.state.params.logprobs) if seq.state.params.logprobs else None
+                entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                entry[event.token_id] = float(lp[event.token_id])
+                seq.logprobs.append(entry)
+            self.generated_tokens += 1
+            if event.finish_reason is not None:
+                seq.finish_reason = event.finish_reason
+                self.scheduler.finish(seq)
+
+    def _outputs(self, request_ids: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for request_id in sorted(request_ids, key=lambda r: self.requests[r].seqs[0].arrival):
+            request = self.requests[request_id]
+            if request.finished:
+                del self.requests[request_id]
+            elif request.params.samples > request.params.n:
+                continue  # best_of > n: which samples are returned is known only at the end
+            outputs.append(request.output())
+        return outputs
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """The samples forked from `seq` now that its prompt is computed (none when it has no forks pending)."""
+        request = self.requests[seq.request_id]
+        children = [self._sample_of(request, seq.index + k, list(seq.tokens), seq.arrival)
+                    for k in range(1, seq.forks + 1)]  # fmt: skip
+        for child in children:
+            self.scheduler.fork(seq, child)
+        seq.forks = 0
+        return children
+
+    def _sample_of(self, request: Request, index: int, tokens: list[int], arrival: int) -> Sequence:
+        """Sample `index` of `request`: its decode state (seed + index when seeded), budget cut to max_model_len."""
+        params = request.params
+        if params.seed is not None and index:
+            params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
+        ids = request.prompt_ids
+        state: SequenceState = sequence_state(self.model, self.tokenizer, ids, params, index, self.runner.device)
+        state.budget = min(state.budget, self.max_model_len - len(ids))
+        seq = Sequence(tokens, len(ids), arrival, request.request_id, index, state)
+        seq.logprobs = [] if params.logprobs is not None else None
+        request.seqs.append(seq)
+        return seq

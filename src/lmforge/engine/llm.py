@@ -1,0 +1,135 @@
+"""`LLM`: offline generation over the engine, in vLLM's shape.
+
+    llm = LLM("path/to/model")          # or LLM(module, tokenizer)
+    outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=16))
+    outs[0].outputs[0].text
+    llm.chat([{"role": "user", "content": "Hi"}], params)      # the tokenizer's chat template
+
+`generate` checks every prompt before it queues any, queues them all (they batch together: continuous batching
+with chunked prefill), steps the engine until each is finished and returns one `RequestOutput` per prompt, in
+order. A failure mid-way (NaN logits) aborts the prompts still running, so the pool is left free.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.engine.engine import Engine, Prompt, Request
+from lmforge.engine.params import EngineStats, RequestOutput
+from lmforge.infer import sampling
+from lmforge.infer.sampling import GenerationInputError
+from lmforge.io import load as loading
+from lmforge.tokenizer.base import BaseTokenizer
+
+
+class LLM:
+    """Offline generation over the engine: `LLM(model_dir_or_module, tokenizer)`, then `generate` / `chat`."""
+
+    def __init__(
+        self,
+        model: str | Path | nn.Module,
+        tokenizer: BaseTokenizer | None = None,
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(model, str | Path):
+            model, found = loading.load_model(model, dtype)
+            tokenizer = tokenizer or found
+        elif dtype is not None:
+            model = model.to(dtype)
+        if tokenizer is None:
+            raise GenerationInputError("tokenizer", "the model has no tokenizer files: pass tokenizer=")
+        self.engine = Engine(model.eval(), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             block_size=block_size, num_blocks=num_blocks,
+                             max_num_batched_tokens=max_num_batched_tokens,
+                             enable_prefix_caching=enable_prefix_caching)  # fmt: skip
+        self._ids = itertools.count()
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.model
+
+    @property
+    def tokenizer(self) -> BaseTokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: sampling.SamplingParams | Seq[sampling.SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One finished `RequestOutput` per prompt, in order; every prompt is checked before any is scheduled."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and not isinstance(prompts[0], str | Seq))
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            raise GenerationInputError("prompts", "expected a prompt or a non-empty list of prompts")
+        each = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise GenerationInputError("params", f"has {len(each)} SamplingParams for {len(prompts)} prompts")
+        requests = [self._request(p, q, i, single) for i, (p, q) in enumerate(zip(prompts, each, strict=True))]
+        for request in requests:
+            self.engine.add(request)
+        return self._run(requests, use_tqdm)
+
+    def chat(
+        self, messages: list[dict] | list[list[dict]], params: sampling.SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """`generate` over conversations rendered with the tokenizer's chat template (a generation prompt added)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        render = self.tokenizer.apply_chat_template
+        return self.generate([render(c, add_generation_prompt=True, tokenize=False) for c in conversations], params)
+
+    def _request(self, prompt: Prompt, params: sampling.SamplingParams | None, i: int, single: bool) -> Request:
+        try:
+            return self.engine.make_request(f"llm-{next(self._ids)}", prompt, params)
+        except GenerationInputError as error:
+            if single or error.name != "prompt":
+                raise
+            raise GenerationInputError(f"prompts[{i}]", error.rule) from None
+
+    def _run(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request of `requests` is finished; on a failure abort those still running."""
+        pending = {r.request_id for r in requests}
+        final: dict[str, RequestOutput] = {}
+        bar = _progress(len(requests)) if use_tqdm else None
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        final[out.request_id] = out
+                        pending.discard(out.request_id)
+                        if bar is not None:
+                            bar.update()
+        except BaseException:
+            for request_id in pending:
+                self.engine.abort(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [final[r.request_id] for r in requests]
+
+
+def _progress(total: int):
+    from tqdm import tqdm  # lazy: only for use_tqdm
+
+    return tqdm(total=total, desc="generate")

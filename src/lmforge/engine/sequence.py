@@ -1,0 +1,60 @@
+"""One sequence in the engine: its tokens, how many of them have keys in the cache, its blocks, its output.
+
+A sequence's `tokens` are its prompt followed by what it generated. `num_computed` of them have their keys and
+values in the paged cache; the others are still to be fed to the model. That one number covers every phase:
+
+    prefill          num_computed < len(tokens) - 1: a chunk of the uncomputed tokens goes to the next forward
+    decode           num_computed == len(tokens) - 1: the last sampled token goes to the next forward
+    after preemption num_computed == 0 again: the whole prompt and output are recomputed (then decoding resumes)
+
+A forward that computes a sequence up to its last token gives the logits of its next token, which is sampled and
+appended. Stop rules, text and the sampling generator are `infer.decode.SequenceState`'s (the one decode loop's
+per-sequence state), so the engine stops and detokenizes exactly as `generate` does.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from lmforge.infer.decode import SequenceState
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # no blocks: not admitted yet, or preempted
+    RUNNING = "running"  # holds blocks for all its tokens
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence (one of a request's `n` / `best_of` samples)."""
+
+    tokens: list[int]  # the prompt, then the generated tokens
+    prompt_len: int
+    arrival: int = 0  # the order it arrived in (forked samples share their parent's): lower runs first
+    request_id: str = ""
+    index: int = 0  # which sample of its request
+    state: SequenceState | None = None  # stop rules, text decoder, generator (None in bookkeeping-only tests)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full computed blocks
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    forks: int = 0  # samples to fork from it once its prompt is computed (n > 1)
+    text: str = ""  # the text released so far
+    logprobs: list[dict[int, float]] | None = None  # per generated token, when asked for
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Tokens not yet fed to the model."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
