@@ -7,6 +7,7 @@
     tokenizer.py  `lmforge tokenizer train/encode/inspect` (tokenizer/, data/shards.py)
     train.py      `lmforge train` (train/run.py)
     speedrun.py   `lmforge speedrun` (train/speedrun.py)
+    serve.py      `lmforge serve` (engine/server.py: the OpenAI-compatible HTTP server)
 
 Every command is wrapped in `errors.reports_errors`: a user's mistake (a bad flag value, a missing path, a broken
 model or tokenizer file) prints one `error:` line naming the flag or the file, and exits 1. No library module
@@ -26,6 +27,7 @@ from lmforge.cli.errors import fail, reports_errors
 from lmforge.cli.export import export_command
 from lmforge.cli.generate import chat_command, generate_command
 from lmforge.cli.model import info_command, init_command
+from lmforge.cli.serve import serve_command
 from lmforge.cli.speedrun import speedrun_command
 from lmforge.cli.tokenizer import app as tokenizer_app
 from lmforge.cli.train import train_command
@@ -40,7 +42,7 @@ console = Console()
 app.add_typer(tokenizer_app, name="tokenizer")
 for name, command in (("generate", generate_command), ("chat", chat_command), ("export", export_command),
                       ("train", train_command), ("speedrun", speedrun_command), ("info", info_command),
-                      ("init", init_command)):  # fmt: skip
+                      ("init", init_command), ("serve", serve_command)):  # fmt: skip
     app.command(name)(reports_errors(command))
 
 

@@ -45,7 +45,7 @@ Compile = Annotated[
 ]
 
 
-def _load(path: Path, dtype: str) -> tuple[Any, Any]:
+def load_model_for_cli(path: Path, dtype: str) -> tuple[Any, Any]:
     """The model (in `dtype`, one of DTYPES) and its tokenizer; a model without a tokenizer is refused."""
     import torch
 
@@ -126,7 +126,7 @@ def generate_command(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
     )  # fmt: skip
-    m, tok = _load(model, dtype)
+    m, tok = load_model_for_cli(model, dtype)
     _, stats = _stream(m, tok, prompt, params, compile)
     sys.stdout.write("\n")
     _report(stats)
@@ -146,7 +146,7 @@ def chat_command(
     from lmforge.infer.sampling import GenerationInputError
 
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tok = _load(model, dtype)
+    m, tok = load_model_for_cli(model, dtype)
     if not getattr(tok, "chat_template", None):
         raise fail(f"{model}: the tokenizer has no chat template")
     start = [{"role": "system", "content": system}] if system else []
