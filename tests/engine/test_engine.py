@@ -282,6 +282,20 @@ def test_a_pool_that_cannot_hold_one_sequence_is_refused(model, tok):
         LLM(model, tok, max_model_len=97)
 
 
+def test_the_default_pool_holds_max_num_seqs_sequences_within_the_memory_budget(model, tok):
+    """By default the pool holds max_num_seqs full sequences, capped by kv_cache_gib (never below one sequence)."""
+    from lmforge.infer.cache_memory import model_bytes_per_token
+
+    per_seq = -(-model.config.max_seq_len // 16)  # blocks of one max_model_len sequence
+    block_bytes = 16 * model_bytes_per_token(model.config, 4)
+    assert LLM(model, tok, max_num_seqs=4).engine.blocks.num_blocks == 4 * per_seq  # the budget is not reached
+    budget = 2.5 * per_seq * block_bytes / 2**30  # two and a half sequences' worth
+    assert LLM(model, tok, max_num_seqs=4, kv_cache_gib=budget).engine.blocks.num_blocks == int(2.5 * per_seq)
+    assert LLM(model, tok, max_num_seqs=4, kv_cache_gib=1e-9).engine.blocks.num_blocks == per_seq
+    with pytest.raises(ConfigError, match="kv_cache_gib"):
+        LLM(model, tok, kv_cache_gib=0)
+
+
 def test_stats_count_requests_and_blocks_while_running_and_abort_frees_waiting_ones(model, tok, prompts):
     llm = LLM(model, tok, max_num_seqs=2, block_size=4)
     engine = llm.engine

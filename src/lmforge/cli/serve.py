@@ -38,6 +38,9 @@ def serve_command(
     served_model_name: Annotated[
         str | None, typer.Option(help="The model's name in the API (default: the model's file or directory name).")
     ] = None,
+    kv_cache_gib: Annotated[
+        float, typer.Option(min=1e-3, help="Memory for the KV-cache pool in GiB (at most max-num-seqs full contexts).")
+    ] = 2.0,
     dtype: DType = "float32",
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
@@ -49,7 +52,7 @@ def serve_command(
 
     name = served_model_name or (model.stem if model.suffix == ".gguf" else model.name)
     module, tokenizer = load_model_for_cli(model, dtype)
-    llm = LLM(module, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    llm = LLM(module, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib)
     engine = AsyncLLM(llm)
     app = create_app(engine, name, tokenizer=llm.tokenizer, max_model_len=llm.max_model_len, api_key=api_key,
                      max_n=max_num_seqs)  # fmt: skip

@@ -18,7 +18,9 @@ One step (`Engine.step`):
 A request is checked when it arrives (prompt ids in the vocabulary, the prompt shorter than `max_model_len`, the
 sampling parameters, `n` within `max_num_seqs`), before anything is scheduled; each sample's budget is
 max_tokens cut to the room the prompt leaves in `max_model_len`. The pool must hold one sequence of
-`max_model_len` tokens, so the scheduler can always make progress by preemption.
+`max_model_len` tokens, so the scheduler can always make progress by preemption. By default it holds
+`max_num_seqs` full sequences, but no more than `kv_cache_gib` GiB of keys and values (as vLLM sizes its pool from
+the memory it may use): SmolLM2-135M at 8192 tokens would otherwise ask 32 x 360 MiB in float32.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmforge.configfile import check, check_positive
+from lmforge.configfile import check, check_finite, check_positive
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.params import CompletionOutput, EngineStats, RequestOutput, SamplingParams
 from lmforge.engine.runner import ModelRunner
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import Sequence
 from lmforge.infer import sampling
+from lmforge.infer.cache_memory import model_bytes_per_token
 from lmforge.infer.decode import DecodeBatch, SequenceState
 from lmforge.infer.generate import check_prompt, encode_prompt, sequence_state
 from lmforge.infer.sampling import SEED_LIMIT, GenerationInputError
@@ -46,6 +49,8 @@ from lmforge.tokenizer.base import BaseTokenizer
 
 Prompt = str | Seq[int]
 
+
+KV_CACHE_GIB = 2.0  # the default memory budget of the KV-cache pool (GiB)
 
 @dataclass(eq=False)
 class Request:
@@ -103,6 +108,7 @@ class Engine:
         num_blocks: int | None = None,
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
+        kv_cache_gib: float = KV_CACHE_GIB,
     ) -> None:
         context = model.config.max_seq_len
         max_model_len = context if max_model_len is None else max_model_len
@@ -112,7 +118,10 @@ class Engine:
             check_positive(name, value)
         check(max_model_len <= context, "max_model_len", max_model_len, f"must be <= the model's context {context}")
         per_seq = -(-max_model_len // block_size)
-        num_blocks = max_num_seqs * per_seq if num_blocks is None else num_blocks
+        if num_blocks is None:  # room for max_num_seqs full sequences, within the memory budget
+            check_finite("kv_cache_gib", kv_cache_gib, above=0)
+            block_bytes = block_size * model_bytes_per_token(model.config, next(model.parameters()).element_size())
+            num_blocks = max(per_seq, min(max_num_seqs * per_seq, int(kv_cache_gib * 2**30 // block_bytes)))
         check_positive("num_blocks", num_blocks)
         check(num_blocks >= per_seq, "num_blocks", num_blocks,
               f"must hold one sequence of max_model_len {max_model_len} tokens: >= {per_seq} blocks")  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.engine.engine import Engine, Prompt, Request
+from lmforge.engine.engine import KV_CACHE_GIB, Engine, Prompt, Request
 from lmforge.engine.params import EngineStats, RequestOutput
 from lmforge.infer import sampling
 from lmforge.infer.sampling import GenerationInputError
@@ -42,6 +42,7 @@ class LLM:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         dtype: torch.dtype | None = None,
+        kv_cache_gib: float = KV_CACHE_GIB,
     ) -> None:
         if isinstance(model, str | Path):
             model, found = loading.load_model(model, dtype)
@@ -53,7 +54,7 @@ class LLM:
         self.engine = Engine(model.eval(), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              block_size=block_size, num_blocks=num_blocks,
                              max_num_batched_tokens=max_num_batched_tokens,
-                             enable_prefix_caching=enable_prefix_caching)  # fmt: skip
+                             enable_prefix_caching=enable_prefix_caching, kv_cache_gib=kv_cache_gib)  # fmt: skip
         self._ids = itertools.count()
 
     @property
