@@ -2,9 +2,11 @@
 
 Requests (the fields of the OpenAI reference, plus vLLM's sampling extensions `top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `stop_token_ids`) are pydantic models in strict mode, so a string where a
-number belongs, or `true` where an integer belongs, is a 400, not a silent conversion. Unknown fields are ignored
-(clients send `user` and the like), except the few whose meaning lmforge would silently drop (`UNSUPPORTED`), which
-are refused. Ranges are checked by the engine's `SamplingParams` (one rule per field, named in the error).
+number belongs, or `true` where an integer belongs, is a 400, not a silent conversion; an integral number written
+as a float (`1.0`) is an integer, as JSON Schema (and so the published OpenAPI schema) counts it. Unknown fields
+are ignored (clients send `user` and the like), except the few whose meaning lmforge would silently drop
+(`UNSUPPORTED`), which are refused. Ranges are checked by the engine's `SamplingParams` (one rule per field, named
+in the error).
 
 Responses are plain dicts in the shape the `openai` client parses:
 
@@ -27,11 +29,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from lmforge.engine.params import MAX_LOGPROBS
 
 UNSUPPORTED = ("echo", "suffix", "logit_bias", "tools", "functions", "tool_choice", "response_format")
+
+
+def _integral(value: Any) -> Any:
+    """An integral float (`2.0`) as the int it equals; anything else as it came (strict mode then judges it)."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # a JSON integer: 2 or 2.0, not true, "2" or 2.5
 
 
 class OpenAIError(Exception):
@@ -57,18 +67,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: Int = 0
     min_p: float = 0.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    n: int = 1
-    seed: int | None = None
+    n: Int = 1
+    seed: Int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -121,9 +131,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    max_completion_tokens: Int | None = None  # the newer name of max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
 
     def engine_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
@@ -137,9 +147,9 @@ Prompt = str | list[int]
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    best_of: int | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    logprobs: Int | None = None
+    best_of: Int | None = None
 
     def prompts(self) -> list[Prompt]:
         """The prompts, each a text or a list of token ids (a list of ints is one prompt)."""
@@ -158,6 +168,139 @@ class CompletionRequest(_Request):
 
 
 # -- responses -------------------------------------------------------------------------------------------------
+
+
+class _Reply(BaseModel):
+    """A response body as the OpenAPI schema documents it (the routes build plain dicts of this shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Reply):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Reply):
+    """Every 4xx and 5xx: {"error": {message, type, param, code}}."""
+
+    error: ErrorDetail
+
+
+class Usage(_Reply):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Reply):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Reply):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(_Reply):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(_Reply):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Reply):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str
+
+
+class ChatDelta(_Reply):
+    role: Literal["assistant"] = "assistant"  # in the first chunk of each choice only
+    content: str
+
+
+class ChatChunkChoice(_Reply):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionChoice(_Reply):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str
+
+
+class CompletionChunkChoice(CompletionChoice):
+    finish_reason: str | None
+
+
+class _Envelope(_Reply):
+    id: str
+    created: int
+    model: str
+
+
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatCompletionChunk(_Envelope):
+    """One SSE event of a streamed chat answer; with stream_options.include_usage, `usage` is null in each chunk
+    and set in a last chunk with no choices."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class Completion(_Envelope):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Envelope):
+    """One SSE event of a streamed completion (`usage` as in ChatCompletionChunk)."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Reply):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Reply):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Reply):
+    status: Literal["ok"]
 
 
 def new_id(prefix: str) -> str:

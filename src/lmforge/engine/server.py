@@ -23,6 +23,12 @@ code}}: malformed JSON and wrong types (pydantic, strict), an unknown model, out
 ``Authorization: Bearer <key>`` (401 otherwise; compared in constant time). An unexpected error is a 500 with the
 same body and no traceback (the traceback goes to the server's log).
 
+The OpenAPI schema (/openapi.json, /docs) documents what the server answers, so a client generator or a fuzzer
+(tests/engine/test_server_schema.py runs schemathesis on it) can hold it to it: each request model, `model` as the
+one served model, the JSON answer and, for "stream": true, the SSE events (the chunk model as JSON, then
+[DONE]), the 400 and (with a key) 401 error body, the bearer security scheme on /v1; no FastAPI 422 (never sent).
+A wrong method is a 405 with its Allow header, in the same error body.
+
 Metrics (per app, in its own registry): gauges read from `engine.stats()` at each scrape (running and waiting
 requests, KV blocks used and free, prefix-cache hit rate), counters of prompt and generated tokens (their
 `rate()` is tokens/s), finished requests by finish reason, and histograms of time to first token, of the time
@@ -40,15 +46,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from lmforge.engine import openai_protocol as api
@@ -59,6 +68,7 @@ from lmforge.utils.errors import LmforgeError
 log = logging.getLogger("lmforge.server")
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the room left in the context
+BEARER = HTTPBearer(auto_error=False)  # a missing or non-bearer Authorization header is None: the 401 is ours
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -199,7 +209,8 @@ def create_app(
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.metrics = metrics = Metrics(engine)
     _install_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(api_key))])
+    _complete_schema(app, model_name)
+    v1 = APIRouter(prefix="/v1", **({} if api_key is None else _guarded(api_key)))
 
     def checked_params(body: api._Request, max_tokens: int) -> Any:
         """The engine's SamplingParams for `body`, or the 400 its model, `n`, `best_of` or a value gets."""
@@ -215,7 +226,7 @@ def create_app(
         except GenerationInputError as e:
             raise _refused(e) from None
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=_generation_responses(api.ChatCompletion, api.ChatCompletionChunk))
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Any:
         messages = [m.for_template() for m in body.messages]
         try:
@@ -231,14 +242,14 @@ def create_app(
         chat = api.ChatFormat(tokenizer, model_name, body.engine_logprobs())
         return await _respond(generation, chat, body, request)
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=_generation_responses(api.Completion, api.CompletionChunk))
     async def completions(body: api.CompletionRequest, request: Request) -> Any:
         params = checked_params(body, _first_given(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS))
         generation = await _started(engine, body.prompts(), params, metrics)
         form = api.CompletionFormat(tokenizer, model_name, body.engine_logprobs())
         return await _respond(generation, form, body, request)
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=api.ModelList)
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
                 "max_model_len": max_model_len}  # fmt: skip
@@ -246,11 +257,11 @@ def create_app(
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.get("/health", response_model=api.Health)
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -267,16 +278,68 @@ def _first_given(*values: int | None) -> int:
     return next(v for v in values if v is not None)
 
 
-def _bearer_check(api_key: str | None) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+def _bearer_check(api_key: str) -> Callable[[HTTPAuthorizationCredentials | None], None]:
+    """The /v1 dependency: `Authorization: Bearer <api_key>` (compared in constant time), else a 401. FastAPI's
+    `HTTPBearer` declares the scheme in the OpenAPI schema, so clients and fuzzers know the routes need it."""
+
+    def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_key.encode()):
             raise api.OpenAIError("a valid API key is needed: Authorization: Bearer <key>", code="invalid_api_key",
                                   status=401)  # fmt: skip
 
     return check
+
+
+def _guarded(api_key: str) -> dict[str, Any]:
+    """The /v1 router's options with `api_key`: the bearer check, and its 401 documented."""
+    return {"dependencies": [Depends(_bearer_check(api_key))],
+            "responses": {401: _error_response("No valid API key: Authorization: Bearer <key> is needed")}}  # fmt: skip
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"model": api.ErrorResponse, "description": description}
+
+
+def _generation_responses(answer: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses of a generation route: the answer as JSON, or with "stream": true server-sent events
+    whose data is a `chunk` as JSON (an ErrorResponse if the server fails mid-stream), the last one [DONE]; a 400
+    for a refused request."""
+    refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in (chunk, api.ErrorResponse)]
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": refs},
+                 "description": f"a {chunk.__name__} (or an ErrorResponse) as JSON"}  # fmt: skip
+    data = {"anyOf": [json_data, {"const": "[DONE]", "description": "the end of the stream"}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {
+        200: {"model": answer, "description": f"The {answer.__name__}, or with stream=true an SSE stream of "
+              f"{chunk.__name__} events.", "content": {"text/event-stream": {"schema": event}}},
+        400: _error_response("A refused request: malformed JSON, a wrong type, an unknown model, a value out of "
+                             "range, a prompt longer than the context."),
+    }  # fmt: skip
+
+
+def _complete_schema(app: FastAPI, model_name: str) -> None:
+    """Complete FastAPI's OpenAPI schema: `model` is the one served model (any other is a 400), the chunks (which
+    only SSE events reference) join the components, and the 422 FastAPI documents for every route with a body goes:
+    this server answers validation errors 400."""
+    build, chunks = app.openapi, [api.ChatCompletionChunk, api.CompletionChunk]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema["components"]["schemas"]
+            _, defs = models_json_schema([(c, "serialization") for c in chunks],
+                                         ref_template="#/components/schemas/{model}")  # fmt: skip
+            components.update(defs["$defs"])
+            for request in (api.ChatCompletionRequest, api.CompletionRequest):
+                components[request.__name__]["properties"]["model"]["enum"] = [model_name]
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -293,12 +356,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
             return JSONResponse(api.OpenAIError(message, code="json_invalid").body(), status_code=400)
         param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        message = f"{param or 'the body'}: {first.get('msg')}"
         return JSONResponse(api.OpenAIError(message, param=param, code=first.get("type")).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http(_: Request, e: HTTPException) -> JSONResponse:
-        return JSONResponse(api.OpenAIError(str(e.detail), status=e.status_code).body(), status_code=e.status_code)
+    async def http(_: Request, e: HTTPException) -> JSONResponse:  # 404, 405 (with its Allow header), ...
+        body = api.OpenAIError(str(e.detail), status=e.status_code).body()
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, e: Exception) -> JSONResponse:
