@@ -43,7 +43,36 @@ class _Pending:
     next_pos: torch.Tensor  # (B,) each row's next position once committed
 
 
-class RowCache(Cache):
+class Rows(Cache):
+    """A cache of rows that join (`add_rows`) and leave (`remove_rows`) between forwards; a fresh one takes the batch
+    of its first forward."""
+
+    @property
+    @abstractmethod
+    def batch(self) -> int:
+        """The rows held."""
+
+    @abstractmethod
+    def add_rows(self, n: int = 1, device: torch.device | str | None = None) -> list[int]:
+        """Add `n` empty rows at the end; return their indices."""
+
+    @abstractmethod
+    def remove_rows(self, rows: Sequence[int]) -> None:
+        """Drop `rows`; the others keep their order."""
+
+    def reset(self) -> None:
+        """Forget every row (the next forward's batch becomes the cache's)."""
+        if self.batch:
+            self.remove_rows(range(self.batch))
+
+    def _match_batch(self, batch: int, device: torch.device) -> None:
+        if self.batch == 0:
+            self.add_rows(batch, device)
+        elif batch != self.batch:
+            raise ValueError(f"the cache holds {self.batch} rows; this forward has {batch}: add_rows or remove_rows")
+
+
+class RowCache(Rows):
     """Per-row lengths and positions; where a row's slot lives (`_write`, `_read`, `_grow`) is the subclass's."""
 
     def __init__(self) -> None:
@@ -113,17 +142,6 @@ class RowCache(Cache):
     def commit(self) -> None:
         self.lengths, self.next_pos = self._pending.lengths, self._pending.next_pos
         self._pending = None
-
-    def reset(self) -> None:
-        """Forget every row (the next forward's batch becomes the cache's)."""
-        if self.batch:
-            self.remove_rows(range(self.batch))
-
-    def _match_batch(self, batch: int, device: torch.device) -> None:
-        if self.batch == 0:
-            self.add_rows(batch, device)
-        elif batch != self.batch:
-            raise ValueError(f"the cache holds {self.batch} rows; this forward has {batch}: add_rows or remove_rows")
 
     @abstractmethod
     def capacity(self, row: int) -> int:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.infer.kv_cache import KVCache
+from lmforge.infer.kv_cache import KVCache, Rows
 from lmforge.model.attention import build_mask
-from lmforge.model.cache import AttendFn, Cache, KeyLayout
+from lmforge.model.cache import AttendFn, KeyLayout
 
 __all__ = ["RingKVCache"]
 
@@ -53,7 +53,7 @@ class _Pending:
     new: dict[int, tuple[torch.Tensor, ...]]  # per sliding layer: its new tensors, written at commit
 
 
-class RingKVCache(Cache):
+class RingKVCache(Rows):
     """Sliding layers in a ring of `cfg.sliding_window` slots per row; full layers in a `KVCache(max_len)`."""
 
     def __init__(self, cfg: ModelConfig, max_len: int | None = None) -> None:
@@ -111,17 +111,6 @@ class RingKVCache(Cache):
         if self.full is not None:
             self.full.remove_rows(rows)
         self.lengths = [self.lengths[r] for r in keep]
-
-    def reset(self) -> None:
-        """Forget every row (the next forward's batch becomes the cache's)."""
-        if self.batch:
-            self.remove_rows(range(self.batch))
-
-    def _match_batch(self, batch: int, device: torch.device) -> None:
-        if self.batch == 0:
-            self.add_rows(batch, device)
-        elif batch != self.batch:
-            raise ValueError(f"the cache holds {self.batch} rows; this forward has {batch}: add_rows or remove_rows")
 
     # the protocol ----------------------------------------------------------
     def next_positions(self, batch: int, device: torch.device) -> torch.Tensor:
