@@ -15,11 +15,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from lmforge.engine.engine import KV_CACHE_GIB, Engine, Prompt, Request
+from lmforge.engine.engine import Engine, Prompt, Request
 from lmforge.engine.params import EngineStats, RequestOutput
 from lmforge.infer import sampling
 from lmforge.infer.sampling import GenerationInputError
@@ -28,21 +29,18 @@ from lmforge.tokenizer.base import BaseTokenizer
 
 
 class LLM:
-    """Offline generation over the engine: `LLM(model_dir_or_module, tokenizer)`, then `generate` / `chat`."""
+    """Offline generation over the engine: `LLM(model_dir_or_module, tokenizer)`, then `generate` / `chat`.
+
+    `engine_options` are `Engine`'s (max_num_seqs, max_model_len, block_size, num_blocks, max_num_batched_tokens,
+    enable_prefix_caching, kv_cache_gib), passed on unchanged; `dtype` casts the model's weights."""
 
     def __init__(
         self,
         model: str | Path | nn.Module,
         tokenizer: BaseTokenizer | None = None,
         *,
-        max_num_seqs: int = 32,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        max_num_batched_tokens: int = 512,
-        enable_prefix_caching: bool = True,
         dtype: torch.dtype | None = None,
-        kv_cache_gib: float = KV_CACHE_GIB,
+        **engine_options: Any,
     ) -> None:
         if isinstance(model, str | Path):
             model, found = loading.load_model(model, dtype)
@@ -51,10 +49,7 @@ class LLM:
             model = model.to(dtype)
         if tokenizer is None:
             raise GenerationInputError("tokenizer", "the model has no tokenizer files: pass tokenizer=")
-        self.engine = Engine(model.eval(), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             block_size=block_size, num_blocks=num_blocks,
-                             max_num_batched_tokens=max_num_batched_tokens,
-                             enable_prefix_caching=enable_prefix_caching, kv_cache_gib=kv_cache_gib)  # fmt: skip
+        self.engine = Engine(model.eval(), tokenizer, **engine_options)
         self._ids = itertools.count()
 
     @property
