@@ -5,11 +5,15 @@ Row b of the (B, T) batch is the b-th scheduled sequence's chunk: its tokens num
 num_computed + j. The cache is a `BlockTableCache` over one pool: before the forward its rows are bound to the
 sequences' block tables and computed lengths, so the model writes each real new token's keys at its slot and
 attends over the row's blocks (masks built from positions: a padded query sees nothing it should not, and padding
-is never stored). Copy-on-write copies are made first. Only rows whose chunk reaches their last token need logits
-(the head runs on those positions alone); a prefill chunk that stops short just fills the cache.
+is never stored). Copy-on-write copies are made first. Only the positions whose logits the caller asks for go
+through the head: by default the last position of each row whose chunk reaches its last token (a prefill chunk
+that stops short just fills the cache); speculative decoding asks for the last K + 1 positions of a row fed its
+K drafts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -28,9 +32,12 @@ class ModelRunner:
         self.tokens_computed = 0  # tokens fed to the model since the start (prefix caching skips some)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """(R, V) fp32 next-token logits of the rows whose chunk ends at their last token, in batch order."""
+    def run(self, batch: ScheduledBatch, logits_per_row: Sequence[int] | None = None) -> torch.Tensor:
+        """(R, V) fp32 logits of the last `logits_per_row[b]` positions of each row b's chunk, rows in batch order
+        and positions in order within a row; by default 1 for a row whose chunk ends at its last token, else 0."""
         rows = batch.rows
+        if logits_per_row is None:
+            logits_per_row = [int(seq.num_computed + n == len(seq.tokens)) for seq, n in rows]
         width = max(n for _, n in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         positions = torch.zeros(len(rows), width, dtype=torch.long)
@@ -45,6 +52,6 @@ class ModelRunner:
         ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
         h = self.model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=self.cache)
         self.tokens_computed += batch.tokens
-        last = [b for b, (seq, n) in enumerate(rows) if seq.num_computed + n == len(seq.tokens)]
-        cols = [rows[b][1] - 1 for b in last]
-        return self.model.logits(h[last, cols]).float()
+        which = [b for b, k in enumerate(logits_per_row) for _ in range(k)]
+        cols = [j for (_, n), k in zip(rows, logits_per_row, strict=True) for j in range(n - k, n)]
+        return self.model.logits(h[which, cols]).float()
