@@ -5,7 +5,9 @@ It has AsyncLLM's interface (generate, abort, stats, shutdown) and its data (the
 
     sample j of a prompt emits the prompt's ordinary (byte) tokens cyclically, starting at the j-th of them
 
-one token per step, after `delay` seconds, each yield carrying the cumulative text and ids. It honours max_tokens
+A prompt is checked as the real engine checks it (`infer.generate.check_prompt`: not empty, shorter than
+max_model_len, ids in the vocabulary), and must hold an ordinary token. It emits one token per step, after `delay`
+seconds, each yield carrying the cumulative text and ids. It honours max_tokens
 (cut to the context), stop strings (the text ends before the first one, finish "stop") and stop_token_ids, and
 reports logprobs: the sampled token -ln 2, then the next ids (t+1, t+2, ... mod 256) at -ln 2 - 1, -ln 2 - 2, ...
 
@@ -20,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from lmforge.engine.params import CompletionOutput, EngineStats, RequestOutput, SamplingParams
+from lmforge.infer.generate import check_prompt
 from lmforge.infer.sampling import GenerationInputError
 from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.pretokenize import GPT2_PATTERN
@@ -68,10 +71,9 @@ class FakeEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str):
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        check_prompt(ids, self.tokenizer.vocab_size, self.max_model_len, from_text=isinstance(prompt, str))
         if not any(t < 256 for t in ids):
             raise GenerationInputError("prompt", "must hold at least one ordinary token")
-        if len(ids) >= self.max_model_len:
-            raise GenerationInputError("prompt", f"{len(ids)} tokens do not fit max_model_len={self.max_model_len}")
         assert request_id not in self.requests, f"request id {request_id} used twice"
         request = FakeRequest(ids, params)
         request.outputs = [CompletionOutput(j, "", [], None, [] if params.logprobs is not None else None)

@@ -26,7 +26,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
-from test_server import MODEL, over, serving
+from serving import MODEL, over, serving
 
 DELAY = 0.04  # seconds per generated token: a 12-token answer streams for about half a second
 STATS = re.compile(r"first token (\d+\.\d\d) s · (\d+) tokens · (\d+\.\d) tok/s")

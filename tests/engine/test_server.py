@@ -16,52 +16,28 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fake_engine import LN2, FakeEngine, byte_tokenizer, script
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from serving import MODEL, over, serving
 
 import lmforge
 from lmforge.config import ModelConfig
 from lmforge.engine import LLM, AsyncLLM
+from lmforge.engine import openai_protocol as api
 from lmforge.engine.server import create_app
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams as GenerationParams
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import train_bpe
 
-MODEL = "tiny"
 MAX_LEN = 128
-
-
-@contextmanager
-def serving(app, **config) -> Iterator[str]:
-    """`app` served by uvicorn (`config`: more uvicorn.Config options) on a free port in a thread; yields its base
-    URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def over(engine: FakeEngine, **options):
-    """The app over a fake engine."""
-    return create_app(engine, MODEL, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len, **options)
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +151,19 @@ def test_completion_logprobs(client):
     assert lp.tokens == ["h", "e", "l"] and lp.text_offset == [0, 1, 2]
     assert lp.token_logprobs == pytest.approx([-LN2] * 3)
     assert lp.top_logprobs == [{"h": -LN2}, {"e": -LN2}, {"l": -LN2}]
+
+
+def test_infinite_logprobs_are_sent_as_the_floor():
+    """-inf (a masked id) and NaN are not JSON: both formats send LOGPROB_FLOOR, ranked as the lowest."""
+    tokenizer, inf = byte_tokenizer(), float("inf")
+    entries = [{104: -inf, 105: -1.0, 106: float("nan")}]
+    chat = api.chat_logprobs(tokenizer, [104], entries, 3)["content"][0]
+    assert chat["logprob"] == api.LOGPROB_FLOOR
+    assert [(t["token"], t["logprob"]) for t in chat["top_logprobs"]] == [
+        ("i", -1.0), ("h", api.LOGPROB_FLOOR), ("j", api.LOGPROB_FLOOR)]  # fmt: skip
+    legacy = api.completion_logprobs(tokenizer, [104], entries, 1, offset=0)
+    assert legacy["token_logprobs"] == [api.LOGPROB_FLOOR] and legacy["top_logprobs"] == [{"i": -1.0}]
+    json.dumps([chat, legacy], allow_nan=False)  # strict JSON
 
 
 # -- streaming -------------------------------------------------------------------------------------------------

@@ -33,23 +33,12 @@ from schemathesis.specs.openapi.checks import (
 
 from lmforge.engine import openai_protocol as api
 from lmforge.engine.server import create_app
-from lmforge.infer.generate import check_prompt
 
 MODEL, MAX_LEN, KEY = "tiny", 64, "sesame"
 CHUNKS = {"/v1/chat/completions": api.ChatCompletionChunk, "/v1/completions": api.CompletionChunk}
 
 
-class CheckingEngine(FakeEngine):
-    """The fake engine, refusing token ids outside the vocabulary as the real engine does (`check_prompt`)."""
-
-    async def generate(self, prompt, params, request_id):
-        if not isinstance(prompt, str):
-            check_prompt(list(prompt), self.tokenizer.vocab_size, self.max_model_len, from_text=False)
-        async for output in super().generate(prompt, params, request_id):
-            yield output
-
-
-engine = CheckingEngine(byte_tokenizer(), max_model_len=MAX_LEN, delay=0.001)
+engine = FakeEngine(byte_tokenizer(), max_model_len=MAX_LEN, delay=0.001)
 app = create_app(engine, MODEL, tokenizer=engine.tokenizer, max_model_len=MAX_LEN, api_key=KEY, max_n=4)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 schema.config.generation.update(modes=["positive", "negative"], max_examples=25, deterministic=True)

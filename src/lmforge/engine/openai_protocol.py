@@ -17,7 +17,8 @@ Responses are plain dicts in the shape the `openai` client parses:
 A streamed answer is a series of chunks, each carrying what is new since the last one (the engine's outputs are
 cumulative: `Delta` keeps what was sent). Logprobs: the engine gives, per generated token, a dict token id ->
 logprob holding the sampled token and the top `k`; chat reports them as `{token, logprob, bytes, top_logprobs}`
-entries, completions as the legacy `{tokens, token_logprobs, top_logprobs, text_offset}` columns.
+entries, completions as the legacy `{tokens, token_logprobs, top_logprobs, text_offset}` columns. JSON has no
+infinity, so a logprob below `LOGPROB_FLOOR` (-inf: an id the sampler masked) is sent as the floor, as vLLM does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from lmforge.engine.params import MAX_LOGPROBS
 
+LOGPROB_FLOOR = -9999.0  # what a logprob of -inf (or NaN) is sent as: JSON cannot spell either
 UNSUPPORTED = ("echo", "suffix", "logit_bias", "tools", "functions", "tool_choice", "response_format")
 
 
@@ -322,13 +324,19 @@ def _token_text(tokenizer: Any, id: int) -> tuple[str, list[int]]:
     return raw.decode("utf-8", "replace"), list(raw)
 
 
+def _json_logprob(logprob: float) -> float:
+    """`logprob` as JSON can carry it: -inf and NaN become `LOGPROB_FLOOR`."""
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-    return sorted(entry.items(), key=lambda item: -item[1])[:k]
+    ranked = sorted(entry.items(), key=lambda item: -_json_logprob(item[1]))[:k]
+    return [(id, _json_logprob(lp)) for id, lp in ranked]
 
 
 def _chat_entry(tokenizer: Any, id: int, logprob: float) -> dict:
     text, raw = _token_text(tokenizer, id)
-    return {"token": text, "logprob": logprob, "bytes": raw}
+    return {"token": text, "logprob": _json_logprob(logprob), "bytes": raw}
 
 
 def chat_logprobs(tokenizer: Any, ids: Sequence[int], entries: Sequence[dict[int, float]], k: int) -> dict:
@@ -348,7 +356,7 @@ def completion_logprobs(
     starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
     return {
         "tokens": tokens,
-        "token_logprobs": [entry[id] for id, entry in zip(ids, entries, strict=True)],
+        "token_logprobs": [_json_logprob(entry[id]) for id, entry in zip(ids, entries, strict=True)],
         "top_logprobs": [{_token_text(tokenizer, t)[0]: lp for t, lp in _top(entry, k)} for entry in entries],
         "text_offset": starts,
     }
