@@ -4,10 +4,12 @@
     outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=16))
     outs[0].outputs[0].text
     llm.chat([{"role": "user", "content": "Hi"}], params)      # the tokenizer's chat template
+    llm.beam_search(["Hello"], BeamSearchParams(beam_width=4, max_tokens=16))[0].outputs[0].text
 
 `generate` checks every prompt before it queues any, queues them all (they batch together: continuous batching
 with chunked prefill), steps the engine until each is finished and returns one `RequestOutput` per prompt, in
-order. A failure mid-way (NaN logits) aborts the prompts still running, so the pool is left free.
+order. A failure mid-way (NaN logits) aborts the prompts still running, so the pool is left free. `beam_search`
+runs transformers' beam search over the same pool (`engine/beam_search.py`: the beams fork copy-on-write).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.engine.beam_search import BeamSearchParams, run_beam_search
 from lmforge.engine.engine import Engine, Prompt, Request
 from lmforge.engine.params import EngineStats, RequestOutput
 from lmforge.infer import sampling
@@ -74,10 +77,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """One finished `RequestOutput` per prompt, in order; every prompt is checked before any is scheduled."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and not isinstance(prompts[0], str | Seq))
-        prompts = [prompts] if single else list(prompts)
-        if not prompts:
-            raise GenerationInputError("prompts", "expected a prompt or a non-empty list of prompts")
+        prompts, single = _prompt_list(prompts)
         each = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
         if len(each) != len(prompts):
             raise GenerationInputError("params", f"has {len(each)} SamplingParams for {len(prompts)} prompts")
@@ -85,6 +85,24 @@ class LLM:
         for request in requests:
             self.engine.add(request)
         return self._run(requests, use_tqdm)
+
+    def beam_search(
+        self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[RequestOutput]:
+        """Beam search (vLLM's `LLM.beam_search`; transformers' `generate(num_beams=...)` results): one finished
+        `RequestOutput` per prompt, in order, whose `outputs` are its hypotheses best first
+        (`beam_search.BeamCompletionOutput`: text, token_ids, finish_reason, cumulative_logprob, score). Every
+        prompt is checked first; all run batched through the engine's pool, which must be idle."""
+        if not isinstance(params, BeamSearchParams):
+            raise GenerationInputError("params", f"expected BeamSearchParams, got {type(params).__name__}")
+        prompts, single = _prompt_list(prompts)
+        requests = [self._request(p, None, i, single) for i, p in enumerate(prompts)]
+        bar = _progress(len(requests), "beam search") if use_tqdm else None
+        try:
+            return run_beam_search(self.engine, requests, params, bar.update if bar else lambda: None)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def chat(
         self, messages: list[dict] | list[list[dict]], params: sampling.SamplingParams | None = None
@@ -125,7 +143,16 @@ class LLM:
         return [final[r.request_id] for r in requests]
 
 
-def _progress(total: int):
+def _prompt_list(prompts: Prompt | Seq[Prompt]) -> tuple[list[Prompt], bool]:
+    """(the prompts as a list, whether one prompt was given rather than a list); refuses an empty list."""
+    single = isinstance(prompts, str) or (len(prompts) > 0 and not isinstance(prompts[0], str | Seq))
+    prompts = [prompts] if single else list(prompts)
+    if not prompts:
+        raise GenerationInputError("prompts", "expected a prompt or a non-empty list of prompts")
+    return prompts, single
+
+
+def _progress(total: int, desc: str = "generate"):
     from tqdm import tqdm  # lazy: only for use_tqdm
 
-    return tqdm(total=total, desc="generate")
+    return tqdm(total=total, desc=desc)

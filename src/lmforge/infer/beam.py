@@ -14,15 +14,16 @@ A beam is a sequence with its score s = sum of its tokens' log-probabilities. Ea
 current length, or the longest possible length when early_stopping="never" and length_penalty > 0 (a positive
 penalty favours longer hypotheses, so waiting may help); early_stopping=False stops as soon as the heuristic
 says no. Masked scores are pushed down by 1e9 (float32) as transformers does, so ties and their order match.
-The result is the `num_return_sequences` best hypotheses, best first, each with its generated tokens and score
-(transformers' `sequences_scores`).
+The result is the `num_return_sequences` best hypotheses, best first, each with its generated tokens, score
+(transformers' `sequences_scores`) and cumulative log-probability s.
 
 The search runs over one function, `step(sequences (N, L), parents (N,) | None) -> (N, V)` next-token
 log-probabilities, where parents[i] is the row of the previous call that row i continues (None at the first call,
 whose rows are the prompt): a beam's parent may be any beam, so a cache must copy rows between steps.
 `model_step` is a model's step over a `PagedKVCache` with one-token blocks: a beam that forks shares its parent's
 blocks (reference-counted, never written again: every block is full), so no key is recomputed or copied; a
-contiguous `KVCache` cannot do this, as it has no way to copy a row into another.
+contiguous `KVCache` cannot do this, as it has no way to copy a row into another. `BeamSearch` is the same search
+one step at a time, for a caller that runs the steps of several searches in one forward (`engine.beam_search`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from lmforge.infer.generate import check_prompt
 from lmforge.infer.paged_cache import PagedKVCache
 from lmforge.model.transformer import Transformer
 
-__all__ = ["Beam", "BeamParams", "beam_generate", "beam_search", "model_step"]
+__all__ = ["Beam", "BeamParams", "BeamSearch", "beam_generate", "beam_search", "model_step"]
 
 Step = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """(sequences (N, L) long: prompt + generated tokens, all the same length; parents (N,) long: the row of the previous
@@ -74,10 +75,12 @@ class BeamParams:
 
 @dataclass
 class Beam:
-    """A finished hypothesis: its generated tokens (ending with the eos when it ended on one) and its score."""
+    """A finished hypothesis: its generated tokens (ending with the eos when it ended on one), its score and its
+    cumulative log-probability (the score before the length penalty)."""
 
     tokens: list[int]
     score: float
+    logprob: float
 
 
 @dataclass
@@ -87,40 +90,68 @@ class _Hypotheses:
     sequences: torch.Tensor  # (k, max_len) long
     lengths: torch.Tensor  # (k,) long: prompt + generated tokens
     scores: torch.Tensor  # (k,) float32, MASK where no hypothesis is kept yet
+    logprobs: torch.Tensor  # (k,) float32: the scores before the length penalty
     done: torch.Tensor  # (k,) bool: the slot holds a hypothesis
+
+
+class BeamSearch:
+    """One prompt's search, one step at a time: the next step's log-probs are asked for `sequences` (N, L) and
+    `parents` (N,) | None (see `Step`), `advance(logp)` takes them, `done` once the search stopped, `best()` is the
+    result. `beam_search` drives one over a step function; the engine drives many, all in one forward per step."""
+
+    def __init__(self, prompt: Sequence[int], params: BeamParams, device: torch.device | str = "cpu") -> None:
+        k, n = params.num_beams, len(prompt)
+        self.params, self.prompt_len, self.max_len = params, n, n + params.max_new_tokens
+        self.keep = max(2, 1 + len(params.eos_token_ids)) * k
+        self.eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
+        self.running = torch.zeros(k, self.max_len, dtype=torch.long, device=device)
+        self.running[:, :n] = torch.tensor(list(prompt), dtype=torch.long, device=device)
+        self.scores = torch.full((k,), MASK, device=device)
+        self.scores[0] = 0.0  # every beam starts as the prompt: only the first one's continuations count
+        masked = torch.full((k,), MASK, device=device)
+        self.found = _Hypotheses(self.running.clone(), torch.full((k,), n, device=device), masked, masked.clone(),
+                                 torch.zeros(k, dtype=torch.bool, device=device))  # fmt: skip
+        self.parents: torch.Tensor | None = None
+        self.length, self.done = n, False
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """(k, L) the running beams: prompt + generated tokens (at the start, k copies of the prompt)."""
+        return self.running[:, : self.length]
+
+    def advance(self, logp: torch.Tensor) -> None:
+        """Take the (k, V) next-token log-probs of `sequences`: pick the next k running beams (their rows of
+        `sequences` in `parents`), keep the hypotheses that end, and decide whether the search stops."""
+        params, length, n = self.params, self.length, self.prompt_len
+        total, index = (logp.float() + self.scores[:, None]).reshape(-1).topk(self.keep)
+        parent, token = index // logp.shape[-1], index % logp.shape[-1]
+        candidates = self.running[parent]
+        candidates[:, length] = token
+        ends = torch.isin(token, self.eos) | (length + 1 >= self.max_len)
+        alive = total + ends.float() * MASK  # a candidate that ends does not continue
+        chosen = alive.topk(params.num_beams).indices
+        self.running, self.scores, self.parents = candidates[chosen], alive[chosen], parent[chosen]
+        self.found = _finish(self.found, candidates, total, ends, length + 1, n, params)
+        self.length = length + 1
+        improvable = _can_improve(self.scores, self.found, self.length, n, self.max_len, params)
+        stopped = bool(self.found.done.all()) and params.early_stopping is True
+        self.done = not improvable or stopped or bool(ends.all())
+
+    def best(self) -> list[Beam]:
+        """The `num_return_sequences` best hypotheses, best first."""
+        found, n = self.found, self.prompt_len
+        return [Beam(found.sequences[i, n : found.lengths[i]].tolist(), float(found.scores[i]),
+                     float(found.logprobs[i])) for i in range(self.params.num_return_sequences)]  # fmt: skip
 
 
 def beam_search(
     step: Step, prompt: Sequence[int], params: BeamParams, device: torch.device | str = "cpu"
 ) -> list[Beam]:
     """The `num_return_sequences` best hypotheses for `prompt`, best first (see the module docstring)."""
-    k, n = params.num_beams, len(prompt)
-    max_len = n + params.max_new_tokens
-    keep = max(2, 1 + len(params.eos_token_ids)) * k
-    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-    running = torch.zeros(k, max_len, dtype=torch.long, device=device)
-    running[:, :n] = torch.tensor(list(prompt), dtype=torch.long, device=device)
-    scores = torch.full((k,), MASK, device=device)
-    scores[0] = 0.0  # every beam starts as the prompt: only the first one's continuations count
-    found = _Hypotheses(running.clone(), torch.full((k,), n, device=device), torch.full((k,), MASK, device=device),
-                        torch.zeros(k, dtype=torch.bool, device=device))  # fmt: skip
-    parents = None
-    for length in range(n, max_len):
-        logp = step(running[:, :length], parents).float()
-        total, index = (logp + scores[:, None]).reshape(-1).topk(keep)
-        parent, token = index // logp.shape[-1], index % logp.shape[-1]
-        candidates = running[parent]
-        candidates[:, length] = token
-        ends = torch.isin(token, eos) | (length + 1 >= max_len)
-        alive = total + ends.float() * MASK  # a candidate that ends does not continue
-        chosen = alive.topk(k).indices
-        running, scores, parents = candidates[chosen], alive[chosen], parent[chosen]
-        found = _finish(found, candidates, total, ends, length + 1, n, params)
-        improvable = _can_improve(scores, found, length + 1, n, max_len, params)
-        if not improvable or (bool(found.done.all()) and params.early_stopping is True) or bool(ends.all()):
-            break
-    best = range(params.num_return_sequences)
-    return [Beam(found.sequences[i, n : found.lengths[i]].tolist(), float(found.scores[i])) for i in best]
+    search = BeamSearch(prompt, params, device)
+    while not search.done:
+        search.advance(step(search.sequences, search.parents))
+    return search.best()
 
 
 def _finish(
@@ -136,8 +167,9 @@ def _finish(
     merged = torch.cat((found.scores, score))
     chosen = merged.topk(k).indices
     lengths = torch.cat((found.lengths, torch.full_like(total, length, dtype=torch.long)))
+    logprobs = torch.cat((found.logprobs, total))
     return _Hypotheses(torch.cat((found.sequences, candidates))[chosen], lengths[chosen], merged[chosen],
-                       torch.cat((found.done, new))[chosen])  # fmt: skip
+                       logprobs[chosen], torch.cat((found.done, new))[chosen])  # fmt: skip
 
 
 def _can_improve(scores: torch.Tensor, found: _Hypotheses, length: int, n: int, max_len: int, params: BeamParams):
