@@ -77,3 +77,19 @@ def hf_model(arch: str, seed: int = 0):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand_like(b) * 0.5)
     return model
+
+
+def hf_beam_search(hf, ids: list[int], num_beams: int, max_new_tokens: int, length_penalty: float,
+                   early_stopping: bool | str, num_return_sequences: int,
+                   eos: tuple[int, ...]) -> list[tuple[list[int], float]]:  # fmt: skip
+    """transformers' `generate(num_beams=...)` hypotheses, best first: the generated tokens (cut at each one's own
+    length) and the score (`sequences_scores`)."""
+    out = hf.generate(
+        torch.tensor([ids]), do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        eos_token_id=list(eos) or None, pad_token_id=eos[0] if eos else 0, return_dict_in_generate=True,
+        output_scores=True,
+    )  # fmt: skip
+    lengths = (out.beam_indices != -1).sum(dim=1).tolist()
+    n = len(ids)
+    return [(out.sequences[i, n : n + m].tolist(), float(out.sequences_scores[i])) for i, m in enumerate(lengths)]

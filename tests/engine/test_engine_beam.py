@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lmforge
-from hf_reference import VOCAB, hf_model
+from hf_reference import VOCAB, hf_beam_search, hf_model
 from lmforge.configfile import ConfigError
 from lmforge.engine import LLM, SamplingParams
 from lmforge.engine.beam_search import BeamSearchParams
@@ -53,16 +53,8 @@ def prompt(seed: int, n: int = PROMPT) -> list[int]:
 
 
 def hf_beams(hf, ids: list[int], params: BeamSearchParams, eos: tuple[int, ...], max_new: int | None = None):
-    """transformers' returned hypotheses: generated tokens (cut at each one's own length) and scores."""
-    out = hf.generate(
-        torch.tensor([ids]), do_sample=False, num_beams=params.beam_width, max_new_tokens=max_new or params.max_tokens,
-        length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-        num_return_sequences=params.num_return_sequences or params.beam_width, eos_token_id=list(eos) or None,
-        pad_token_id=eos[0] if eos else 0, return_dict_in_generate=True, output_scores=True,
-    )  # fmt: skip
-    lengths = (out.beam_indices != -1).sum(dim=1).tolist()
-    n = len(ids)
-    return [(out.sequences[i, n : n + m].tolist(), float(out.sequences_scores[i])) for i, m in enumerate(lengths)]
+    return hf_beam_search(hf, ids, params.beam_width, max_new or params.max_tokens, params.length_penalty,
+                          params.early_stopping, params.num_return_sequences or params.beam_width, eos)  # fmt: skip
 
 
 def assert_same_beams(got, expected) -> None:

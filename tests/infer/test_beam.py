@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lmforge
-from hf_reference import VOCAB, hf_model
+from hf_reference import VOCAB, hf_beam_search, hf_model
 from lmforge.configfile import ConfigError
 from lmforge.infer.beam import BeamParams, beam_generate, beam_search
 from lmforge.infer.sampling import GenerationInputError
@@ -31,18 +31,8 @@ def prompt(seed: int) -> torch.Tensor:
 
 
 def hf_beams(hf, ids: torch.Tensor, params: BeamParams) -> list[tuple[list[int], float]]:
-    """transformers' returned hypotheses: generated tokens (cut at each one's own length) and scores."""
-    eos = list(params.eos_token_ids) or None
-    out = hf.generate(
-        ids, do_sample=False, num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
-        length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-        num_return_sequences=params.num_return_sequences, eos_token_id=eos, pad_token_id=eos[0] if eos else 0,
-        return_dict_in_generate=True, output_scores=True,
-    )  # fmt: skip
-    lengths = (out.beam_indices != -1).sum(dim=1).tolist()
-    return [
-        (out.sequences[i, PROMPT : PROMPT + n].tolist(), float(out.sequences_scores[i])) for i, n in enumerate(lengths)
-    ]
+    return hf_beam_search(hf, ids[0].tolist(), params.num_beams, params.max_new_tokens, params.length_penalty,
+                          params.early_stopping, params.num_return_sequences, tuple(params.eos_token_ids))  # fmt: skip
 
 
 def assert_same_beams(hf, model, ids: torch.Tensor, params: BeamParams) -> None:

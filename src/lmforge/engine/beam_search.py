@@ -48,7 +48,7 @@ from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.engine.sequence import Sequence
 from lmforge.infer.beam import Beam, BeamParams, BeamSearch
 from lmforge.infer.decode import NonFiniteLogitsError
-from lmforge.infer.generate import eos_token_id
+from lmforge.infer.generate import stop_token_ids
 from lmforge.infer.sampling import GenerationInputError
 
 __all__ = ["BeamCompletionOutput", "BeamSearchParams", "run_beam_search"]
@@ -143,11 +143,7 @@ class _Run:
 
     def eos_ids(self) -> set[int]:
         """The tokens that end a beam: stop_token_ids, and the tokenizer's eos and eot unless ignore_eos."""
-        ids = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
-            tokenizer = self.engine.tokenizer
-            ids |= {i for attr in ("eos_token", "eot_token") if (i := eos_token_id(tokenizer, attr)) is not None}
-        return ids
+        return stop_token_ids(self.engine.tokenizer, self.params.stop_token_ids, self.params.ignore_eos)
 
     @torch.inference_mode()
     def run(self, on_finish: Callable[[], None]) -> dict[str, RequestOutput]:

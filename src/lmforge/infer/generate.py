@@ -229,11 +229,17 @@ def sequence_state(model, tokenizer: BaseTokenizer, ids: list[int], params: Samp
     """The decode state of one prompt: its budget (max_tokens cut to the room left in the context) and its stop
     tokens (eos and eot unless `ignore_eos`, and `params.stop_token_ids`)."""
     budget = min(params.max_tokens, model.config.max_seq_len - len(ids))
-    stop_ids = set(params.stop_token_ids)
-    if not params.ignore_eos:
-        stop_ids |= {i for attr in ("eos_token", "eot_token") if (i := eos_token_id(tokenizer, attr)) is not None}
+    stop_ids = stop_token_ids(tokenizer, params.stop_token_ids, params.ignore_eos)
     generator = seeded_generator(params.seed, device)
     return SequenceState(slot, ids, params, budget, frozenset(stop_ids), IncrementalDecoder(tokenizer), generator)
+
+
+def stop_token_ids(tokenizer: BaseTokenizer, extra: Sequence[int], ignore_eos: bool) -> set[int]:
+    """The tokens that end a sequence: `extra`, and the tokenizer's eos and eot unless `ignore_eos`."""
+    ids = set(extra)
+    if not ignore_eos:
+        ids |= {i for attr in ("eos_token", "eot_token") if (i := eos_token_id(tokenizer, attr)) is not None}
+    return ids
 
 
 def _forward_fn(model, n_tokens: int, compile: bool) -> tuple[Forward, bool]:
