@@ -7,6 +7,10 @@ transformers loads: both sides run the same weights in the same dtype. Prompts a
 Shakespeare texts (one play each, lengths drawn uniformly in [16, 256]); every run is greedy with the end-of-text
 token ignored, so each prompt generates exactly `--max-tokens` tokens.
 
+The engine runs its decode step compiled in every section (`LLM(..., compile=True)`: one `torch.compile`d graph per
+batch bucket, `engine/compiled_step.py`), as the targets are meant; `--eager` runs it eager instead. Each bucket's
+graph is compiled once per process, before any timing (`warm_up`), and serves every engine of the same model.
+
 Sections (`--only` runs one):
 
     throughput  generated tokens/s for the prompts at 1, 8 and 32 concurrent: lmforge `LLM.generate`
@@ -14,8 +18,9 @@ Sections (`--only` runs one):
                 that size (left padding) and transformers' continuous-batching `generate_batch` (where the
                 installed transformers has it); target: >= 3x the better transformers figure at 32. "same" counts
                 the prompts whose lmforge tokens equal transformers' unbatched greedy tokens.
-    decode      single-stream decode tok/s: the engine (one request) vs `infer.generate.generate` plain and
-                `compile=True` (the compiled static-cache decoder, compiled before timing); target >= 1.0x compiled
+    decode      single-stream decode tok/s: the engine (one request; eager, and compiled unless --eager) vs
+                `infer.generate.generate` plain and `compile=True` (the compiled static-cache decoder, compiled before
+                timing); target: the compiled engine >= 1.0x `generate --compile`
     server      time to first token and inter-token latency of 1, 8 and 32 concurrent streaming clients through
                 the HTTP server (`create_app` under uvicorn in a thread, httpx streaming /v1/completions): the
                 time from sending to the first SSE chunk, and the gaps between later chunks (median and p90)
@@ -30,7 +35,7 @@ has no option for it) and llama.cpp's batched throughput (only when `llama_cpp` 
 Timing needs a quiet machine (PLATFORM.md): the load average is printed before and after.
 
     python benchmarks/serve.py [--model PATH.gguf] [--dtype float32] [--prompts 64] [--max-tokens 64]
-                               [--concurrency 1 8 32] [--only SECTION] [--quick]
+                               [--concurrency 1 8 32] [--only SECTION] [--quick] [--eager]
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import inspect
 import itertools
 import json
 import os
@@ -48,13 +52,14 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import lmforge
 from lmforge.engine import LLM, AsyncLLM, SamplingParams
+from lmforge.engine.compiled_step import bucket
 from lmforge.engine.server import create_app
 from lmforge.infer.generate import generate
 
@@ -73,6 +78,8 @@ class Setup:
     max_tokens: int
     concurrency: list[int]
     quick: bool
+    compile: bool = True  # the engine's decode step (--eager: False)
+    warm: set[int] = field(default_factory=set)  # the batch buckets whose compiled decode step exists
 
 
 def default_model() -> Path:
@@ -102,6 +109,24 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
 
+def engine(s: Setup, rows: int = 32, decoding: int | None = None, **options) -> LLM:
+    """An engine over the model with at most `rows` sequences, its decode step compiled unless --eager, each batch
+    bucket up to `decoding` (the most rows that decode together; default `rows`) compiled already (`warm_up`)."""
+    warm_up(s, min(rows, decoding or rows))
+    return LLM(s.ours, s.tok, max_num_seqs=rows, compile=s.compile, **options)
+
+
+def warm_up(s: Setup, rows: int) -> None:
+    """Compile the engine's decode step for every batch bucket up to `rows` not compiled yet: a throwaway engine
+    decodes one step at each bucket size (the graphs are shared by every engine of the model in this process)."""
+    sizes = sorted({bucket(k) for k in range(1, rows + 1)} - s.warm) if s.compile else []
+    if sizes:
+        llm = LLM(s.ours, s.tok, max_num_seqs=sizes[-1], compile=True)
+        for size in sizes:
+            llm.generate([s.prompts[i % len(s.prompts)] for i in range(size)], greedy(2))
+        s.warm.update(sizes)
+
+
 def median_p90(xs: list[float]) -> tuple[float, float]:
     xs = sorted(xs)
     return statistics.median(xs), xs[min(len(xs) - 1, int(0.9 * len(xs)))]
@@ -119,7 +144,7 @@ def table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def lmforge_throughput(s: Setup, c: int) -> tuple[float, list[list[int]]]:
-    llm = LLM(s.ours, s.tok, max_num_seqs=c)
+    llm = engine(s, c)
     llm.generate(s.prompts[:1], greedy(2))  # warm-up
     start = time.perf_counter()
     outs = llm.generate(s.prompts, greedy(s.max_tokens))
@@ -218,13 +243,11 @@ def decode(s: Setup) -> None:
     print(f"## single-stream decode: prompt {len(ids)} tokens, {n} new tokens (tok/s, median of 3)")
     runs = {"generate (plain)": lambda: generate_decode(s, ids, n, compile=False),
             "generate --compile": lambda: generate_decode(s, ids, n, compile=True)}  # fmt: skip
-    llm = LLM(s.ours, s.tok, max_num_seqs=1)
-    runs["engine"] = lambda: engine_decode(llm, ids, n)
-    if "compile" in inspect.signature(LLM).parameters:  # the engine's compiled decode step, once it has one
-        compiled = LLM(s.ours, s.tok, max_num_seqs=1, compile=True)
-        runs["engine, compiled"] = lambda: engine_decode(compiled, ids, n)
-    else:
-        print("(LLM has no compile option yet: no compiled-engine row)")
+    eager = LLM(s.ours, s.tok, max_num_seqs=1)
+    runs["engine (eager)"] = lambda: engine_decode(eager, ids, n)
+    if s.compile:
+        compiled = engine(s, 1)
+        runs["engine (compiled)"] = lambda: engine_decode(compiled, ids, n)
     for run in runs.values():  # warm-up and compilation
         run()
     results = {name: [] for name in runs}
@@ -252,7 +275,7 @@ class ServerThread:
     def __init__(self, s: Setup, max_num_seqs: int) -> None:
         import uvicorn
 
-        llm = LLM(s.ours, s.tok, max_num_seqs=max_num_seqs)
+        llm = engine(s, max_num_seqs)
         app = create_app(AsyncLLM(llm), "bench", tokenizer=s.tok, max_model_len=llm.max_model_len)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -315,7 +338,7 @@ def prefix(s: Setup) -> None:
           f"{n} new tokens each")  # fmt: skip
     rows, seconds = [], {}
     for caching in (False, True):
-        llm = LLM(s.ours, s.tok, enable_prefix_caching=caching)
+        llm = engine(s, decoding=count, enable_prefix_caching=caching)
         llm.generate([system + text_ids(s.tok, suffix_len, 99, 30_000)], greedy(n))  # the system prompt, cached
         computed = llm.engine.runner.tokens_computed
         start = time.perf_counter()
@@ -367,7 +390,7 @@ def chunked(s: Setup) -> None:
           "128-token prompt arrives every step")  # fmt: skip
     rows = []
     for budget in budgets:
-        llm = LLM(s.ours, s.tok, max_num_seqs=32, max_num_batched_tokens=budget)
+        llm = engine(s, 32, decoding=count, max_num_batched_tokens=budget)  # arrivals only prefill
         stream_gaps(llm, streams[:1], 2, arrivals[:1])  # warm-up
         unloaded = median_p90(stream_gaps(llm, streams, n, None))
         loaded = median_p90(stream_gaps(llm, streams, n, arrivals))
@@ -385,6 +408,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--only", choices=SECTIONS, default=None, help="run one section")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 prompts, 8 tokens, concurrency 1 and 2")
+    parser.add_argument("--eager", action="store_true", help="run the engine's decode step eager (default: compiled)")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.max_tokens, args.concurrency = 4, 8, [1, 2]
@@ -395,14 +419,15 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     base, tok = lmforge.load(path)
     print(f"model {path.name}, {args.dtype}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads; load average before: {load_average()}", flush=True)  # fmt: skip
+          f"{torch.get_num_threads()} threads; engine decode step {'eager' if args.eager else 'compiled'}; "
+          f"load average before: {load_average()}", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         lmforge.save(base, tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     ours = base.to(dtype).eval()
     low, high = (16, 48) if args.quick else (16, 256)
     setup = Setup(ours, hf, tok, mixed_prompts(tok, args.prompts, low, high), args.max_tokens, args.concurrency,
-                  args.quick)  # fmt: skip
+                  args.quick, compile=not args.eager)  # fmt: skip
     print()
     runs = {"throughput": throughput, "decode": decode, "server": server, "prefix": prefix, "chunked": chunked}
     for name in [args.only] if args.only else SECTIONS:

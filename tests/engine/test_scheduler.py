@@ -1,7 +1,8 @@
 """The scheduler with a block manager and no model: each simulated step computes what was scheduled and appends
 a token to every sequence that reached its last token. Checked: the token budget and chunked prefill beside
 decodes, sequences joining and leaving between steps, arrival order without overtaking, preemption by recompute
-(the youngest goes back to waiting with its tokens; everyone finishes; no deadlock), and a free pool at the end."""
+(the youngest goes back to waiting with its tokens; everyone finishes; no deadlock), a free pool at the end, and
+the lookahead slots of speculative decoding (the budget and free blocks left, never a preemption)."""
 
 from __future__ import annotations
 
@@ -127,3 +128,64 @@ def test_a_preempted_sequence_waits_at_the_front_with_its_tokens_and_blocks_free
     assert old.status is Status.RUNNING
     sim.run()
     assert [len(s.output) for s in (old, young, later)] == [5, 5, 1] and sim.blocks.free_blocks == 4
+
+
+def test_admission_counts_the_samples_running_sequences_will_fork():
+    sim = Sim(num_blocks=64, block_size=4, max_num_seqs=4, budget=64)
+    sim.add(3, 2).forks = 2  # runs as 3 sequences once its prompt is computed
+    later = sim.add(3, 2)
+    later.forks = 1  # 2 more would make 5 > max_num_seqs
+    sim.step()
+    assert sim.log[-1] == [(0, 3)] and later.status is Status.WAITING
+
+
+def decoding(sim: Sim, lengths: list[int], lookahead: int) -> list[Sequence]:
+    """Sequences of prompt `lengths` that got their first token (their last one uncomputed), with lookahead."""
+    seqs = [sim.add(n, 100) for n in lengths]
+    while any(not s.output for s in seqs):
+        sim.step()
+    for s in seqs:
+        s.lookahead = lookahead
+    return seqs
+
+
+def test_lookahead_slots_take_the_budget_left_oldest_first():
+    sim = Sim(num_blocks=16, block_size=4, budget=8)
+    a, b = decoding(sim, [3, 5], lookahead=4)
+    assert (len(a.tokens), len(b.tokens)) == (4, 6)
+    prefill = sim.add(20, 1)
+    prefill.lookahead = 4
+    batch = sim.scheduler.schedule()
+    # the decodes (1 + 1), then prefill's first chunk (6 of the 8): nothing is left for drafts
+    assert [(s.arrival, n) for s, n in batch.rows] == [(0, 1), (1, 1), (2, 6)] and batch.lookahead == [0, 0, 0]
+    sim.blocks.computed(prefill, 6)
+    sim.scheduler.finish(prefill)
+    batch = sim.scheduler.schedule()
+    assert batch.rows == [(a, 1), (b, 1)] and batch.lookahead == [4, 2]  # 6 tokens of budget left: a first
+    assert len(a.block_table) == 2 and len(b.block_table) == 2  # room for 4 + 4 and 6 + 2 tokens
+    assert batch.tokens == 2 and not batch.preempted
+
+
+def test_lookahead_slots_use_free_blocks_only_and_never_preempt():
+    sim = Sim(num_blocks=4, block_size=4, budget=64)
+    a, b = decoding(sim, [3, 5], lookahead=8)  # 1 and 2 blocks: 1 free
+    batch = sim.scheduler.schedule()
+    assert batch.lookahead == [4, 2] and not batch.preempted  # a takes the free block; b fills its own
+    assert sim.blocks.free_blocks == 0 and {s.status for s in (a, b)} == {Status.RUNNING}
+    for seq, kept in ((a, [7, 7]), (b, [7])):  # a keeps a draft and a bonus token, b rejects both drafts
+        seq.tokens += kept
+        sim.blocks.computed(seq, len(seq.tokens) - 1)
+        sim.blocks.truncate(seq)  # a gives back nothing (6 tokens in 2 blocks), nor b (7 in 2)
+    assert [len(s.block_table) for s in (a, b)] == [2, 2] and sim.blocks.free_blocks == 0
+    assert sim.scheduler.schedule().lookahead == [2, 1]  # 6 and 7 tokens: what is left of their 8 slots
+    b.lookahead = a.lookahead = 0
+    assert sim.scheduler.schedule().lookahead == [0, 0]
+
+
+def test_a_prefilling_or_new_sequence_gets_no_lookahead():
+    sim = Sim(num_blocks=16, block_size=4, budget=4)
+    seq = sim.add(9, 3)
+    seq.lookahead = 4
+    assert seq.max_drafts == 0
+    batch = sim.scheduler.schedule()
+    assert batch.rows == [(seq, 4)] and batch.lookahead == [0]

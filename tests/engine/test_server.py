@@ -371,6 +371,8 @@ def test_metrics(tokenizer):
     stats = engine.stats()
     assert samples["lmforge_generation_tokens_total{}"] == stats.generated_tokens == 3 * 2 + 4 * 2 + 3
     assert samples["lmforge_prompt_tokens_total{}"] == stats.prompt_tokens
+    assert samples["lmforge_spec_decode_draft_tokens_total{}"] == stats.draft_tokens == 7 * 17
+    assert samples["lmforge_spec_decode_accepted_tokens_total{}"] == stats.accepted_draft_tokens == 5 * 17
     assert samples["lmforge_num_requests_running{}"] == 0 and samples["lmforge_num_requests_waiting{}"] == 0
     assert samples["lmforge_kv_cache_blocks_free{}"] == 1000 and samples["lmforge_kv_cache_blocks_used{}"] == 0
     assert samples["lmforge_prefix_cache_hit_rate{}"] == 0.25
@@ -401,8 +403,9 @@ def test_serve_command_help_and_errors(tmp_path):
     from lmforge.cli import app
 
     runner = CliRunner()
-    help_text = runner.invoke(app, ["serve", "--help"]).output
-    for flag in ("--host", "--port", "--api-key", "--max-num-seqs", "--max-model-len", "--served-model-name"):
+    help_text = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output  # no flag cut short
+    for flag in ("--host", "--port", "--api-key", "--max-num-seqs", "--max-model-len", "--served-model-name",
+                 "--compile", "--num-speculative-tokens", "--speculative-model"):
         assert flag in help_text
     assert "127.0.0.1" in help_text
     missing = runner.invoke(app, ["serve", str(tmp_path / "nothing")])
@@ -544,8 +547,11 @@ def test_serve_command_serves_then_stops_on_a_signal(tiny_model, tmp_path, signa
     model, tok = tiny_model
     lmforge.save(model, tmp_path / "m", tokenizer=tok)
     port = free_port()
+    # with SIGTERM, the model drafts for itself (speculative decoding from the command line)
+    drafting = ["--num-speculative-tokens", "2", "--speculative-model", str(tmp_path / "m")]
     process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(tmp_path / "m"), "--port", str(port),
-                                "--served-model-name", MODEL, "--api-key", "k"],
+                                "--served-model-name", MODEL, "--api-key", "k",
+                                *(drafting if signal_number == signal.SIGTERM else [])],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -560,6 +566,9 @@ def test_serve_command_serves_then_stops_on_a_signal(tiny_model, tmp_path, signa
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=4, temperature=0)  # fmt: skip
         assert reply.usage.completion_tokens >= 1
+        drafts = [s.value for f in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+                  for s in f.samples if s.name == "lmforge_spec_decode_draft_tokens_total"]  # fmt: skip
+        assert (drafts[0] > 0) == (signal_number == signal.SIGTERM), drafts
         process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=60)
     finally:

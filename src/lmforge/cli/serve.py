@@ -13,6 +13,7 @@ status 143 in a shell, a clean stop to service managers); after SIGINT the statu
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -42,6 +43,16 @@ def serve_command(
         float, typer.Option(min=1e-3, help="Memory for the KV-cache pool in GiB (at most max-num-seqs full contexts).")
     ] = 2.0,
     dtype: DType = "float32",
+    compile: Annotated[
+        bool, typer.Option(help="Compile the decode step: one graph per batch-size bucket (a slower start).")
+    ] = False,
+    num_speculative_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Speculative decoding: up to K draft tokens a step (prompt lookup by default)."),
+    ] = None,
+    speculative_model: Annotated[
+        Path | None, typer.Option(help="A draft model (same tokenizer) for speculative decoding, instead of lookup.")
+    ] = None,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
     /metrics (Prometheus) and a chat page at /."""
@@ -52,7 +63,11 @@ def serve_command(
 
     name = served_model_name or (model.stem if model.suffix == ".gguf" else model.name)
     module, tokenizer = load_model_for_cli(model, dtype)
-    llm = LLM(module, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib)
+    speculative = None
+    if num_speculative_tokens is not None or speculative_model is not None:
+        speculative = {"num_speculative_tokens": num_speculative_tokens or 4, "model": speculative_model}
+    llm = LLM(module, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+              compile=compile, speculative_config=speculative)  # fmt: skip
     engine = AsyncLLM(llm)
     app = create_app(engine, name, tokenizer=llm.tokenizer, max_model_len=llm.max_model_len, api_key=api_key,
                      max_n=max_num_seqs)  # fmt: skip

@@ -23,6 +23,11 @@ Fork (n > 1 samples of one prompt): a child's table is its parent's, every block
 shared copy-on-write: before a sequence writes into a block that another table also holds (the partly filled last
 block of a forked prompt), it gets a fresh block and the runner copies the old one's contents (`grow` returns the
 (source, destination) pairs). Full shared blocks are never written: writes go to slots >= the computed length.
+
+Speculative decoding writes draft tokens past the computed length into blocks grown for them (lookahead slots). A
+rejected draft's slots stay past the computed length, so they are overwritten before their block is full and
+named; `truncate` gives back the blocks grown for drafts that were not kept. A block is named only once the draft
+model's cache holds it too (`Sequence.draft_lag`), so a prefix hit gives both models their keys.
 """
 
 from __future__ import annotations
@@ -156,10 +161,11 @@ class BlockManager:
 
     def computed(self, seq: Sequence, length: int) -> None:
         """`seq`'s first `length` tokens now have their keys in the pool: name its newly full blocks (prefix
-        caching) and record the length."""
+        caching; those within the first length - draft_lag tokens, which the draft model holds too) and record
+        the length."""
         seq.num_computed = length
         bs = self.block_size
-        while len(seq.block_hashes) < length // bs:
+        while len(seq.block_hashes) < (length - seq.draft_lag) // bs:
             i = len(seq.block_hashes)
             tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
             h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
@@ -175,11 +181,19 @@ class BlockManager:
         child.block_hashes = list(parent.block_hashes)
         child.num_computed = parent.num_computed
 
+    def truncate(self, seq: Sequence) -> None:
+        """Release the blocks past those `seq`'s tokens fill (grown for drafts it did not keep), last first."""
+        keep = self.blocks_for(len(seq.tokens))
+        assert len(seq.block_hashes) <= keep, "truncate: a named block would be released"
+        for block in reversed(seq.block_table[keep:]):
+            self._release(block)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks, last first (see the module docstring); it holds none afterwards."""
         for block in reversed(seq.block_table):
             self._release(block)
-        seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
+        seq.block_table, seq.block_hashes, seq.num_computed, seq.draft_lag = [], [], 0, 0
 
     # -- one block ----------------------------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ One step (`Engine.step`):
 
     schedule   the scheduler picks the running sequences' chunks (decode: 1 token, prefill: up to the budget) and
                admits waiting ones (prefix-cache hits skip their cached tokens)          scheduler.py, block_manager.py
+    draft      with `speculative_config`, decoding rows get up to K draft tokens (prompt lookup, or a draft model
+               over its own paged cache); the forward verifies them and the acceptance rules decide which are
+               kept; the rest are rolled back                                         spec_decode.py, speculative.py
     forward    one `hidden_states` forward over the padded (B, T) batch through the paged cache       runner.py
     computed   each row's computed length advances; full blocks get their prefix hashes
     sample     rows that reached their last token sample one token with their own parameters and generator
@@ -20,7 +23,8 @@ sampling parameters, `n` within `max_num_seqs`), before anything is scheduled; e
 max_tokens cut to the room the prompt leaves in `max_model_len`. The pool must hold one sequence of
 `max_model_len` tokens, so the scheduler can always make progress by preemption. By default it holds
 `max_num_seqs` full sequences, but no more than `kv_cache_gib` GiB of keys and values (as vLLM sizes its pool from
-the memory it may use): SmolLM2-135M at 8192 tokens would otherwise ask 32 x 360 MiB in float32.
+the memory it may use): SmolLM2-135M at 8192 tokens would otherwise ask 32 x 360 MiB in float32; a draft model's
+keys and values (the same blocks in its own pool) count in that budget.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from lmforge.configfile import check, check_finite, check_positive
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.params import CompletionOutput, EngineStats, RequestOutput, SamplingParams
 from lmforge.engine.runner import ModelRunner
-from lmforge.engine.scheduler import Scheduler
+from lmforge.engine.scheduler import ScheduledBatch, Scheduler
 from lmforge.engine.sequence import Sequence
+from lmforge.engine.spec_decode import Draft, drafter, load_draft, masked, verify
+from lmforge.engine.speculative import SpeculativeConfig
 from lmforge.infer import sampling
 from lmforge.infer.cache_memory import model_bytes_per_token
 from lmforge.infer.decode import DecodeBatch, SequenceState
@@ -95,7 +101,11 @@ def as_params(params: sampling.SamplingParams | None) -> SamplingParams:
 
 
 class Engine:
-    """The step loop over one model and one KV-cache pool (see the module docstring)."""
+    """The step loop over one model and one KV-cache pool (see the module docstring).
+
+    `speculative_config`: None, or speculative decoding's settings (a dict in vLLM's shape or a
+    `speculative.SpeculativeConfig`: method "ngram" or a draft `model`, num_speculative_tokens, ...);
+    `compile`: the runners compile their forwards."""
 
     def __init__(
         self,
@@ -109,6 +119,8 @@ class Engine:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         kv_cache_gib: float = KV_CACHE_GIB,
+        speculative_config: SpeculativeConfig | dict | None = None,
+        compile: bool = False,
     ) -> None:
         context = model.config.max_seq_len
         max_model_len = context if max_model_len is None else max_model_len
@@ -117,10 +129,16 @@ class Engine:
         for name, value in sizes.items():
             check_positive(name, value)
         check(max_model_len <= context, "max_model_len", max_model_len, f"must be <= the model's context {context}")
+        check(isinstance(compile, bool), "compile", compile, "must be True or False")
+        self.speculative = SpeculativeConfig.of(speculative_config)
+        draft = None
+        if self.speculative is not None and self.speculative.method == "draft_model":
+            draft = load_draft(self.speculative, model, tokenizer, max_model_len)
         per_seq = -(-max_model_len // block_size)
         if num_blocks is None:  # room for max_num_seqs full sequences, within the memory budget
             check_finite("kv_cache_gib", kv_cache_gib, above=0)
-            block_bytes = block_size * model_bytes_per_token(model.config, next(model.parameters()).element_size())
+            block_bytes = block_size * sum(model_bytes_per_token(m.config, next(m.parameters()).element_size())
+                                           for m in (model, draft) if m is not None)  # fmt: skip
             num_blocks = max(per_seq, min(max_num_seqs * per_seq, int(kv_cache_gib * 2**30 // block_bytes)))
         check_positive("num_blocks", num_blocks)
         check(num_blocks >= per_seq, "num_blocks", num_blocks,
@@ -129,10 +147,13 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, compile=compile)
+        self.known_vocab = tokenizer.vocab_size  # ids past it (a padded embedding) are never sampled; computed once
+        self.drafter = drafter(self.speculative, draft, num_blocks, block_size, self.known_vocab, compile)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.prompt_tokens = self.generated_tokens = 0
+        self.draft_tokens = self.accepted_draft_tokens = 0  # speculative decoding: drafts fed, drafts kept
 
     # -- requests -----------------------------------------------------------------------------------------------
 
@@ -180,7 +201,8 @@ class Engine:
         waiting = {s.request_id for s in self.scheduler.waiting} - running
         b = self.blocks
         return EngineStats(len(running), len(waiting), b.used_blocks, b.free_blocks, b.stats.hit_rate,
-                           self.prompt_tokens, self.generated_tokens)  # fmt: skip
+                           self.prompt_tokens, self.generated_tokens, self.draft_tokens,
+                           self.accepted_draft_tokens)  # fmt: skip
 
     # -- one step -----------------------------------------------------------------------------------------------
 
@@ -192,38 +214,91 @@ class Engine:
                 raise RuntimeError("the scheduler scheduled nothing while sequences wait (a bug)")
             return []
         started = time.perf_counter()
-        logits = self.runner.run(batch)
-        done = []
-        for seq, n in batch.rows:
+        drafts = self.drafter.propose(batch) if self.drafter else [None] * len(batch.rows)
+        logits = self._forward(batch, drafts)
+        done, which, speculated = [], [], []
+        for (seq, n), draft, row_logits in zip(batch.rows, drafts, logits, strict=True):
+            if draft is not None:
+                speculated.append((seq, draft, row_logits))
+                continue
             self.blocks.computed(seq, seq.num_computed + n)
             if seq.remaining == 0:
                 done.append(seq)
-        rows, which = [], []
-        for i, seq in enumerate(done):
+                which.append(row_logits)
+        rows, family_logits = [], []
+        for seq, row_logits in zip(done, which, strict=True):
             family = [seq, *self._fork(seq)]
             rows += family
-            which += [i] * len(family)
+            family_logits += [row_logits] * len(family)
         if rows:
-            self._sample(rows, logits[which], started)
-        return self._outputs({seq.request_id for seq in rows})
+            self._sample(rows, torch.cat(family_logits), started)
+        if speculated:
+            self._verify(speculated)
+        for (seq, _), slots in zip(batch.rows, batch.lookahead, strict=True):
+            if slots and not seq.finished:
+                self.blocks.truncate(seq)  # the blocks of drafts it did not keep (or never made)
+        return self._outputs({seq.request_id for seq in rows} | {seq.request_id for seq, _, _ in speculated})
+
+    def _forward(self, batch: ScheduledBatch, drafts: list[Draft | None]) -> list[torch.Tensor]:
+        """One target forward over `batch`, each draft fed after its row's last token; per row its logits: K_b + 1
+        positions for a drafted row, 1 for a row whose chunk ends at its last token, else none."""
+        rows, per_row = [], []
+        for (seq, n), draft in zip(batch.rows, drafts, strict=True):
+            k = 0 if draft is None else len(draft.tokens)
+            per_row.append(k + 1 if k else int(seq.num_computed + n == len(seq.tokens)))
+            seq.tokens += draft.tokens if k else []
+            rows.append((seq, n + k))
+        try:
+            logits = self.runner.run(ScheduledBatch(rows, batch.copies), per_row)
+        finally:
+            for (seq, _), draft in zip(batch.rows, drafts, strict=True):
+                if draft is not None:
+                    del seq.tokens[len(seq.tokens) - len(draft.tokens) :]
+        return list(logits.split(per_row))
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor, started: float) -> None:
         """Sample each row's next token (one `DecodeBatch` step) and record it; finished rows leave."""
-        events = DecodeBatch([seq.state for seq in rows], self.tokenizer.vocab_size).step(logits, started)
+        events = DecodeBatch([seq.state for seq in rows], self.known_vocab).step(logits, started)
         logprobs = logits.log_softmax(-1)  # unknown ids were masked to -inf by the step
         for seq, event, lp in zip(rows, events, logprobs, strict=True):
-            seq.tokens.append(event.token_id)
-            seq.text += event.text
-            seq.cumulative_logprob += float(lp[event.token_id])
-            if seq.logprobs is not None:
-                top = lp.topk(seq.state.params.logprobs) if seq.state.params.logprobs else None
-                entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-                entry[event.token_id] = float(lp[event.token_id])
-                seq.logprobs.append(entry)
-            self.generated_tokens += 1
+            self._record(seq, event.token_id, event.text, lp)
             if event.finish_reason is not None:
                 seq.finish_reason = event.finish_reason
                 self.scheduler.finish(seq)
+
+    def _verify(self, rows: list[tuple[Sequence, Draft, torch.Tensor]]) -> None:
+        """Keep each drafted row's emitted tokens (`spec_decode.verify`) up to its first stop, in order; roll its
+        computed length back to them (the blocks of the drafts not kept go in `step`); finished rows leave."""
+        seqs, drafts, per_row = (list(column) for column in zip(*rows, strict=True))
+        logits = masked(torch.cat(per_row), self.known_vocab, "the model's")
+        logprobs = logits.log_softmax(-1).split([len(d.tokens) + 1 for d in drafts])
+        for seq, draft, emitted, lps in zip(seqs, drafts, verify(seqs, drafts, logits), logprobs,
+                                            strict=True):  # fmt: skip
+            self.draft_tokens += len(draft.tokens)
+            self.accepted_draft_tokens += len(emitted) - 1
+            for token, lp in zip(emitted, lps, strict=False):
+                self._record(seq, token, seq.state.accept(token), lp)
+                if seq.state.finish_reason is not None:
+                    break
+            if draft.computed is not None:
+                seq.draft_lag = max(0, len(seq.tokens) - 1 - draft.computed)
+            self.blocks.computed(seq, len(seq.tokens) - 1)  # every kept token but the last has its keys
+            if seq.state.finish_reason is not None:
+                seq.finish_reason = seq.state.finish_reason
+                self.scheduler.finish(seq)
+
+    def _record(self, seq: Sequence, token: int, text: str, logprobs: torch.Tensor) -> None:
+        """Append `token` (and the `text` it released) to `seq`, with its log-probabilities (`logprobs` (V,): the
+        log softmax of the model's masked logits at its position)."""
+        seq.tokens.append(token)
+        seq.text += text
+        seq.cumulative_logprob += float(logprobs[token])
+        if seq.logprobs is not None:
+            top = logprobs.topk(seq.state.params.logprobs) if seq.state.params.logprobs else None
+            entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            entry[token] = float(logprobs[token])
+            seq.logprobs.append(entry)
+        self.generated_tokens += 1
 
     def _outputs(self, request_ids: set[str]) -> list[RequestOutput]:
         outputs = []
@@ -255,6 +330,7 @@ class Engine:
         state: SequenceState = sequence_state(self.model, self.tokenizer, ids, params, index, self.runner.device)
         state.budget = min(state.budget, self.max_model_len - len(ids))
         seq = Sequence(tokens, len(ids), arrival, request.request_id, index, state)
+        seq.lookahead = self.speculative.num_speculative_tokens if self.speculative else 0
         seq.logprobs = [] if params.logprobs is not None else None
         request.seqs.append(seq)
         return seq

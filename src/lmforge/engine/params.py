@@ -79,3 +79,5 @@ class EngineStats:
     prefix_cache_hit_rate: float  # prompt tokens found computed / prompt tokens admitted
     prompt_tokens: int
     generated_tokens: int
+    draft_tokens: int = 0  # speculative decoding: draft tokens proposed for verification
+    accepted_draft_tokens: int = 0  # ... and accepted by the target (acceptance rate: accepted / proposed)

@@ -1,14 +1,24 @@
-"""The model runner: one engine step is one forward of `Transformer.hidden_states` over the scheduled rows.
+"""The model runner: one engine step is a few forwards of `Transformer.hidden_states` over the scheduled rows.
 
-Row b of the (B, T) batch is the b-th scheduled sequence's chunk: its tokens num_computed .. num_computed + n_b - 1
-(T = the longest chunk; a decoding row has n_b = 1), right-padded with attention mask 0, at explicit positions
-num_computed + j. The cache is a `BlockTableCache` over one pool: before the forward its rows are bound to the
-sequences' block tables and computed lengths, so the model writes each real new token's keys at its slot and
-attends over the row's blocks (masks built from positions: a padded query sees nothing it should not, and padding
-is never stored). Copy-on-write copies are made first. Only the positions whose logits the caller asks for go
-through the head: by default the last position of each row whose chunk reaches its last token (a prefill chunk
-that stops short just fills the cache); speculative decoding asks for the last K + 1 positions of a row fed its
-K drafts.
+Row b is the b-th scheduled sequence's chunk: its tokens num_computed .. num_computed + n_b - 1, at explicit
+positions num_computed + j. Rows are grouped so that no forward computes much padding (`pack`): the decoding rows
+(n_b = 1) run as one (B, 1) forward, and the longer chunks (prefill chunks, a speculative verification's K + 1
+tokens), longest first, in forwards of their own, each right-padded to its longest chunk while its padding stays
+under `MAX_PADDING` of its positions (a step with 31 decode rows and one 512-token chunk computes 31 + 512
+positions, not 32 x 512). The cache is a `BlockTableCache` over one pool: before each forward its rows are bound
+to the sequences' block tables (cut to the blocks the forward reads, padded with the scratch block) and computed
+lengths, so the model writes each real new token's keys at its slot and attends over the row's slots (masks built
+from positions: a padded query sees nothing it should not, and padding goes to the scratch block). Copy-on-write
+copies are made first.
+
+Only the positions whose logits the caller asks for go through the head: by default the last position of each row
+whose chunk reaches its last token (a prefill chunk that stops short just fills the cache); speculative decoding
+asks for the last K + 1 positions of a row fed its K drafts. The logits come back in batch order whatever the
+grouping.
+
+`compile=True` runs the decode forward compiled (`compiled_step.DecodeStep`: batch and block-table width padded to
+buckets, one graph per batch bucket) for models `infer.static_decode` supports (others stay eager, as `generate`
+falls back); the first decode forward, which allocates the pool, is eager.
 """
 
 from __future__ import annotations
@@ -18,18 +28,46 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lmforge.engine.compiled_step import MIN_WIDTH, DecodeStep, bucket
 from lmforge.engine.scheduler import ScheduledBatch
+from lmforge.engine.sequence import Sequence as Seq
+from lmforge.infer import static_decode
 from lmforge.infer.paged_cache import BlockTableCache
+
+MAX_PADDING = 0.25  # at most this share of a multi-token forward's positions are padding
+
+Rows = Sequence[tuple[Seq, int]]
+
+
+def pack(lengths: Sequence[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """The forwards of a step as groups of row indices (each in batch order): the rows of length 1 together, then
+    the longer rows by decreasing length, a row joining the group before it while the group, padded to its
+    longest row, stays within `max_padding` of padding."""
+    singles = [b for b, n in enumerate(lengths) if n == 1]
+    groups: list[list[int]] = []
+    for b in sorted((b for b, n in enumerate(lengths) if n > 1), key=lambda b: -lengths[b]):
+        if groups and padding([lengths[r] for r in [*groups[-1], b]]) <= max_padding:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return ([singles] if singles else []) + [sorted(group) for group in groups]
+
+
+def padding(lengths: Sequence[int]) -> float:
+    """The share of padding in a forward of rows of `lengths`, each padded to the longest."""
+    return 1 - sum(lengths) / (max(lengths) * len(lengths))
 
 
 class ModelRunner:
-    """Runs scheduled batches of `model` over a pool of `num_blocks` blocks of `block_size` slots."""
+    """Runs scheduled batches of `model` over a pool of `num_blocks` blocks of `block_size` slots; `compile` runs
+    the decode forward compiled (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = BlockTableCache(num_blocks, block_size)
         self.tokens_computed = 0  # tokens fed to the model since the start (prefix caching skips some)
+        self.decode_step = DecodeStep(model, self.cache) if compile and static_decode.supports(model) else None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, logits_per_row: Sequence[int] | None = None) -> torch.Tensor:
@@ -38,20 +76,52 @@ class ModelRunner:
         rows = batch.rows
         if logits_per_row is None:
             logits_per_row = [int(seq.num_computed + n == len(seq.tokens)) for seq, n in rows]
-        width = max(n for _, n in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, (seq, n) in enumerate(rows):
-            start = seq.num_computed
-            ids[b, :n] = torch.tensor(seq.tokens[start : start + n])
-            positions[b, :n] = torch.arange(start, start + n)
-            mask[b, :n] = 1
         self.cache.copy_blocks(batch.copies)
-        self.cache.bind([seq.block_table for seq, _ in rows], [seq.num_computed for seq, _ in rows], self.device)
-        ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
-        h = self.model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=self.cache)
+        parts, source = [], []
+        for group in pack([n for _, n in rows]):
+            counts = [logits_per_row[b] for b in group]
+            parts.append(self._forward([rows[b] for b in group], counts))
+            source += [b for b, k in zip(group, counts, strict=True) for _ in range(k)]
         self.tokens_computed += batch.tokens
-        which = [b for b, k in enumerate(logits_per_row) for _ in range(k)]
-        cols = [j for (_, n), k in zip(rows, logits_per_row, strict=True) for j in range(n - k, n)]
+        if len(parts) == 1:  # one group, in batch order
+            return parts[0]
+        order = torch.tensor(source, dtype=torch.long).argsort(stable=True)  # group order -> batch order
+        return torch.cat(parts)[order.to(self.device)]
+
+    def _forward(self, rows: Rows, counts: list[int]) -> torch.Tensor:
+        """The logits of the last counts[b] positions of each row of one forward."""
+        if self.decode_step is not None and rows[0][1] == 1 and self.cache.allocated:
+            return self._decode(rows, counts)
+        ids, positions, mask, tables, starts = self._inputs(rows, len(rows), self._blocks(rows))
+        self.cache.bind(tables, starts)
+        h = self.model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=self.cache)
+        which = [b for b, k in enumerate(counts) for _ in range(k)]
+        cols = [j for (_, n), k in zip(rows, counts, strict=True) for j in range(n - k, n)]
         return self.model.logits(h[which, cols]).float()
+
+    def _decode(self, rows: Rows, counts: list[int]) -> torch.Tensor:
+        """One token per row through the compiled step, batch and table width padded to their buckets."""
+        ids, positions, _, tables, starts = self._inputs(rows, bucket(len(rows)), bucket(self._blocks(rows), MIN_WIDTH))
+        logits = self.decode_step(ids, positions, tables, starts)
+        keep = [b for b, k in enumerate(counts) if k]
+        return logits if len(keep) == len(logits) else logits[keep]
+
+    def _blocks(self, rows: Rows) -> int:
+        """The blocks the forward reads: enough for the longest row once its chunk is stored."""
+        return -(-max(seq.num_computed + n for seq, n in rows) // self.cache.block_size)
+
+    def _inputs(self, rows: Rows, size: int, width: int) -> tuple[torch.Tensor | None, ...]:
+        """(ids, positions, mask, tables, starts) of `rows` padded to the longest chunk (mask: None when no token is
+        padding) and to `size` rows (token 0 at position 0 in the scratch block); tables (size, width)."""
+        t, pad, scratch = max(n for _, n in rows), size - len(rows), self.cache.scratch
+        starts = torch.tensor([seq.num_computed for seq, _ in rows] + [0] * pad)
+        lengths = torch.tensor([n for _, n in rows] + [t] * pad)
+        ids = [seq.tokens[seq.num_computed : seq.num_computed + n] + [0] * (t - n) for seq, n in rows]
+        tables = [seq.block_table[:width] for seq, _ in rows]
+        tables = [table + [scratch] * (width - len(table)) for table in tables] + [[scratch] * width] * pad
+        mask = torch.arange(t) < lengths[:, None]
+        positions = torch.where(mask, starts[:, None] + torch.arange(t), 0)  # padding at 0: any position is masked
+        device = self.device
+        return (torch.tensor(ids + [[0] * t] * pad, device=device), positions.to(device),
+                None if bool(mask.all()) else mask.long().to(device), torch.tensor(tables, device=device),
+                starts.to(device))  # fmt: skip

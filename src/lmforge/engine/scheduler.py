@@ -17,6 +17,12 @@ it goes back to waiting with every token it has, to be prefilled again when it i
 sequence in need is itself the youngest, it is the one preempted. No sequence is admitted in a step that
 preempted. Since every sequence fits the pool alone (the engine checks max_model_len against the pool), the
 oldest sequence always progresses: no crash, no deadlock.
+
+Lookahead slots (speculative decoding): after the running and admitted sequences are scheduled, each decoding row
+gets room for up to `Sequence.max_drafts` draft tokens after its last token (`ScheduledBatch.lookahead`), oldest
+first, from the budget left and the free blocks only: drafts never preempt anyone nor keep anyone waiting, and
+a row that finds no room decodes plainly. The engine feeds the drafts it makes (at most the slots) and gives back
+the blocks of the rejected ones (`BlockManager.truncate`).
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ def _order(seq: Sequence) -> tuple[int, int]:
 @dataclass
 class ScheduledBatch:
     """One step's work: each scheduled sequence with the count of its tokens to compute, in batch order; the block
-    copies (copy-on-write) to make before the forward; the sequences preempted while scheduling."""
+    copies (copy-on-write) to make before the forward; the sequences preempted while scheduling; per row, the draft
+    tokens it has room for after its chunk (lookahead slots; all 0 without speculation)."""
 
     rows: list[tuple[Sequence, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    lookahead: list[int] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -64,11 +72,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        """The next step's batch: running sequences first, then admissions, within the token budget."""
+        """The next step's batch: running sequences first, then admissions, then lookahead slots, within the token
+        budget."""
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not batch.preempted:
-            self._admit(batch, budget)
+            budget = self._admit(batch, budget)
+        self._reserve_lookahead(batch, budget)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
@@ -88,20 +98,32 @@ class Scheduler:
             i += 1
         return budget
 
-    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit(self, batch: ScheduledBatch, budget: int) -> int:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            seats = 1 + seq.forks  # its forked samples will run beside it
-            if self.running and len(self.running) + seats > self.max_num_seqs:
-                return
+            taken = sum(1 + s.forks for s in self.running)  # the running, and the samples they will fork
+            if self.running and taken + 1 + seq.forks > self.max_num_seqs:
+                break
             if not self.blocks.can_allocate(seq):
-                return
+                break
             self.waiting.pop(0)
             self.blocks.allocate(seq)
             self._run(seq)
             n = min(seq.remaining, budget)
             batch.rows.append((seq, n))
             budget -= n
+        return budget
+
+    def _reserve_lookahead(self, batch: ScheduledBatch, budget: int) -> None:
+        """Room for each decoding row's drafts, oldest first, within `budget` and the free blocks."""
+        for seq, _ in batch.rows:
+            k = min(seq.max_drafts, budget)
+            while k and not self.blocks.can_grow(seq, len(seq.tokens) + k):
+                k -= 1
+            if k:
+                batch.copies += self.blocks.grow(seq, len(seq.tokens) + k)
+            batch.lookahead.append(k)
+            budget -= k
 
     def _run(self, seq: Sequence) -> None:
         seq.status = Status.RUNNING

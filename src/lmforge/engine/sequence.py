@@ -4,7 +4,8 @@ A sequence's `tokens` are its prompt followed by what it generated. `num_compute
 values in the paged cache; the others are still to be fed to the model. That one number covers every phase:
 
     prefill          num_computed < len(tokens) - 1: a chunk of the uncomputed tokens goes to the next forward
-    decode           num_computed == len(tokens) - 1: the last sampled token goes to the next forward
+    decode           num_computed == len(tokens) - 1: the last sampled token goes to the next forward (with up to
+                     `max_drafts` draft tokens after it when the engine speculates: `engine.spec_decode`)
     after preemption num_computed == 0 again: the whole prompt and output are recomputed (then decoding resumes)
 
 A forward that computes a sequence up to its last token gives the logits of its next token, which is sampled and
@@ -41,6 +42,8 @@ class Sequence:
     num_computed: int = 0
     status: Status = Status.WAITING
     forks: int = 0  # samples to fork from it once its prompt is computed (n > 1)
+    lookahead: int = 0  # the most draft tokens one decode step may feed after its last token (0: no speculation)
+    draft_lag: int = 0  # the last computed tokens the draft model's cache does not hold yet (0 or 1: spec_decode)
     text: str = ""  # the text released so far
     logprobs: list[dict[int, float]] | None = None  # per generated token, when asked for
     cumulative_logprob: float = 0.0
@@ -50,6 +53,16 @@ class Sequence:
     def remaining(self) -> int:
         """Tokens not yet fed to the model."""
         return len(self.tokens) - self.num_computed
+
+    @property
+    def max_drafts(self) -> int:
+        """Draft tokens its next step may feed after its last token: none while it has no output yet (the prompt
+        is computed, or its first token drawn, the plain way); else up to `lookahead`, fewer than the tokens its
+        budget still allows (a round emits its accepted drafts and one more token)."""
+        if self.remaining != 1 or len(self.tokens) == self.prompt_len:
+            return 0
+        left = self.lookahead if self.state is None else self.state.budget - len(self.output) - 1
+        return max(0, min(self.lookahead, left))
 
     @property
     def output(self) -> list[int]:

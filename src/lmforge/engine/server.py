@@ -31,7 +31,7 @@ A wrong method is a 405 with its Allow header, in the same error body.
 
 Metrics (per app, in its own registry): gauges read from `engine.stats()` at each scrape (running and waiting
 requests, KV blocks used and free, prefix-cache hit rate), counters of prompt and generated tokens (their
-`rate()` is tokens/s), finished requests by finish reason, and histograms of time to first token, of the time
+`rate()` is tokens/s) and of speculative draft tokens proposed and accepted (their ratio: the acceptance rate), finished requests by finish reason, and histograms of time to first token, of the time
 between two streamed updates of a request (inter-token latency: one engine step yields one token per output), and
 of the end-to-end request latency.
 """
@@ -100,6 +100,10 @@ class Metrics:
             yield GaugeMetricFamily(f"lmforge_{name}", doc, value=value)
         yield CounterMetricFamily("lmforge_prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens)
         yield CounterMetricFamily("lmforge_generation_tokens", "Tokens generated.", value=stats.generated_tokens)
+        yield CounterMetricFamily("lmforge_spec_decode_draft_tokens", "Draft tokens proposed (speculative decoding).",
+                                  value=stats.draft_tokens)  # fmt: skip
+        yield CounterMetricFamily("lmforge_spec_decode_accepted_tokens", "Draft tokens the target accepted.",
+                                  value=stats.accepted_draft_tokens)  # fmt: skip
 
     def describe(self):
         return []  # computed at scrape time: no fixed description (registering must not call the engine)

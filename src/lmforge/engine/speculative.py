@@ -26,19 +26,28 @@ race that `torch.multinomial` and `sampling.sample_rows` use): P(v) = w_v / sum 
 Proposers map the rows' tokens so far to a `Proposal`: `PromptLookup` (n-gram: the tokens that followed the most
 recent earlier occurrence of the row's last n tokens, n from max_n down to min_n; no model, no distribution) and
 `DraftModel` (a small model run K times, sampled with the row's generator or greedy).
+
+`SpeculativeConfig` is the engine's option, in vLLM's shape (`Engine(..., speculative_config=...)`, a dict or the
+dataclass): `{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}`
+or `{"model": <nn.Module or checkpoint path>, "num_speculative_tokens": 4}` (method "draft_model"). The engine's
+side of the protocol (drafts per decoding row, one verifying forward, rollback) is `engine.spec_decode`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from lmforge.configfile import check, check_positive
+from lmforge.configfile import check, check_choice, check_positive, unknown
 
-__all__ = ["Acceptance", "DraftModel", "PromptLookup", "Proposal", "Proposer", "accept_greedy", "accept_sampled",
-           "residual"]  # fmt: skip
+__all__ = ["Acceptance", "DraftModel", "PromptLookup", "Proposal", "Proposer", "SpeculativeConfig", "accept_greedy",
+           "accept_sampled", "residual"]  # fmt: skip
 
 PAD = -1  # fills `Acceptance.tokens` past each row's emitted tokens
 
@@ -180,9 +189,7 @@ class PromptLookup:
     min_n: int = 1
 
     def __post_init__(self) -> None:
-        check_positive("PromptLookup.min_n", self.min_n)
-        check_positive("PromptLookup.max_n", self.max_n)
-        check(self.max_n >= self.min_n, "PromptLookup.max_n", self.max_n, f"must be >= min_n ({self.min_n})")
+        _check_ngram_lengths(("PromptLookup.max_n", self.max_n), ("PromptLookup.min_n", self.min_n))
 
     def __call__(self, rows: Sequence[Sequence[int]], k: int) -> Proposal:
         drafts = [self.lookup(list(row), k) for row in rows]
@@ -199,6 +206,13 @@ class PromptLookup:
                 if tokens[start : start + n] == tail:
                     return tokens[start + n : start + n + k]
         return []
+
+
+def _check_ngram_lengths(longest: tuple[str, Any], shortest: tuple[str, Any]) -> None:
+    """Both (name, value) are positive integers, the longest >= the shortest."""
+    for name, value in (shortest, longest):
+        check_positive(name, value)
+    check(longest[1] >= shortest[1], longest[0], longest[1], f"must be >= {shortest[0]} ({shortest[1]})")
 
 
 class DraftModel:
@@ -230,3 +244,59 @@ class DraftModel:
         stacked = torch.stack(tokens, dim=1)
         counts = torch.full((len(rows),), k, dtype=torch.long, device=stacked.device)
         return Proposal(stacked, counts, None if self.generators is None else torch.stack(qs, dim=1))
+
+
+METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True, eq=False)
+class SpeculativeConfig:
+    """How the engine speculates (see the module docstring); a wrong value raises `ConfigError` naming the field.
+
+    method: "ngram" (prompt lookup) or "draft_model" (the default when `model` is given).
+    num_speculative_tokens: K, the most drafts a decoding row feeds per step.
+    prompt_lookup_max / prompt_lookup_min: the n-gram lengths prompt lookup tries (ngram).
+    model: the draft model (draft_model), an `nn.Module` or a checkpoint path; it must share the target's
+        tokenizer (the engine checks the vocabulary).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+    model: nn.Module | str | Path | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("speculative_config.method", self.method, METHODS)
+        check_positive("speculative_config.num_speculative_tokens", self.num_speculative_tokens)
+        _check_ngram_lengths(("speculative_config.prompt_lookup_max", self.prompt_lookup_max),
+                             ("speculative_config.prompt_lookup_min", self.prompt_lookup_min))  # fmt: skip
+        drafts = self.method == "draft_model"
+        check(self.model is None or drafts, "speculative_config.model", _shown(self.model),
+              'is for method "draft_model" only')  # fmt: skip
+        check(self.model is not None or not drafts, "speculative_config.model", None,
+              'method "draft_model" needs the draft model (an nn.Module or a checkpoint path)')  # fmt: skip
+        check(self.model is None or isinstance(self.model, nn.Module | str | Path), "speculative_config.model",
+              _shown(self.model), "must be an nn.Module or a checkpoint path")  # fmt: skip
+
+    @classmethod
+    def of(cls, value: SpeculativeConfig | Mapping[str, Any] | None) -> SpeculativeConfig | None:
+        """The config of `value`: None (no speculation), the dataclass, or a dict of its fields (vLLM's form)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        check(isinstance(value, Mapping), "speculative_config", value, "must be None, a dict or a SpeculativeConfig")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in value:
+            if key not in names:
+                raise unknown("speculative_config field", str(key), names)
+        fields = dict(value)
+        fields.setdefault("method", "draft_model" if fields.get("model") is not None else "ngram")
+        return cls(**fields)
+
+    def lookup(self) -> PromptLookup:
+        return PromptLookup(self.prompt_lookup_max, self.prompt_lookup_min)
+
+
+def _shown(model: object) -> object:
+    """`model` as an error message shows it (a module by its class, not its whole repr)."""
+    return type(model).__name__ if isinstance(model, nn.Module) else model

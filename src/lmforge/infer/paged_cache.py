@@ -1,21 +1,34 @@
 """A paged KV cache, the reference a paged engine builds on: fixed-size blocks in a pool, per-row block tables.
 
-Storage: for each layer and tensor one pool of `n_blocks` blocks of `block_size` slots, (n_blocks, ..., block_size,
-d). A row (sequence) owns a block table, a list of block ids; its slot s lives in block table[s // block_size] at
-offset s % block_size. Rows grow by taking free blocks as their tokens arrive, and give them back when they leave
-(`remove_rows`), so memory follows the tokens actually held instead of batch x max_len.
+Storage (`BlockPools`): for each layer and tensor one pool of `n_blocks` blocks of `block_size` slots,
+(n_blocks, ..., block_size, d). A row (sequence) owns a block table, a list of block ids; its slot s lives in
+block table[s // block_size] at offset s % block_size. Rows grow by taking free blocks as their tokens arrive, and
+give them back when they leave (`remove_rows`), so memory follows the tokens actually held instead of
+batch x max_len.
 
-Attention (the reference): gather each row's blocks into a contiguous (B, ..., S, d) view and call the layer's
-`fn` (`Cache.attend`'s default); a block-table kernel would read the pool directly. Row bookkeeping (per-row
-lengths and positions, where the real new tokens go) is `kv_cache.RowCache`'s.
+Attention (the reference): gather the slots each row attends over into a contiguous (B, ..., S, d) view and call
+the layer's `fn` (`Cache.attend`'s default); a block-table kernel would read the pool directly. The (block,
+offset) index of every slot read is computed once per forward, shared by every layer and tensor, so a layer's read
+is one gather of exactly the S slots it needs. Row bookkeeping (per-row lengths and positions, where the real new
+tokens go) is `kv_cache.RowCache`'s.
 
 Blocks are reference-counted, so a caller (an engine's block manager, prefix caching) can start a row on blocks
 that hold tokens already: `add_rows(block_tables=[[...]], lengths=[n])` shares those blocks; a shared block must
 not be written again (the row's new tokens go to slots n, n + 1, ...: give it its own block from n on).
 
-`BlockTableCache` is the same pool with the bookkeeping moved out: an engine's block manager owns the blocks
-(free list, reference counts, prefix cache, copy-on-write) and, before each forward, `bind`s the rows of that
-forward to their block tables and computed lengths; `copy_blocks` copies whole blocks (copy-on-write).
+`BlockTableCache` is the same pools with all bookkeeping moved out, for an engine whose block manager owns the
+blocks (free list, reference counts, prefix cache, copy-on-write). Its rows are sequences whose token at slot s
+has position s, fed right-padded chunks at explicit positions, so nothing in a forward needs a host-side number:
+before each forward the caller `bind`s the rows' block tables (B, W) and computed lengths (B,) as tensors, and
+
+    key slots    j = 0 .. W * block_size - 1 of each row, at block tables[b, j // block_size], position j;
+                 valid while j < start_b + (the row's real new tokens)
+    new token    (b, t) at position p goes to slot p; a padding token (attention mask 0) goes to the scratch block
+
+The scratch block (one block past the caller's `num_blocks`) takes every write that must not land in a real block:
+padding tokens, and the padded rows of a compiled step's batch bucket (whose tables are all scratch). So a forward
+is pure tensor work, and one `torch.compile`d decode step serves any block tables (`engine.runner`).
+`copy_blocks` copies whole blocks (copy-on-write).
 """
 
 from __future__ import annotations
@@ -25,20 +38,55 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.infer.kv_cache import RowCache
-from lmforge.model.cache import CacheFullError
+from lmforge.model.cache import Cache, CacheFullError, KeyLayout
 
 
-class PagedKVCache(RowCache):
+class BlockPools:
+    """Per layer and tensor i, a pool (n_blocks, ..., block_size, d), allocated by its first write; slots are
+    addressed by (block, offset) index tensors of one shape (or broadcasting to one)."""
+
+    def __init__(self, n_blocks: int, block_size: int) -> None:
+        self.n_blocks, self.block_size = n_blocks, block_size
+        self._pools: dict[int, list[torch.Tensor]] = {}
+
+    @property
+    def allocated(self) -> bool:
+        """Whether the pools exist (a first forward has written to them)."""
+        return bool(self._pools)
+
+    def _put(
+        self, layer: int, i: int, like: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Store `values` (*index, ..., d) at slots (blocks, offsets) (*index) of tensor `i` (shaped like `like`)."""
+        pools = self._pools.setdefault(layer, [])
+        if i == len(pools):
+            pool = like.new_zeros(self.n_blocks, *like.shape[1:-2], self.block_size, like.shape[-1])
+            pools.append(torch._dynamo.mark_dynamic(pool, 0) or pool)  # a compiled step serves every pool size
+        pools[i][_at(pools[i], blocks, offsets)] = values
+
+    def _gather(self, layer: int, i: int, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Slots (blocks, offsets) (B, S) of tensor `i` of `layer`: (B, ..., S, d)."""
+        pool = self._pools[layer][i]
+        return pool[_at(pool, blocks, offsets)].movedim(1, -2)
+
+
+def _at(pool: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple:
+    """The index of slots (blocks, offsets) in a pool (n_blocks, ..., block_size, d): its result is (*index, ..., d)
+    (advanced indices split by slices put their dimensions first)."""
+    return blocks, *(slice(None),) * (pool.dim() - 3), offsets
+
+
+class PagedKVCache(RowCache, BlockPools):
     """`n_blocks` blocks of `block_size` slots shared by every row (see the module docstring)."""
 
     def __init__(self, n_blocks: int, block_size: int = 16) -> None:
-        super().__init__()
-        self.n_blocks, self.block_size = n_blocks, block_size
+        RowCache.__init__(self)
+        BlockPools.__init__(self, n_blocks, block_size)
         self.tables: list[list[int]] = []  # per row: its blocks, in slot order
         self.refs = [0] * n_blocks  # rows using each block
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: block 0 is taken first
-        self._pools: dict[int, list[torch.Tensor]] = {}
         self._table: torch.Tensor | None = None  # (B, max blocks) the tables of the forward under way
+        self._read_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (blocks (B, S), offsets (S,)) it reads
 
     @property
     def free_blocks(self) -> int:
@@ -86,13 +134,10 @@ class PagedKVCache(RowCache):
                 raise CacheFullError(f"paged KV cache: row {row} needs {need} more blocks; {free} are free")
             for _ in range(need):
                 self.tables[row].append(self._take(self._free[-1]))
-        self._bind_tables()
-
-    def _bind_tables(self) -> None:
-        """The rows' block tables as the (B, max blocks) tensor the forward under way reads and writes through."""
         width = max(len(t) for t in self.tables)
         padded = [t + [0] * (width - len(t)) for t in self.tables]  # past a row's length: masked out
         self._table = torch.tensor(padded, dtype=torch.long, device=self.next_pos.device)
+        self._read_at = slot_index(self._table, self.block_size, max(new_lengths))
 
     def _take(self, block: int) -> int:
         if self.refs[block] == 0:
@@ -103,38 +148,65 @@ class PagedKVCache(RowCache):
     def _write(
         self, layer: int, i: int, like: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor
     ) -> None:
-        pools = self._pools.setdefault(layer, [])
-        if i == len(pools):
-            pools.append(like.new_zeros(self.n_blocks, *like.shape[1:-2], self.block_size, like.shape[-1]))
-        blocks = self._table[rows, slots // self.block_size]
-        pools[i].movedim(-2, 1)[blocks, slots % self.block_size] = values
+        self._put(layer, i, like, self._table[rows, slots // self.block_size], slots % self.block_size, values)
 
     def _read(self, layer: int, i: int, s: int) -> torch.Tensor:
-        """Gather every row's blocks: (B, blocks, block_size, ..., d) -> (B, ..., s, d)."""
-        pool = self._pools[layer][i].movedim(-2, 1)  # (n_blocks, block_size, ..., d)
-        rows = pool[self._table].flatten(1, 2)  # (B, blocks * block_size, ..., d)
-        return rows[:, :s].movedim(1, -2)
+        """Slots 0..s-1 of every row (s: the longest row, as `_grow` computed the index for)."""
+        return self._gather(layer, i, *self._read_at)
 
 
-class BlockTableCache(PagedKVCache):
-    """A paged pool whose blocks a caller allocates: each forward's rows are `bind`-ed to their block tables.
+def slot_index(tables: torch.Tensor, block_size: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks (B, s), offsets (s,)): where slots 0..s-1 of each row of block tables (B, W) live."""
+    j = torch.arange(s, device=tables.device)
+    return tables[:, j // block_size], j % block_size
 
-    The caller guarantees that a row's table covers every slot it writes and that it writes no block another
-    row reads as already computed (see `engine.block_manager`). Reference counts and the free list of
-    `PagedKVCache` are not used; `add_rows` / `remove_rows` are replaced by `bind`.
+
+class BlockTableCache(BlockPools, Cache):
+    """Pools whose blocks a caller allocates: each forward's rows are `bind`-ed to their block tables and computed
+    lengths, as tensors (see the module docstring).
+
+    The caller guarantees that a row's table covers every slot it writes and reads (W * block_size >= its length
+    after the forward), that it writes no block another row reads as already computed (see
+    `engine.block_manager`), and that it passes `position_ids` (a row's new tokens at start, start + 1, ...).
     """
 
-    def bind(self, tables: Sequence[Sequence[int]], lengths: Sequence[int], device: torch.device | str) -> None:
-        """The next forward's rows: row r holds `lengths[r]` computed tokens in blocks `tables[r]`."""
-        self.tables = [list(t) for t in tables]
-        self.lengths = list(lengths)
-        self.next_pos = torch.tensor(self.lengths, dtype=torch.long, device=device)
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        super().__init__(num_blocks + 1, block_size)
+        self.scratch = num_blocks  # the block padding writes to (never one of the caller's)
+        self.tables: torch.Tensor | None = None  # (B, W) the block tables of the next forward
+        self.starts: torch.Tensor | None = None  # (B,) tokens each row holds before it
+        self._write_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (blocks, offsets) (B, T) of the new tokens
+        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # (blocks (B, S), offsets (S,)) of the keys
 
-    def capacity(self, row: int) -> int:
-        return len(self.tables[row]) * self.block_size
+    def bind(self, tables: torch.Tensor, starts: torch.Tensor) -> None:
+        """The next forward's rows: row b's slot s lives in block tables[b, s // block_size]; it holds starts[b]
+        computed tokens."""
+        self.tables, self.starts = tables, starts
 
-    def _grow(self, new_lengths: list[int]) -> None:
-        self._bind_tables()
+    def next_positions(self, batch: int, device: torch.device) -> torch.Tensor:
+        return self.starts
+
+    def prepare(self, valid: torch.Tensor | None, positions: torch.Tensor) -> KeyLayout:
+        s = self.tables.shape[1] * self.block_size
+        self._keys = slot_index(self.tables, self.block_size, s)
+        at = positions if valid is None else positions.where(valid, 0)  # padding: any slot, then the scratch block
+        written = self._keys[0].gather(1, at)
+        if valid is not None:
+            written = written.where(valid, self.scratch)
+        self._write_at = written, at % self.block_size
+        ends = self.starts + (positions.shape[1] if valid is None else valid.sum(1))
+        key_positions = torch.arange(s, device=positions.device)
+        return KeyLayout(key_positions[None], key_positions < ends[:, None])
+
+    def store(self, layer: int, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        out = []
+        for i, t in enumerate(new):
+            self._put(layer, i, t, *self._write_at, t.movedim(-2, 1))
+            out.append(self._gather(layer, i, *self._keys))
+        return tuple(out)
+
+    def commit(self) -> None:
+        self._write_at = self._keys = None
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy the contents of block `src` to block `dst` in every pool, for each (src, dst) of `pairs`."""

@@ -1,0 +1,63 @@
+"""The engine's compiled decode step: the (B, 1) forward of the decoding rows, one `torch.compile`d graph per batch
+bucket.
+
+A decode step feeds every decoding sequence its last token: at batch 1 on a CPU the eager forward's Python (a
+few hundred small ops per layer) costs as much as reading the weights. As `infer.static_decode` does for one
+stream, the step here is the model's own `hidden_states` over the engine's `BlockTableCache`, compiled: the
+cache's `prepare` / `store` are tensor work only (slot indices from the bound block tables, padding to the scratch
+block), so the whole step is one graph, run on `matvec_view(model)` (a one-row step's linears as the
+multiply-and-sum inductor fuses into one pass over the weights; at B > 1 they stay `linear`), the head on every
+row's last position.
+
+Shape buckets, as vLLM and nano-vllm capture one CUDA graph per batch size: the runner pads B to the next power
+of two (`bucket`; the padded rows decode token 0 at position 0 through block tables that are all the scratch
+block, so they never touch a real block, and their logits are dropped) and the block-table width W to a power of
+two of at least 2 blocks. The batch size is compiled static (one graph per bucket: at most log2(max rows) + 1
+graphs) and W symbolic, so a bucket's graph serves every width: after each bucket's first step a long run
+compiles nothing more. The pool's block count is symbolic too, so engines of one model share the graphs (in one
+process: the step is not kept on disk by `infer.compile_cache`, whose `cached_compile` takes no `recompile_limit`
+and drops symbolic sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.infer.matvec import matvec, matvec_view
+from lmforge.infer.paged_cache import BlockTableCache
+
+MIN_WIDTH = 2  # blocks: a symbolic size must not be 1 (torch specializes sizes 0 and 1)
+RECOMPILE_LIMIT = 64  # graphs of the step (batch buckets x models of different shapes) before compiling fails
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """The bucket of a size `n`: the next power of two, at least `least`."""
+    return max(least, 1 << (n - 1).bit_length())
+
+
+class DecodeStep:
+    """`step(ids, positions, tables, starts)` -> (B, V) fp32 logits of one token per row over `cache`, compiled.
+
+    ids, positions: (B, 1); tables (B, W), starts (B,): what `BlockTableCache.bind` takes. B and W should be
+    buckets (`bucket`; W >= MIN_WIDTH), or each new size compiles another graph.
+    """
+
+    def __init__(self, model: nn.Module, cache: BlockTableCache) -> None:
+        self.cache = cache
+        self.view = matvec_view(model)
+        fullgraph = model.config.moe is None  # MoE routing is data-dependent: graph breaks there
+        self._step = torch.compile(self._forward, fullgraph=fullgraph, recompile_limit=RECOMPILE_LIMIT)
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, starts: torch.Tensor
+    ) -> torch.Tensor:
+        for t in (ids, positions, tables, starts):
+            torch._dynamo.mark_static(t, 0)  # one graph per batch bucket
+        torch._dynamo.mark_dynamic(tables, 1)  # one graph for every block-table width
+        self.cache.bind(tables, starts)
+        return self._step(self.view, ids, positions)
+
+    def _forward(self, model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = model.hidden_states(ids, position_ids=positions, cache=self.cache)
+        return model.logits(h[:, -1], matvec).float()
