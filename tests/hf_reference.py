@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import lmforge
+
 VOCAB = 96
 
 
@@ -93,3 +95,10 @@ def hf_beam_search(hf, ids: list[int], num_beams: int, max_new_tokens: int, leng
     lengths = (out.beam_indices != -1).sum(dim=1).tolist()
     n = len(ids)
     return [(out.sequences[i, n : n + m].tolist(), float(out.sequences_scores[i])) for i, m in enumerate(lengths)]
+
+
+def hf_and_lmforge(arch: str, directory):
+    """A transformers model of `arch` with random weights, and lmforge's load of it saved in `directory`."""
+    hf = hf_model(arch)
+    hf.save_pretrained(directory)
+    return hf, lmforge.load(directory)[0]

@@ -15,8 +15,7 @@ import copy
 import pytest
 import torch
 
-import lmforge
-from hf_reference import VOCAB, hf_beam_search, hf_model
+from hf_reference import VOCAB, hf_and_lmforge, hf_beam_search
 from lmforge.configfile import ConfigError
 from lmforge.engine import LLM, SamplingParams
 from lmforge.engine.beam_search import BeamSearchParams
@@ -30,10 +29,7 @@ PROMPT, NEW = 6, 12
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = hf_model("llama")
-    path = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(path)
-    return hf, lmforge.load(path)[0]
+    return hf_and_lmforge("llama", tmp_path_factory.mktemp("llama"))
 
 
 def byte_tokenizer(eos: str | None = None, eot: str | None = None) -> Tokenizer:

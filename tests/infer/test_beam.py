@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lmforge
-from hf_reference import VOCAB, hf_beam_search, hf_model
+from hf_reference import VOCAB, hf_and_lmforge, hf_beam_search, hf_model
 from lmforge.configfile import ConfigError
 from lmforge.infer.beam import BeamParams, beam_generate, beam_search
 from lmforge.infer.sampling import GenerationInputError
@@ -20,10 +20,7 @@ PROMPT, NEW = 6, 12
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = hf_model("llama")
-    path = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(path)
-    return hf, lmforge.load(path)[0]
+    return hf_and_lmforge("llama", tmp_path_factory.mktemp("llama"))
 
 
 def prompt(seed: int) -> torch.Tensor:
