@@ -31,9 +31,10 @@ A wrong method is a 405 with its Allow header, in the same error body.
 
 Metrics (per app, in its own registry): gauges read from `engine.stats()` at each scrape (running and waiting
 requests, KV blocks used and free, prefix-cache hit rate), counters of prompt and generated tokens (their
-`rate()` is tokens/s) and of speculative draft tokens proposed and accepted (their ratio: the acceptance rate), finished requests by finish reason, and histograms of time to first token, of the time
-between two streamed updates of a request (inter-token latency: one engine step yields one token per output), and
-of the end-to-end request latency.
+`rate()` is tokens/s), of speculative draft tokens proposed and accepted (their ratio: the acceptance rate) and
+of finished requests by finish reason, and histograms of time to first token, of the time between two streamed
+updates of a request (inter-token latency: one engine step yields one token per output), and of the end-to-end
+request latency.
 """
 
 from __future__ import annotations
