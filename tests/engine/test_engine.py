@@ -1,5 +1,6 @@
 """The engine against the one-at-a-time oracle, `infer.generate.generate`, on a tiny random Llama: greedy and
-seeded outputs for 16 prompts of different lengths, with chunked prefill, prefix caching and preemption; n > 1
+seeded outputs for 16 prompts of different lengths, with chunked prefill, prefix caching and preemption (by
+recompute, and by swap to host memory: nothing recomputed); n > 1
 (forked samples, copy-on-write) and best_of; logprobs against a plain forward; stop rules; input errors raised
 before scheduling; AsyncLLM streaming and abort. After every test the pool is fully free."""
 
@@ -16,6 +17,7 @@ from lmforge.config import MLAConfig
 from lmforge.configfile import ConfigError
 from lmforge.engine import LLM, AsyncLLM, SamplingParams
 from lmforge.engine.scheduler import Scheduler
+from lmforge.engine.swap import HostPools
 from lmforge.infer.decode import NonFiniteLogitsError
 from lmforge.infer.generate import generate
 from lmforge.infer.paged_cache import BlockTableCache
@@ -64,17 +66,32 @@ def assert_pool_free(llm: LLM) -> None:
     assert engine.requests == {} and not engine.scheduler.has_work()
     assert engine.blocks.free_blocks == engine.blocks.num_blocks
     assert all(b.refs == 0 for b in engine.blocks.blocks) and llm.stats().blocks_used == 0
+    host = engine.scheduler.host
+    assert llm.stats().swapped == 0 and (host is None or host.free_blocks == host.num_blocks)
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts preemptions, block copies and the real tokens of each forward (the mask the model is given)."""
-    seen = {"preempted": 0, "copies": 0, "forwards": []}
+    """Counts preemptions, blocks swapped out and in, block copies and the real tokens of each forward (the mask
+    the model is given)."""
+    seen = {"preempted": 0, "copies": 0, "forwards": [], "swap_out": 0, "swap_in": 0}
     preempt, copy_blocks, hidden = Scheduler.preempt, BlockTableCache.copy_blocks, Transformer.hidden_states
 
     def counting_preempt(self, seq):
         seen["preempted"] += 1
-        preempt(self, seq)
+        return preempt(self, seq)
+
+    def counting(way):
+        swap = getattr(HostPools, way)
+
+        def counting_swaps(self, pools, pairs):
+            seen[way] += len(pairs)
+            swap(self, pools, pairs)
+
+        return counting_swaps
+
+    for way in ("swap_out", "swap_in"):
+        monkeypatch.setattr(HostPools, way, counting(way))
 
     def counting_copies(self, pairs):
         seen["copies"] += len(pairs)
@@ -94,7 +111,8 @@ SETUPS = {
     "one-step-prefill": dict(),
     "chunked-prefill": dict(max_num_batched_tokens=16),
     "no-prefix-cache": dict(max_num_batched_tokens=16, enable_prefix_caching=False),
-    "preemption": dict(num_blocks=14, block_size=4, max_model_len=52),  # 16 prompts need ~70 blocks at once
+    "preemption": dict(num_blocks=14, block_size=4, max_model_len=52, swap_space_gib=0),  # 16 prompts: ~70 blocks
+    "swap": dict(num_blocks=14, block_size=4, max_model_len=52),  # preempted ones swap to host memory (the default)
 }
 
 
@@ -110,16 +128,39 @@ def test_greedy_outputs_equal_generate_alone(model, tok, prompts, spy, setup):
     assert max(spy["forwards"]) <= llm.engine.scheduler.max_num_batched_tokens
     if setup == "chunked-prefill":
         assert len(spy["forwards"]) > 12  # the prompts' 300-odd tokens took several 16-token steps
-    assert (spy["preempted"] > 0) == (setup == "preemption")
+    assert (spy["preempted"] > 0) == (setup in ("preemption", "swap"))
+    assert (spy["swap_out"] > 0) == (setup == "swap") and spy["swap_in"] == spy["swap_out"]
     assert_pool_free(llm)
 
 
-def test_seeded_sampling_equals_generate_with_the_same_seed_even_when_preempted(model, tok, prompts, spy):
+@pytest.mark.parametrize("setup", ["preemption", "swap"])
+def test_seeded_sampling_equals_generate_with_the_same_seed_even_when_preempted(model, tok, prompts, spy, setup):
     expected = alone(model, tok, prompts, SEEDED)
-    llm = LLM(model, tok, **SETUPS["preemption"])
+    llm = LLM(model, tok, **SETUPS[setup])
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, SEEDED)] == expected
-    assert spy["preempted"] > 0
+    assert spy["preempted"] > 0 and (spy["swap_out"] > 0) == (setup == "swap")
     assert_pool_free(llm)
+
+
+def test_swapped_sequences_resume_without_recomputing_and_aborts_free_host_blocks(model, tok, prompts, spy):
+    expected = alone(model, tok, prompts, GREEDY)
+    recompute, swap = (LLM(model, tok, **SETUPS[setup]) for setup in ("preemption", "swap"))
+    recompute.generate(prompts, GREEDY)
+    spy["preempted"] = 0
+    assert [o.outputs[0].token_ids for o in swap.generate(prompts, GREEDY)] == expected
+    computed = [llm.engine.runner.tokens_computed for llm in (recompute, swap)]
+    once = sum(len(p) + GREEDY.max_tokens - 1 for p in prompts)  # every token fed once
+    # recompute feeds the victims' tokens again; swap only those of a victim with under a block (4) computed
+    assert once <= computed[1] < once + 4 * spy["preempted"] and computed[1] < computed[0]
+    assert_pool_free(swap)
+    engine = swap.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    while not engine.stats().swapped:
+        engine.step()
+    for i in range(len(prompts)):
+        engine.abort(f"r{i}")
+    assert_pool_free(swap)
 
 
 def test_a_shared_prefix_is_computed_once(model, tok, spy):

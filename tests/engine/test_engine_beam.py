@@ -155,7 +155,8 @@ def test_several_prompts_in_one_call_equal_each_prompt_alone(models, llm, forwar
     together = busy.beam_search(prompts, params)
     for a, b in zip(alone, together, strict=True):
         assert [o.token_ids for o in b.outputs] == [o.token_ids for o in a.outputs]
-        torch.testing.assert_close([o.score for o in b.outputs], [o.score for o in a.outputs])
+        # float32 sums: a row's logits may differ in the last bits with the batch it is computed in
+        torch.testing.assert_close([o.score for o in b.outputs], [o.score for o in a.outputs], rtol=1e-5, atol=1e-6)
     assert max(f["rows"] for f in seen) == 6  # two searches' beams in one forward, never more
     assert max(f["tokens"] for f in seen) <= 16
     assert_pool_free(busy)

@@ -3,7 +3,8 @@
 Oracles: `infer.generate.generate` one prompt at a time and the engine without speculation (greedy outputs must be
 token for token theirs, for 16 prompts of different lengths with chunked prefill, prefix caching and preemption
 combined, with prompt lookup and with three draft models: the target itself, which must accept every draft, a
-perturbed copy and a smaller random model, which are rejected often); the exact target distribution of the third
+perturbed copy and a smaller random model, which are rejected often; and with preemption by swap, which must carry
+the draft model's cache too); the exact target distribution of the third
 token, marginalised over the first two with `sampling.process_logits` (a chi-square test over 1,000 seeded samples,
 which a rule accepting every draft fails); the plain engine's stops, budgets and log-probabilities. After every
 test the pool is fully free, and the prefix cache names only blocks of kept tokens.
@@ -24,10 +25,12 @@ from lmforge.engine import LLM, SamplingParams, spec_decode
 from lmforge.engine.block_manager import block_hash
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.speculative import SpeculativeConfig, _emit
+from lmforge.engine.swap import HostPools
 from lmforge.infer.sampling import process_logits
 from lmforge.tokenizer import train_bpe
 
-COMBINED = dict(num_blocks=14, block_size=4, max_model_len=52, max_num_batched_tokens=16)  # chunked, preempting
+COMBINED = dict(num_blocks=14, block_size=4, max_model_len=52, max_num_batched_tokens=16,
+                swap_space_gib=0)  # chunked, preempting by recompute  # fmt: skip
 K = 3
 
 
@@ -93,7 +96,7 @@ def preemptions(monkeypatch):
 
     def counting(self, seq):
         seen.append(seq)
-        preempt(self, seq)
+        return preempt(self, seq)
 
     monkeypatch.setattr(Scheduler, "preempt", counting)
     return seen
@@ -130,6 +133,23 @@ def test_greedy_speculation_equals_generate_and_the_plain_engine(model, tok, pro
     else:  # drafts were rejected (and, but for the random small model, some accepted)
         assert (engine.accepted_draft_tokens > 0) == (method != "small-draft")
         assert engine.accepted_draft_tokens < engine.draft_tokens
+    assert_cache_names_kept_tokens(llm, outs)
+    assert_pool_free(llm)
+
+
+@pytest.mark.parametrize("method", ["ngram", "self-draft"])
+def test_greedy_speculation_with_swapped_preemption_equals_generate(model, tok, prompts, drafts, expected,
+                                                                    monkeypatch, method):  # fmt: skip
+    swapped, swap_out = [], HostPools.swap_out
+    monkeypatch.setattr(HostPools, "swap_out", lambda self, pools, pairs: swapped.append(pairs) or
+                        swap_out(self, pools, pairs))  # fmt: skip
+    llm = LLM(model, tok, speculative_config=config(method, drafts), **{**COMBINED, "swap_space_gib": 1})
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected[0]
+    assert any(swapped)
+    engine = llm.engine
+    if method == "self-draft":  # the draft cache was swapped out and in with the target's: it still agrees
+        assert engine.accepted_draft_tokens == engine.draft_tokens > 0
     assert_cache_names_kept_tokens(llm, outs)
     assert_pool_free(llm)
 
@@ -298,19 +318,20 @@ def test_bad_speculative_configs_raise_naming_the_field(model, tok, spec, match)
     assert "\n" not in str(error.value)
 
 
-def test_compile_reaches_both_runners(model, tok, drafts, monkeypatch):
+def test_compile_and_swap_space_reach_both_runners(model, tok, drafts, monkeypatch):
     seen = []
     real = spec_decode.ModelRunner
 
     class Recording(real):
-        def __init__(self, model, num_blocks, block_size, compile=False):
-            seen.append(compile)
-            super().__init__(model, num_blocks, block_size)
+        def __init__(self, model, num_blocks, block_size, compile=False, swap_blocks=0):
+            seen.append((compile, swap_blocks))
+            super().__init__(model, num_blocks, block_size, swap_blocks=swap_blocks)
 
     monkeypatch.setattr("lmforge.engine.engine.ModelRunner", Recording)
     monkeypatch.setattr(spec_decode, "ModelRunner", Recording)
-    LLM(model, tok, speculative_config=config("self-draft", drafts), compile=True)
-    LLM(model, tok)
-    assert seen == [True, True, False]
+    llm = LLM(model, tok, speculative_config=config("self-draft", drafts), compile=True)
+    host = llm.engine.scheduler.host.num_blocks
+    LLM(model, tok, swap_space_gib=0)
+    assert seen == [(True, host), (True, host), (False, 0)] and host > 0
     with pytest.raises(ConfigError, match="compile='yes'"):
         LLM(model, tok, compile="yes")

@@ -1,22 +1,31 @@
 """The scheduler with a block manager and no model: each simulated step computes what was scheduled and appends
 a token to every sequence that reached its last token. Checked: the token budget and chunked prefill beside
 decodes, sequences joining and leaving between steps, arrival order without overtaking, preemption by recompute
-(the youngest goes back to waiting with its tokens; everyone finishes; no deadlock), a free pool at the end, and
-the lookahead slots of speculative decoding (the budget and free blocks left, never a preemption)."""
+(the youngest goes back to waiting with its tokens; everyone finishes; no deadlock) and by swap (the blocks go to
+host memory and come back; nothing recomputed), a free pool at the end, and the lookahead slots of speculative
+decoding (the budget and free blocks left, never a preemption). The simulated pool holds tokens, not keys: each
+step makes the batch's swaps and copies, checks that every row reads its own tokens from its blocks, then writes
+its chunk."""
 
 from __future__ import annotations
 
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import Sequence, Status
+from lmforge.engine.swap import HostBlocks
 
 
 class Sim:
     """The engine's loop with a fake model: sequence i generates `wants[i]` tokens (token id 7)."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int = 8, budget: int = 16) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, max_num_seqs: int = 8, budget: int = 16, host_blocks: int = 0
+    ) -> None:
         self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, budget)
+        self.host = HostBlocks(host_blocks) if host_blocks else None
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, budget, self.host)
+        self.pool = [[None] * block_size for _ in range(num_blocks)]  # the token each slot holds
+        self.host_pool = [[None] * block_size for _ in range(host_blocks)]
         self.wants: dict[int, int] = {}
         self.seqs: list[Sequence] = []
         self.log: list[list[tuple[int, int]]] = []  # per step: (arrival, tokens computed)
@@ -36,8 +45,21 @@ class Sim:
         assert len({id(s) for s, _ in batch.rows}) == len(batch.rows)
         self.log.append([(s.arrival, n) for s, n in batch.rows])
         self.preempted += [s.arrival for s in batch.preempted]
+        assert not (batch.swap_out and batch.swap_in)
+        for src, dst in batch.swap_out:
+            self.host_pool[dst] = list(self.pool[src])
+        for src, dst in batch.swap_in:
+            self.pool[dst] = list(self.host_pool[src])
+        for src, dst in batch.copies:
+            self.pool[dst] = list(self.pool[src])
+        bs = self.blocks.block_size
         for seq, n in batch.rows:
-            assert len(seq.block_table) * self.blocks.block_size >= seq.num_computed + n  # room for what it writes
+            assert len(seq.block_table) * bs >= seq.num_computed + n  # room for what it writes
+            held = [self.pool[seq.block_table[t // bs]][t % bs] for t in range(seq.num_computed)]
+            assert held == seq.tokens[: seq.num_computed]  # what its attention reads
+        for seq, n in batch.rows:
+            for t in range(seq.num_computed, seq.num_computed + n):
+                self.pool[seq.block_table[t // bs]][t % bs] = seq.tokens[t]
             self.blocks.computed(seq, seq.num_computed + n)
             if seq.remaining == 0:
                 seq.tokens.append(7)
@@ -113,6 +135,45 @@ def test_a_full_pool_preempts_the_youngest_which_recomputes_and_everyone_finishe
     assert sim.preempted, "the pool was meant to run out"
     assert [len(s.output) for s in sim.seqs] == [w for _, w in lengths]
     assert sim.blocks.free_blocks == 12 and sim.scheduler.running == sim.scheduler.waiting == []
+
+
+def test_a_full_pool_swaps_the_youngest_out_and_back_and_nothing_is_recomputed():
+    lengths = [(5, 12), (3, 14), (6, 10), (4, 9), (2, 16)]
+    runs = {}
+    for host in (0, 64):
+        sim = Sim(num_blocks=12, block_size=2, max_num_seqs=8, budget=32, host_blocks=host)
+        for prompt, wants in lengths:
+            sim.add(prompt, wants)
+        sim.run()
+        assert sim.preempted and [len(s.output) for s in sim.seqs] == [w for _, w in lengths]
+        assert sim.blocks.free_blocks == 12 and sim.scheduler.waiting == [] == sim.scheduler.running
+        runs[host] = sum(n for step in sim.log for _, n in step)
+    once = sum(prompt + wants - 1 for prompt, wants in lengths)  # every token fed once
+    assert once == runs[64] < runs[0]  # these victims all hold a full block: every one swaps
+    assert sim.host.free_blocks == 64
+
+
+def test_a_victim_recomputes_when_it_holds_under_a_block_or_the_host_is_full():
+    blocks, host = BlockManager(16, 2), HostBlocks(2)
+    scheduler = Scheduler(blocks, 8, 64, host)
+    seqs = [Sequence(list(range(100 * i, 100 * i + n)), n, arrival=i) for i, n in enumerate((5, 3, 1))]
+    for seq in seqs:
+        scheduler.add(seq)
+    for seq, n in scheduler.schedule().rows:  # each prompt computed, its first token drawn
+        blocks.computed(seq, seq.num_computed + n)
+        seq.tokens.append(7)
+    five, three, one = seqs
+    assert scheduler.preempt(five) == [] and five.num_computed == 0  # 3 blocks: the host has 2
+    pairs = scheduler.preempt(three)
+    assert [d for _, d in pairs] == three.host_blocks and len(pairs) == 2 and host.free_blocks == 0
+    assert three.num_computed == 3 and three.block_table == [] and scheduler.swapped == 1
+    assert scheduler.preempt(one) == [] and one.num_computed == 0  # under a block computed
+    batch = scheduler.schedule()  # readmitted oldest first: five (recomputed past its 2 prefix-cached blocks),
+    assert batch.rows == [(five, 2), (three, 1), (one, 2)]  # three (swapped in), one (recomputed)
+    assert [s for s, _ in batch.swap_in] == [d for _, d in pairs] and host.free_blocks == 2
+    scheduler.preempt(three)
+    scheduler.finish(three)  # finished (aborted) while swapped out: its host blocks come back
+    assert host.free_blocks == 2 and three.host_blocks == []
 
 
 def test_a_preempted_sequence_waits_at_the_front_with_its_tokens_and_blocks_freed():

@@ -42,6 +42,9 @@ def serve_command(
     kv_cache_gib: Annotated[
         float, typer.Option(min=1e-3, help="Memory for the KV-cache pool in GiB (at most max-num-seqs full contexts).")
     ] = 2.0,
+    swap_space_gib: Annotated[
+        float, typer.Option(min=0, help="Host memory (GiB) preempted requests swap their KV blocks to (0: recompute).")
+    ] = 4.0,
     dtype: DType = "float32",
     compile: Annotated[
         bool, typer.Option(help="Compile the decode step: one graph per batch-size bucket (a slower start).")
@@ -67,7 +70,7 @@ def serve_command(
     if num_speculative_tokens is not None or speculative_model is not None:
         speculative = {"num_speculative_tokens": num_speculative_tokens or 4, "model": speculative_model}
     llm = LLM(module, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-              compile=compile, speculative_config=speculative)  # fmt: skip
+              swap_space_gib=swap_space_gib, compile=compile, speculative_config=speculative)  # fmt: skip
     engine = AsyncLLM(llm)
     app = create_app(engine, name, tokenizer=llm.tokenizer, max_model_len=llm.max_model_len, api_key=api_key,
                      max_n=max_num_seqs)  # fmt: skip

@@ -195,6 +195,27 @@ class BlockManager:
             self._release(block)
         seq.block_table, seq.block_hashes, seq.num_computed, seq.draft_lag = [], [], 0, 0
 
+    # -- swapping (engine.swap) ---------------------------------------------------------------------------------
+
+    def swap_out(self, seq: Sequence) -> list[int]:
+        """Release `seq`'s blocks; return those holding its computed tokens (to copy to host before they are
+        reused). Its computed length, hashes and draft lag stay: it resumes from them after `swap_in`."""
+        held = seq.block_table[: self.blocks_for(seq.num_computed)]
+        kept = seq.num_computed, seq.block_hashes, seq.draft_lag
+        self.free(seq)
+        seq.num_computed, seq.block_hashes, seq.draft_lag = kept
+        return held
+
+    def can_swap_in(self, seq: Sequence) -> bool:
+        return self.blocks_for(len(seq.tokens)) <= len(self._free)
+
+    def swap_in(self, seq: Sequence, held: int) -> list[int]:
+        """Give `seq` (no blocks, swapped out) fresh blocks for all its tokens; return the first `held`, where its
+        swapped blocks go back. Call after `can_swap_in`."""
+        assert not seq.block_table, "swap_in: the sequence holds blocks already"
+        seq.block_table = [self._take_free() for _ in range(self.blocks_for(len(seq.tokens)))]
+        return seq.block_table[:held]
+
     # -- one block ----------------------------------------------------------------------------------------------
 
     def _take(self, block: int) -> int:

@@ -24,7 +24,8 @@ max_tokens cut to the room the prompt leaves in `max_model_len`. The pool must h
 `max_model_len` tokens, so the scheduler can always make progress by preemption. By default it holds
 `max_num_seqs` full sequences, but no more than `kv_cache_gib` GiB of keys and values (as vLLM sizes its pool from
 the memory it may use): SmolLM2-135M at 8192 tokens would otherwise ask 32 x 360 MiB in float32; a draft model's
-keys and values (the same blocks in its own pool) count in that budget.
+keys and values (the same blocks in its own pool) count in that budget. Preempted sequences swap their computed
+blocks to `swap_space_gib` GiB of host memory while it has room (`engine.swap`; 0: always recompute).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from lmforge.engine.scheduler import ScheduledBatch, Scheduler
 from lmforge.engine.sequence import Sequence
 from lmforge.engine.spec_decode import Draft, drafter, load_draft, masked, verify
 from lmforge.engine.speculative import SpeculativeConfig
+from lmforge.engine.swap import HostBlocks
 from lmforge.infer import sampling
 from lmforge.infer.cache_memory import model_bytes_per_token
 from lmforge.infer.decode import DecodeBatch, SequenceState
@@ -57,6 +59,7 @@ Prompt = str | Seq[int]
 
 
 KV_CACHE_GIB = 2.0  # the default memory budget of the KV-cache pool (GiB)
+SWAP_SPACE_GIB = 4.0  # the default host memory for preemption by swap (GiB; vLLM's default), allocated when used
 
 @dataclass(eq=False)
 class Request:
@@ -119,6 +122,7 @@ class Engine:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         kv_cache_gib: float = KV_CACHE_GIB,
+        swap_space_gib: float = SWAP_SPACE_GIB,
         speculative_config: SpeculativeConfig | dict | None = None,
         compile: bool = False,
     ) -> None:
@@ -135,21 +139,24 @@ class Engine:
         if self.speculative is not None and self.speculative.method == "draft_model":
             draft = load_draft(self.speculative, model, tokenizer, max_model_len)
         per_seq = -(-max_model_len // block_size)
+        block_bytes = block_size * sum(model_bytes_per_token(m.config, next(m.parameters()).element_size())
+                                       for m in (model, draft) if m is not None)  # fmt: skip
         if num_blocks is None:  # room for max_num_seqs full sequences, within the memory budget
             check_finite("kv_cache_gib", kv_cache_gib, above=0)
-            block_bytes = block_size * sum(model_bytes_per_token(m.config, next(m.parameters()).element_size())
-                                           for m in (model, draft) if m is not None)  # fmt: skip
             num_blocks = max(per_seq, min(max_num_seqs * per_seq, int(kv_cache_gib * 2**30 // block_bytes)))
+        check_finite("swap_space_gib", swap_space_gib, at_least=0)
+        swap_blocks = min(max_num_seqs * per_seq, int(swap_space_gib * 2**30 // block_bytes))  # no more than useful
         check_positive("num_blocks", num_blocks)
         check(num_blocks >= per_seq, "num_blocks", num_blocks,
               f"must hold one sequence of max_model_len {max_model_len} tokens: >= {per_seq} blocks")  # fmt: skip
         self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
         self.max_num_seqs = max_num_seqs
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, compile=compile)
+        host = HostBlocks(swap_blocks) if swap_blocks else None
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, host)
+        self.runner = ModelRunner(model, num_blocks, block_size, compile, swap_blocks)
         self.known_vocab = tokenizer.vocab_size  # ids past it (a padded embedding) are never sampled; computed once
-        self.drafter = drafter(self.speculative, draft, num_blocks, block_size, self.known_vocab, compile)
+        self.drafter = drafter(self.speculative, draft, num_blocks, block_size, self.known_vocab, compile, swap_blocks)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.prompt_tokens = self.generated_tokens = 0
@@ -202,7 +209,7 @@ class Engine:
         b = self.blocks
         return EngineStats(len(running), len(waiting), b.used_blocks, b.free_blocks, b.stats.hit_rate,
                            self.prompt_tokens, self.generated_tokens, self.draft_tokens,
-                           self.accepted_draft_tokens)  # fmt: skip
+                           self.accepted_draft_tokens, self.scheduler.swapped)  # fmt: skip
 
     # -- one step -----------------------------------------------------------------------------------------------
 
@@ -249,7 +256,7 @@ class Engine:
             seq.tokens += draft.tokens if k else []
             rows.append((seq, n + k))
         try:
-            logits = self.runner.run(ScheduledBatch(rows, batch.copies), per_row)
+            logits = self.runner.run(dataclasses.replace(batch, rows=rows), per_row)
         finally:
             for (seq, _), draft in zip(batch.rows, drafts, strict=True):
                 if draft is not None:

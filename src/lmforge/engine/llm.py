@@ -35,7 +35,8 @@ class LLM:
     """Offline generation over the engine: `LLM(model_dir_or_module, tokenizer)`, then `generate` / `chat`.
 
     `engine_options` are `Engine`'s (max_num_seqs, max_model_len, block_size, num_blocks, max_num_batched_tokens,
-    enable_prefix_caching, kv_cache_gib), passed on unchanged; `dtype` casts the model's weights."""
+    enable_prefix_caching, kv_cache_gib, swap_space_gib, speculative_config, compile), passed on unchanged; `dtype`
+    casts the model's weights."""
 
     def __init__(
         self,

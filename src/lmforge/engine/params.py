@@ -81,3 +81,4 @@ class EngineStats:
     generated_tokens: int
     draft_tokens: int = 0  # speculative decoding: draft tokens proposed for verification
     accepted_draft_tokens: int = 0  # ... and accepted by the target (acceptance rate: accepted / proposed)
+    swapped: int = 0  # sequences preempted by swap, their blocks in host memory now (`engine.swap`)

@@ -31,6 +31,7 @@ from torch import nn
 from lmforge.engine.compiled_step import MIN_WIDTH, DecodeStep, bucket
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.engine.sequence import Sequence as Seq
+from lmforge.engine.swap import HostPools
 from lmforge.infer import static_decode
 from lmforge.infer.paged_cache import BlockTableCache
 
@@ -62,10 +63,13 @@ class ModelRunner:
     """Runs scheduled batches of `model` over a pool of `num_blocks` blocks of `block_size` slots; `compile` runs
     the decode forward compiled (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False, swap_blocks: int = 0
+    ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = BlockTableCache(num_blocks, block_size)
+        self.host = HostPools(swap_blocks) if swap_blocks else None  # swap space (`engine.swap`)
         self.tokens_computed = 0  # tokens fed to the model since the start (prefix caching skips some)
         self.decode_step = DecodeStep(model, self.cache) if compile and static_decode.supports(model) else None
 
@@ -76,6 +80,9 @@ class ModelRunner:
         rows = batch.rows
         if logits_per_row is None:
             logits_per_row = [int(seq.num_computed + n == len(seq.tokens)) for seq, n in rows]
+        if self.host is not None:
+            self.host.swap_out(self.cache, batch.swap_out)
+            self.host.swap_in(self.cache, batch.swap_in)
         self.cache.copy_blocks(batch.copies)
         parts, source = [], []
         for group in pack([n for _, n in rows]):

@@ -18,6 +18,12 @@ sequence in need is itself the youngest, it is the one preempted. No sequence is
 preempted. Since every sequence fits the pool alone (the engine checks max_model_len against the pool), the
 oldest sequence always progresses: no crash, no deadlock.
 
+Preemption by swap (`engine.swap`, when the engine has swap space): a victim with at least one full block
+computed, for which the host has room, copies the blocks of its computed tokens to host blocks instead
+(`ScheduledBatch.swap_out`, made before the forward) and keeps its computed length; when it is again the oldest
+waiting and fresh blocks for all its tokens are free, it is readmitted with them and its host blocks are copied
+back (`ScheduledBatch.swap_in`): it resumes where it stopped, nothing recomputed.
+
 Lookahead slots (speculative decoding): after the running and admitted sequences are scheduled, each decoding row
 gets room for up to `Sequence.max_drafts` draft tokens after its last token (`ScheduledBatch.lookahead`), oldest
 first, from the budget left and the free blocks only: drafts never preempt anyone nor keep anyone waiting, and
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.sequence import Sequence, Status
+from lmforge.engine.swap import HostBlocks
 
 
 def _order(seq: Sequence) -> tuple[int, int]:
@@ -42,12 +49,15 @@ def _order(seq: Sequence) -> tuple[int, int]:
 class ScheduledBatch:
     """One step's work: each scheduled sequence with the count of its tokens to compute, in batch order; the block
     copies (copy-on-write) to make before the forward; the sequences preempted while scheduling; per row, the draft
-    tokens it has room for after its chunk (lookahead slots; all 0 without speculation)."""
+    tokens it has room for after its chunk (lookahead slots; all 0 without speculation); the (device, host) blocks
+    to swap out and the (host, device) blocks to swap in before the forward (swap space: `engine.swap`)."""
 
     rows: list[tuple[Sequence, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     lookahead: list[int] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -57,8 +67,10 @@ class ScheduledBatch:
 class Scheduler:
     """The waiting and running sequences, both kept in arrival order (see the module docstring)."""
 
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.blocks = blocks
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, host: HostBlocks | None = None
+    ) -> None:
+        self.blocks, self.host = blocks, host  # host: the swap space's blocks (None: preempt by recompute only)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -88,7 +100,7 @@ class Scheduler:
             n = min(seq.remaining, budget)
             while not self.blocks.can_grow(seq, seq.num_computed + n):
                 victim = self.running[-1]  # the youngest; never one already scheduled (those are older than seq)
-                self.preempt(victim)
+                batch.swap_out += self.preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
                     return budget
@@ -104,10 +116,16 @@ class Scheduler:
             taken = sum(1 + s.forks for s in self.running)  # the running, and the samples they will fork
             if self.running and taken + 1 + seq.forks > self.max_num_seqs:
                 break
-            if not self.blocks.can_allocate(seq):
-                break
-            self.waiting.pop(0)
-            self.blocks.allocate(seq)
+            if seq.host_blocks:
+                if not self.blocks.can_swap_in(seq):
+                    break
+                self.waiting.pop(0)
+                batch.swap_in += self._swap_in(seq)
+            else:
+                if not self.blocks.can_allocate(seq):
+                    break
+                self.waiting.pop(0)
+                self.blocks.allocate(seq)
             self._run(seq)
             n = min(seq.remaining, budget)
             batch.rows.append((seq, n))
@@ -134,17 +152,40 @@ class Scheduler:
         self.blocks.fork(parent, child)
         self._run(child)
 
-    def preempt(self, seq: Sequence) -> None:
-        """Free `seq`'s blocks and send it back to waiting, to be recomputed."""
+    def preempt(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Free `seq`'s blocks and send it back to waiting: swapped out when that pays and the host has room (see
+        the module docstring), else to be recomputed. The (device, host) blocks to copy out (none: recompute)."""
         self.running.remove(seq)
-        self.blocks.free(seq)
+        held = self.blocks.blocks_for(seq.num_computed)
+        pairs = []
+        if self.host is not None and seq.num_computed >= self.blocks.block_size and held <= self.host.free_blocks:
+            seq.host_blocks = self.host.take(held)
+            pairs = list(zip(self.blocks.swap_out(seq), seq.host_blocks, strict=True))
+        else:
+            self.blocks.free(seq)
         self.add(seq)
+        return pairs
+
+    def _swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Readmit swapped-out `seq` on fresh blocks: the (host, device) blocks to copy back."""
+        pairs = list(zip(seq.host_blocks, self.blocks.swap_in(seq, len(seq.host_blocks)), strict=True))
+        self.host.release(seq.host_blocks)
+        seq.host_blocks = []
+        return pairs
+
+    @property
+    def swapped(self) -> int:
+        """Sequences swapped out now."""
+        return sum(bool(seq.host_blocks) for seq in self.waiting)
 
     def finish(self, seq: Sequence) -> None:
-        """`seq` is done (finished or aborted): it leaves the queues and frees its blocks."""
+        """`seq` is done (finished or aborted): it leaves the queues and frees its blocks (host ones too)."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        if seq.host_blocks:
+            self.host.release(seq.host_blocks)
+            seq.host_blocks = []
         seq.status = Status.FINISHED

@@ -6,7 +6,8 @@ values in the paged cache; the others are still to be fed to the model. That one
     prefill          num_computed < len(tokens) - 1: a chunk of the uncomputed tokens goes to the next forward
     decode           num_computed == len(tokens) - 1: the last sampled token goes to the next forward (with up to
                      `max_drafts` draft tokens after it when the engine speculates: `engine.spec_decode`)
-    after preemption num_computed == 0 again: the whole prompt and output are recomputed (then decoding resumes)
+    after preemption num_computed == 0 again: the whole prompt and output are recomputed (then decoding resumes);
+                     or, preempted by swap (`engine.swap`), num_computed stays and its blocks wait in host memory
 
 A forward that computes a sequence up to its last token gives the logits of its next token, which is sampled and
 appended. Stop rules, text and the sampling generator are `infer.decode.SequenceState`'s (the one decode loop's
@@ -22,7 +23,7 @@ from lmforge.infer.decode import SequenceState
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # no blocks: not admitted yet, or preempted
+    WAITING = "waiting"  # no blocks: not admitted yet, or preempted (recompute or swapped out)
     RUNNING = "running"  # holds blocks for all its tokens
     FINISHED = "finished"
 
@@ -40,6 +41,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full computed blocks
     num_computed: int = 0
+    host_blocks: list[int] = field(default_factory=list)  # its computed blocks in host memory while swapped out
     status: Status = Status.WAITING
     forks: int = 0  # samples to fork from it once its prompt is computed (n > 1)
     lookahead: int = 0  # the most draft tokens one decode step may feed after its last token (0: no speculation)

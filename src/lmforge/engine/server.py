@@ -30,11 +30,11 @@ one served model, the JSON answer and, for "stream": true, the SSE events (the c
 A wrong method is a 405 with its Allow header, in the same error body.
 
 Metrics (per app, in its own registry): gauges read from `engine.stats()` at each scrape (running and waiting
-requests, KV blocks used and free, prefix-cache hit rate), counters of prompt and generated tokens (their
-`rate()` is tokens/s), of speculative draft tokens proposed and accepted (their ratio: the acceptance rate) and
-of finished requests by finish reason, and histograms of time to first token, of the time between two streamed
-updates of a request (inter-token latency: one engine step yields one token per output), and of the end-to-end
-request latency.
+requests, sequences swapped to host memory, KV blocks used and free, prefix-cache hit rate), counters of prompt and
+generated tokens (their `rate()` is tokens/s), of speculative draft tokens proposed and accepted (their ratio: the
+acceptance rate) and of finished requests by finish reason, and histograms of time to first token, of the time
+between two streamed updates of a request (inter-token latency: one engine step yields one token per output), and
+of the end-to-end request latency.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class Metrics:
         for name, doc, value in (
             ("num_requests_running", "Requests being decoded or prefilled.", stats.running),
             ("num_requests_waiting", "Requests waiting to be scheduled.", stats.waiting),
+            ("num_requests_swapped", "Sequences preempted to host memory (swap space).", stats.swapped),
             ("kv_cache_blocks_used", "KV-cache blocks in use.", stats.blocks_used),
             ("kv_cache_blocks_free", "KV-cache blocks free.", stats.blocks_free),
             ("prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache.", stats.prefix_cache_hit_rate),

@@ -36,7 +36,7 @@ the generator differently).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -86,8 +86,11 @@ class LookupDrafter:
 class ModelDrafter:
     """A draft model over its own paged cache on the engine's block tables (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, known: int, compile: bool = False) -> None:
-        self.runner = ModelRunner(model, num_blocks, block_size, compile=compile)
+    def __init__(
+        self, model: nn.Module, num_blocks: int, block_size: int, known: int, compile: bool = False,
+        swap_blocks: int = 0,
+    ) -> None:  # fmt: skip
+        self.runner = ModelRunner(model, num_blocks, block_size, compile, swap_blocks)
         self.known = known
 
     def propose(self, batch: ScheduledBatch) -> list[Draft | None]:
@@ -95,7 +98,7 @@ class ModelDrafter:
         chunks = [(_view(seq, seq.tokens, seq.num_computed - seq.draft_lag), n + seq.draft_lag) for seq, n in rows]
         for seq, _ in rows:
             seq.draft_lag = 0
-        logits = self.runner.run(ScheduledBatch(chunks, batch.copies), [int(k > 0) for k in slots])
+        logits = self.runner.run(replace(batch, rows=chunks), [int(k > 0) for k in slots])
         live = [b for b, k in enumerate(slots) if k]  # the rows still drafting, whose logits `logits` holds
         tokens: dict[int, list[int]] = {b: [] for b in live}
         probs: dict[int, list[torch.Tensor]] = {b: [] for b in live}
@@ -221,11 +224,11 @@ def load_draft(config: SpeculativeConfig, target: nn.Module, tokenizer: BaseToke
 
 
 def drafter(config: SpeculativeConfig | None, draft: nn.Module | None, num_blocks: int, block_size: int, known: int,
-            compile: bool = False) -> Drafter | None:  # fmt: skip
+            compile: bool = False, swap_blocks: int = 0) -> Drafter | None:  # fmt: skip
     """The engine's drafter for `config` (None: no speculation); `draft` the loaded draft model (draft_model), run
-    compiled with `compile`."""
+    compiled with `compile`, its cache swapping on the engine's `swap_blocks` host blocks."""
     if config is None:
         return None
     if config.method == "ngram":
         return LookupDrafter(config.lookup())
-    return ModelDrafter(draft, num_blocks, block_size, known, compile)
+    return ModelDrafter(draft, num_blocks, block_size, known, compile, swap_blocks)

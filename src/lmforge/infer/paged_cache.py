@@ -33,7 +33,7 @@ is pure tensor work, and one `torch.compile`d decode step serves any block table
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -53,6 +53,12 @@ class BlockPools:
     def allocated(self) -> bool:
         """Whether the pools exist (a first forward has written to them)."""
         return bool(self._pools)
+
+    def tensors(self) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+        """((layer, i), pool) for every pool allocated so far."""
+        for layer, pools in self._pools.items():
+            for i, pool in enumerate(pools):
+                yield (layer, i), pool
 
     def _put(
         self, layer: int, i: int, like: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor
@@ -213,6 +219,5 @@ class BlockTableCache(BlockPools, Cache):
         if not pairs:
             return
         src, dst = (torch.tensor(side, dtype=torch.long) for side in zip(*pairs, strict=True))
-        for pools in self._pools.values():
-            for pool in pools:
-                pool[dst.to(pool.device)] = pool[src.to(pool.device)]
+        for _, pool in self.tensors():
+            pool[dst.to(pool.device)] = pool[src.to(pool.device)]
