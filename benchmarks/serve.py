@@ -29,9 +29,12 @@ Sections (`--only` runs one):
     chunked     8 streams decoding; their inter-token latency unloaded, then while a new 128-token prompt arrives
                 every engine step, at the default token budget and at a small one (chunked prefill splits each
                 prompt over steps); target: loaded < 2x unloaded
+    speculative prompt-lookup speculative decoding (K = 2 and 4 drafts a step) against none, at 1 and 8
+                concurrent, on two workloads: continuing a play (little to look up) and repeating a passage of the
+                prompt (what prompt lookup is for: summaries, edits, retrieval answers): tok/s, speedup, the share
+                of drafts accepted, and the prompts whose tokens equal those without speculation (all, greedy)
 
-Not here yet: speculative decoding inside the engine (`engine/speculative.py` holds the acceptance rules, the engine
-has no option for it) and llama.cpp's batched throughput (only when `llama_cpp` is importable; said when not).
+Not here: llama.cpp's batched throughput (only when `llama_cpp` is importable; said when not).
 Timing needs a quiet machine (PLATFORM.md): the load average is printed before and after.
 
     python benchmarks/serve.py [--model PATH.gguf] [--dtype float32] [--prompts 64] [--max-tokens 64]
@@ -64,7 +67,7 @@ from lmforge.engine.server import create_app
 from lmforge.infer.generate import generate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
-SECTIONS = ("throughput", "decode", "server", "prefix", "chunked")
+SECTIONS = ("throughput", "decode", "server", "prefix", "chunked", "speculative")
 
 
 @dataclass
@@ -404,6 +407,36 @@ def chunked(s: Setup) -> None:
     table(["token budget", "unloaded median", "unloaded p90", "loaded median", "loaded p90", "loaded / unloaded"], rows)
 
 
+# -- speculative decoding -------------------------------------------------------------------------------------------
+
+
+def speculative(s: Setup) -> None:
+    count, passage = (2, 32) if s.quick else (8, 128)
+    again = s.tok.encode("\n\nThe same passage once more, word for word:\n")
+    copies = [p + again + p[:8] for p in (text_ids(s.tok, passage, i, 50_000) for i in range(count))]
+    workloads = {"continue a play": s.prompts[:count], "repeat a passage": copies}
+    methods = {"off": None, "ngram K=2": {"method": "ngram", "num_speculative_tokens": 2},
+               "ngram K=4": {"method": "ngram", "num_speculative_tokens": 4}}  # fmt: skip
+    print(f"## speculative decoding (prompt lookup): {count} prompts per workload, {s.max_tokens} new tokens each, "
+          f"at 1 and {count} concurrent (generated tok/s)")  # fmt: skip
+    rows = []
+    for workload, prompts in workloads.items():
+        for c in (1, count):
+            plain = None
+            for name, spec in methods.items():
+                llm = engine(s, c, speculative_config=spec)
+                llm.generate(prompts[:1], greedy(2))  # warm-up
+                start = time.perf_counter()
+                ids = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(s.max_tokens))]
+                rate = sum(map(len, ids)) / (time.perf_counter() - start)
+                plain = plain or (rate, ids)
+                e = llm.engine
+                accepted = f"{e.accepted_draft_tokens / e.draft_tokens:.0%}" if e.draft_tokens else "-"
+                rows.append([workload, str(c), name, f"{rate:.1f}", f"{rate / plain[0]:.2f}x", accepted,
+                             f"{sum(a == b for a, b in zip(ids, plain[1], strict=True))}/{len(ids)}"])  # fmt: skip
+    table(["workload", "concurrent", "speculation", "tok/s", "speedup", "drafts accepted", "same tokens"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="a llama-family GGUF (default: SmolLM2-135M)")
@@ -434,7 +467,8 @@ def main() -> None:
     setup = Setup(ours, hf, tok, mixed_prompts(tok, args.prompts, low, high), args.max_tokens, args.concurrency,
                   args.quick, compile=not args.eager)  # fmt: skip
     print()
-    runs = {"throughput": throughput, "decode": decode, "server": server, "prefix": prefix, "chunked": chunked}
+    runs = {"throughput": throughput, "decode": decode, "server": server, "prefix": prefix, "chunked": chunked,
+            "speculative": speculative}  # fmt: skip
     for name in [args.only] if args.only else SECTIONS:
         runs[name](setup)
     print(f"load average after: {load_average()}")

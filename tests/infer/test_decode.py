@@ -12,7 +12,7 @@ import torch
 from lmforge import ModelConfig, Transformer
 from lmforge.infer.decode import DecodeBatch, NonFiniteLogitsError, SequenceState, seeded_generator
 from lmforge.infer.generate import generate, generate_batch, left_pad
-from lmforge.infer.sampling import GenerationInputError, SamplingParams
+from lmforge.infer.sampling import GenerationInputError, SamplingParams, TokenHistory
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.base import IncrementalDecoder
 from lmforge.tokenizer.pretokenize import GPT2_PATTERN
@@ -169,6 +169,15 @@ def test_step_history_follows_the_rows_that_stay(tok):
     logits[:, ord("z")] = 20.0  # second best: taken once the best one is penalized
     events = batch.step(logits, time.perf_counter())
     assert [e.token_id for e in events] == [ord("z"), ord("z")]
+
+
+def test_a_batch_without_penalties_never_counts_tokens(tok, monkeypatch):
+    """The (B, V) token history is built only for rows with a penalty (it is per-step work the engine repeats)."""
+    built = []
+    monkeypatch.setattr(TokenHistory, "of", classmethod(lambda cls, *a: built.append(a) or None))
+    batch = DecodeBatch([row(tok, 0, 5), row(tok, 1, 5, top_k=3)], known=257)
+    batch.step(peaked([ord("a"), ord("b")]), time.perf_counter())
+    assert built == [] and batch._history is None
 
 
 def test_step_refuses_non_finite_logits_naming_the_row(tok):

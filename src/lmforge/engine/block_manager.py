@@ -28,6 +28,10 @@ Speculative decoding writes draft tokens past the computed length into blocks gr
 rejected draft's slots stay past the computed length, so they are overwritten before their block is full and
 named; `truncate` gives back the blocks grown for drafts that were not kept. A block is named only once the draft
 model's cache holds it too (`Sequence.draft_lag`), so a prefix hit gives both models their keys.
+
+Swap (preemption to host memory, `engine.swap`): `swap_out` releases a sequence's blocks like `free` but keeps its
+computed length and hashes, and names the blocks whose contents go to host memory first; `swap_in` gives it fresh
+blocks for all its tokens (no prefix lookup: its contents come back from the host).
 """
 
 from __future__ import annotations

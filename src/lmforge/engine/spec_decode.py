@@ -154,7 +154,7 @@ def processed(
     and the rows' sampling parameters."""
     rows = SamplingRows.of([seq.state.params for seq in seqs], logits.shape[-1], logits.device)
     history = None  # read by process_rows only when a row has a penalty
-    if rows.repetition is not None or rows.frequency is not None or rows.presence is not None:
+    if rows.penalizes:
         outputs = [seq.output + extra for seq, extra in zip(seqs, drafted, strict=True)]
         history = TokenHistory.of([seq.state.prompt for seq in seqs], logits.shape[-1], logits.device, outputs)
     return process_rows(logits, rows, history), rows

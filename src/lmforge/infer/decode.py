@@ -191,19 +191,22 @@ class DecodeBatch:
                 logits[..., self.known :] = float("-inf")
             sampling, history = self._state(logits)
             tokens = sample_rows(process_rows(logits, sampling, history), sampling, [r.generator for r in self.rows])
-            history.add(tokens)
+            if history is not None:
+                history.add(tokens)
         texts = [row.accept(token) for row, token in zip(self.rows, tokens.tolist(), strict=True)]
         elapsed = time.perf_counter() - started
         events = [row.event(text, elapsed, warmup) for row, text in zip(self.rows, texts, strict=True)]
         self._drop_finished()
         return events
 
-    def _state(self, logits: torch.Tensor) -> tuple[SamplingRows, TokenHistory]:
-        if self._history is None:
-            v, device = logits.shape[-1], logits.device
-            self._history = TokenHistory.of([r.prompt for r in self.rows], v, device, [r.output for r in self.rows])
+    def _state(self, logits: torch.Tensor) -> tuple[SamplingRows, TokenHistory | None]:
+        """The rows' sampling columns, and their token history when a row has a penalty (built once: a batch
+        whose rows have none never counts tokens)."""
+        v, device = logits.shape[-1], logits.device
         if self._sampling is None:
-            self._sampling = SamplingRows.of([r.params for r in self.rows], logits.shape[-1], logits.device)
+            self._sampling = SamplingRows.of([r.params for r in self.rows], v, device)
+        if self._history is None and self._sampling.penalizes:
+            self._history = TokenHistory.of([r.prompt for r in self.rows], v, device, [r.output for r in self.rows])
         return self._sampling, self._history
 
     def _check_finite(self, logits: torch.Tensor) -> None:
@@ -218,7 +221,9 @@ class DecodeBatch:
         keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
         if len(keep) < len(self.rows):
             self.rows = [self.rows[i] for i in keep]
-            self._history = self._history.select(torch.tensor(keep, dtype=torch.long, device=self._history.seen.device))
+            if self._history is not None:
+                self._history = self._history.select(torch.tensor(keep, dtype=torch.long,
+                                                                  device=self._history.seen.device))  # fmt: skip
             self._sampling = None
 
 

@@ -387,6 +387,11 @@ class SamplingRows:
         top_k_max = max(row["top_k"] for row in rows)
         return cls(greedy, torch.tensor(greedy, device=device), top_k_max=top_k_max, **columns)
 
+    @property
+    def penalizes(self) -> bool:
+        """Whether a row has a penalty (only then does `process_rows` read a `TokenHistory`)."""
+        return self.repetition is not None or self.frequency is not None or self.presence is not None
+
 
 class TokenHistory:
     """What the penalties count, per row, as (B, V) tensors: `seen` marks every token of the prompt and the output
@@ -427,10 +432,10 @@ def _top_k_rows(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tens
     return logits.masked_fill((logits < kth) & (k > 0), NEG_INF)
 
 
-def process_rows(logits: torch.Tensor, rows: SamplingRows, history: TokenHistory) -> torch.Tensor:
+def process_rows(logits: torch.Tensor, rows: SamplingRows, history: TokenHistory | None) -> torch.Tensor:
     """`process_logits` for B sequences at once, each with its own parameters: row b of the result equals
     `process_logits(logits[b:b+1], params[b], its prompt and output, its output)` bit for bit (logits in the dtype
-    `rows` was made for)."""
+    `rows` was made for). `history` may be None when no row has a penalty (`rows.penalizes`)."""
     if rows.repetition is not None:
         logits = torch.where(history.seen, _penalize(logits, rows.repetition), logits)
     if rows.frequency is not None or rows.presence is not None:
