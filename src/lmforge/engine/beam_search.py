@@ -50,8 +50,9 @@ from lmforge.infer.beam import Beam, BeamParams, BeamSearch
 from lmforge.infer.decode import NonFiniteLogitsError
 from lmforge.infer.generate import stop_token_ids
 from lmforge.infer.sampling import GenerationInputError
+from lmforge.tokenizer.base import BaseTokenizer
 
-__all__ = ["BeamCompletionOutput", "BeamSearchParams", "run_beam_search"]
+__all__ = ["BeamCompletionOutput", "BeamSearchParams", "prompt_search_params", "run_beam_search", "search_output"]
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,7 @@ class _Run:
     def search_of(self, request: Request) -> _Search:
         """The (not yet started) search of `request`; refuse one whose worst case the pool cannot hold."""
         n, k, blocks = len(request.prompt_ids), self.params.beam_width, self.blocks
-        room = self.engine.max_model_len - n
-        params = self.params.search_params(self.eos_ids(), min(self.params.max_tokens, room))
+        params = prompt_search_params(self.params, self.engine.tokenizer, n, self.engine.max_model_len)
         full = n // blocks.block_size
         worst = full + k * (blocks.blocks_for(n + params.max_new_tokens - 1) - full)
         if worst > blocks.num_blocks:
@@ -140,10 +140,6 @@ class _Run:
                                        f"may need {worst} blocks; the pool holds {blocks.num_blocks}", k)  # fmt: skip
         seq = Sequence(list(request.prompt_ids), n, request_id=request.request_id)
         return _Search(request, BeamSearch(request.prompt_ids, params, self.engine.runner.device), [seq], worst)
-
-    def eos_ids(self) -> set[int]:
-        """The tokens that end a beam: stop_token_ids, and the tokenizer's eos and eot unless ignore_eos."""
-        return stop_token_ids(self.engine.tokenizer, self.params.stop_token_ids, self.params.ignore_eos)
 
     @torch.inference_mode()
     def run(self, on_finish: Callable[[], None]) -> dict[str, RequestOutput]:
@@ -237,15 +233,34 @@ class _Run:
             self.blocks.free(seq)
 
     def output(self, s: _Search) -> RequestOutput:
-        request, eos = s.request, s.search.params.eos_token_ids
-        outputs = [self.completion(i, beam, eos) for i, beam in enumerate(s.search.best())]
-        return RequestOutput(request.request_id, request.prompt, list(request.prompt_ids), outputs, True)
+        request = s.request
+        return search_output(request.request_id, request.prompt, request.prompt_ids, s.search, self.engine.tokenizer)
 
-    def completion(self, index: int, beam: Beam, eos: tuple[int, ...]) -> BeamCompletionOutput:
-        stopped = bool(beam.tokens) and beam.tokens[-1] in eos
-        text = self.engine.tokenizer.decode(beam.tokens[:-1] if stopped else beam.tokens)
-        return BeamCompletionOutput(index, text, beam.tokens, "stop" if stopped else "length", None, beam.logprob,
-                                    beam.score)  # fmt: skip
+
+def prompt_search_params(
+    params: BeamSearchParams, tokenizer: BaseTokenizer, prompt_len: int, max_model_len: int
+) -> BeamParams:
+    """infer.beam's parameters for a prompt of `prompt_len` tokens: stop_token_ids, and the tokenizer's eos and eot
+    unless ignore_eos, end a beam; max_tokens is cut to the room the prompt leaves in `max_model_len` (at least one
+    token: a prompt that leaves none is refused before the search steps)."""
+    eos = stop_token_ids(tokenizer, params.stop_token_ids, params.ignore_eos)
+    return params.search_params(eos, min(params.max_tokens, max(1, max_model_len - prompt_len)))
+
+
+def search_output(
+    request_id: str, prompt: str | None, prompt_ids: Seq[int], search: BeamSearch, tokenizer: BaseTokenizer
+) -> RequestOutput:
+    """The finished `RequestOutput` of a stopped `search`: its hypotheses best first (see the module docstring)."""
+    eos = search.params.eos_token_ids
+    outputs = [_completion(i, beam, eos, tokenizer) for i, beam in enumerate(search.best())]
+    return RequestOutput(request_id, prompt, list(prompt_ids), outputs, True)
+
+
+def _completion(index: int, beam: Beam, eos: tuple[int, ...], tokenizer: BaseTokenizer) -> BeamCompletionOutput:
+    stopped = bool(beam.tokens) and beam.tokens[-1] in eos
+    text = tokenizer.decode(beam.tokens[:-1] if stopped else beam.tokens)
+    return BeamCompletionOutput(index, text, beam.tokens, "stop" if stopped else "length", None, beam.logprob,
+                                beam.score)  # fmt: skip
 
 
 def run_beam_search(

@@ -8,6 +8,12 @@ are ignored (clients send `user` and the like), except the few whose meaning lmf
 (`UNSUPPORTED`), which are refused. Ranges are checked by the engine's `SamplingParams` (one rule per field, named
 in the error).
 
+Beam search (vLLM's extension): `use_beam_search: true` answers with the `n` best hypotheses of a beam search of
+width `n` (`engine.async_beam_search`), best first, with `length_penalty` and `early_stopping` (transformers'
+meanings), `max_tokens`, `ignore_eos` and `stop_token_ids`. Beams are ranked by the model's log-probabilities, so
+temperature and seed do not matter; a field the search would silently drop (top_p, top_k, min_p, the penalties,
+stop strings, logprobs, best_of > n) is refused with a 400 naming it (`beam_search_params`).
+
 Responses are plain dicts in the shape the `openai` client parses:
 
     chat.completion        {id, object, created, model, choices: [{index, message, logprobs, finish_reason}], usage}
@@ -24,6 +30,7 @@ infinity, so a logprob below `LOGPROB_FLOOR` (-inf: an id the sampler masked) is
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -32,10 +39,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from lmforge.engine.beam_search import BeamSearchParams
 from lmforge.engine.params import MAX_LOGPROBS
 
 LOGPROB_FLOOR = -9999.0  # what a logprob of -inf (or NaN) is sent as: JSON cannot spell either
 UNSUPPORTED = ("echo", "suffix", "logit_bias", "tools", "functions", "tool_choice", "response_format")
+MAX_LENGTH_PENALTY = 10.0  # |length_penalty| above it would overflow the score's L ** length_penalty, for no use
 
 
 def _integral(value: Any) -> Any:
@@ -44,6 +53,16 @@ def _integral(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]  # a JSON integer: 2 or 2.0, not true, "2" or 2.5
+
+
+def _early_stopping(value: Any) -> Any:
+    """true, false or "never" as they came; anything else one error naming the field (not one per union member)."""
+    if value is True or value is False or value == "never":
+        return value
+    raise ValueError('must be true, false or "never"')
+
+
+EarlyStopping = Annotated[bool | Literal["never"], BeforeValidator(_early_stopping)]
 
 
 class OpenAIError(Exception):
@@ -84,6 +103,9 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
 
     @model_validator(mode="before")
     @classmethod
@@ -112,6 +134,26 @@ class _Request(BaseModel):
             "seed": self.seed, "stop": [] if self.stop is None else self.stop,
             "stop_token_ids": self.stop_token_ids or [], "ignore_eos": self.ignore_eos, "logprobs": logprobs,
         }  # fmt: skip
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """The beam search `use_beam_search` asks for: `n` beams, every one returned; a field that does not combine
+        with it is a 400 naming it (see the module docstring). The fields both share are checked first, by the
+        engine's `SamplingParams` (`sampling_kwargs`)."""
+        conflict = next((name for name, used in self._beam_conflicts().items() if used), None)
+        if conflict is not None:
+            raise OpenAIError(f"{conflict} cannot be combined with use_beam_search", conflict, code="unsupported")
+        if not (math.isfinite(self.length_penalty) and abs(self.length_penalty) <= MAX_LENGTH_PENALTY):
+            raise OpenAIError(f"length_penalty={self.length_penalty}: must be in [-{MAX_LENGTH_PENALTY}, "
+                              f"{MAX_LENGTH_PENALTY}]", "length_penalty")  # fmt: skip
+        return BeamSearchParams(self.n, max_tokens, ignore_eos=self.ignore_eos, length_penalty=self.length_penalty,
+                                early_stopping=self.early_stopping,
+                                stop_token_ids=self.stop_token_ids or [])  # fmt: skip
+
+    def _beam_conflicts(self) -> dict[str, bool]:
+        """Per field that beam search would drop, whether this request sets it."""
+        defaults = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+                    "repetition_penalty": 1.0}  # fmt: skip
+        return {name: getattr(self, name) != value for name, value in defaults.items()} | {"stop": bool(self.stop)}
 
 
 class TextPart(BaseModel):
@@ -144,6 +186,9 @@ class ChatCompletionRequest(_Request):
             raise OpenAIError("top_logprobs needs logprobs=true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def _beam_conflicts(self) -> dict[str, bool]:
+        return super()._beam_conflicts() | {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None}
+
 
 Prompt = str | list[int]
 
@@ -167,6 +212,10 @@ class CompletionRequest(_Request):
 
     def sampling_kwargs(self, max_tokens: int) -> dict[str, Any]:
         return super().sampling_kwargs(max_tokens) | {"best_of": self.best_of}
+
+    def _beam_conflicts(self) -> dict[str, bool]:
+        return super()._beam_conflicts() | {"logprobs": self.logprobs is not None,
+                                            "best_of": self.best_of is not None and self.best_of > self.n}  # fmt: skip
 
 
 # -- responses -------------------------------------------------------------------------------------------------

@@ -17,6 +17,13 @@ each is awaited before the response starts, so a prompt the engine refuses (too 
 http.disconnect); the cancellation ends in `Generation.close`, which aborts every unfinished engine request
 (shielded from the cancellation), so the engine frees its blocks.
 
+With ``"use_beam_search": true`` (vLLM's extension, `openai_protocol`), each prompt is a beam search of width `n`
+over the running engine (`engine.async_beam_search`: every step is ordinary engine requests, batched with the
+others); the choices are its `n` hypotheses, best first (index i * n + j: prompt i's j-th best). The searches run
+to their end before the answer starts (a client that leaves first cancels them, which aborts their step
+requests); with ``"stream": true`` the answer is one chunk per hypothesis, its whole text at once, then the usage
+chunk if asked and [DONE]: a hypothesis is known only once the search stops.
+
 Errors: every refusal is a 400 with the OpenAI body {"error": {message, type: "invalid_request_error", param,
 code}}: malformed JSON and wrong types (pydantic, strict), an unknown model, out-of-range values (the engine's
 `SamplingParams` and `GenerationInputError`), `n` above `max_n`. With `api_key`, every /v1 route needs
@@ -62,6 +69,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from lmforge.engine import openai_protocol as api
+from lmforge.engine.async_beam_search import beam_search_prompts
+from lmforge.engine.beam_search import BeamSearchParams
 from lmforge.engine.params import SamplingParams
 from lmforge.infer.sampling import GenerationInputError
 from lmforge.utils.errors import LmforgeError
@@ -110,6 +119,12 @@ class Metrics:
     def describe(self):
         return []  # computed at scrape time: no fixed description (registering must not call the engine)
 
+    def finish(self, output: Any, seconds: float) -> None:
+        """A finished request's end-to-end latency and its outputs' finish reasons."""
+        self.e2e.observe(seconds)
+        for o in output.outputs:
+            self.finished.labels(o.finish_reason or "unknown").inc()
+
 
 class Generation:
     """The engine requests behind one HTTP request (one per prompt), started together, their outputs merged.
@@ -157,9 +172,7 @@ class Generation:
                 self.metrics.ttft.observe(now - self.arrival)
             self.last[index], self.tokens[index] = now, tokens
         if output.finished:
-            self.metrics.e2e.observe(now - self.arrival)
-            for o in output.outputs:
-                self.metrics.finished.labels(o.finish_reason or "unknown").inc()
+            self.metrics.finish(output, now - self.arrival)
 
     async def start(self) -> None:
         """Submit every prompt; return once each has produced its first output. A refused prompt raises (after the
@@ -197,6 +210,21 @@ class Generation:
             await asyncio.gather(*self.pumps, return_exceptions=True)
 
 
+class Finished:
+    """Final outputs (a beam search's, one per prompt) in `Generation`'s shape, for `_respond`: iterating yields
+    (prompt index, output); nothing is left to abort."""
+
+    def __init__(self, outputs: list[Any]) -> None:
+        self.outputs = outputs
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
+        for index, output in enumerate(self.outputs):
+            yield index, output
+
+    async def close(self) -> None:
+        pass
+
+
 def create_app(
     engine: Any, model_name: str, *, tokenizer: Any, max_model_len: int, api_key: str | None = None,
     max_n: int = 16,
@@ -232,6 +260,27 @@ def create_app(
         except GenerationInputError as e:
             raise _refused(e) from None
 
+    async def beam_searched(prompts: list[api.Prompt], params: BeamSearchParams, form: api.ChatFormat,
+                            body: api._Request, request: Request) -> Any:  # fmt: skip
+        """A beam search per prompt, all at once, to their end (cancelled if the client leaves first: a 499),
+        then the answer `_respond` sends; a prompt or width the engine refuses is a 400."""
+        finals, arrival = [], time.perf_counter()
+
+        async def search() -> None:
+            finals.extend(await beam_search_prompts(engine, prompts, params, api.new_id("beam"), tokenizer=tokenizer,
+                                                    max_model_len=max_model_len))  # fmt: skip
+
+        try:
+            if not await _unless_disconnected(search(), request):
+                return Response(status_code=499)
+        except GenerationInputError as e:
+            if e.name == "beam_width":
+                raise api.OpenAIError(f"n={params.beam_width} with use_beam_search: {e.rule}", param="n") from None
+            raise _refused(e) from None
+        for output in finals:
+            metrics.finish(output, time.perf_counter() - arrival)
+        return await _respond(Finished(finals), form, body, request)
+
     @v1.post("/chat/completions", responses=_generation_responses(api.ChatCompletion, api.ChatCompletionChunk))
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Any:
         messages = [m.for_template() for m in body.messages]
@@ -243,16 +292,22 @@ def create_app(
         if room < 1:
             raise api.OpenAIError(f"the conversation is {len(prompt)} tokens; the context holds {max_model_len}",
                                   param="messages", code="context_length_exceeded")  # fmt: skip
-        params = checked_params(body, _first_given(body.max_completion_tokens, body.max_tokens, room))
-        generation = await _started(engine, [prompt], params, metrics)
+        max_tokens = _first_given(body.max_completion_tokens, body.max_tokens, room)
+        params = checked_params(body, max_tokens)
         chat = api.ChatFormat(tokenizer, model_name, body.engine_logprobs())
+        if body.use_beam_search:
+            return await beam_searched([prompt], body.beam_search_params(max_tokens), chat, body, request)
+        generation = await _started(engine, [prompt], params, metrics)
         return await _respond(generation, chat, body, request)
 
     @v1.post("/completions", responses=_generation_responses(api.Completion, api.CompletionChunk))
     async def completions(body: api.CompletionRequest, request: Request) -> Any:
-        params = checked_params(body, _first_given(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS))
-        generation = await _started(engine, body.prompts(), params, metrics)
+        max_tokens = _first_given(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        params = checked_params(body, max_tokens)
         form = api.CompletionFormat(tokenizer, model_name, body.engine_logprobs())
+        if body.use_beam_search:
+            return await beam_searched(body.prompts(), body.beam_search_params(max_tokens), form, body, request)
+        generation = await _started(engine, body.prompts(), params, metrics)
         return await _respond(generation, form, body, request)
 
     @v1.get("/models", response_model=api.ModelList)
@@ -392,7 +447,9 @@ def _refused(error: GenerationInputError) -> api.OpenAIError:
     return api.OpenAIError(str(error).removeprefix("SamplingParams."), param=error.name)
 
 
-async def _respond(generation: Generation, form: api.ChatFormat, body: api._Request, request: Request) -> Any:
+async def _respond(
+    generation: Generation | Finished, form: api.ChatFormat, body: api._Request, request: Request
+) -> Any:
     """The whole answer as one JSON body (its requests aborted if the client leaves first), or the SSE response."""
     if body.stream:
         return StreamingResponse(_events(generation, form, body), media_type="text/event-stream",
@@ -414,14 +471,17 @@ async def _respond(generation: Generation, form: api.ChatFormat, body: api._Requ
 
 
 async def _unless_disconnected(work: Coroutine, request: Request) -> bool:
-    """Run `work` to its end (True), or cancel it when the client disconnects first (False). Once the body is
-    read, the next ASGI message a request receives is http.disconnect."""
+    """Run `work` to its end (True), or cancel it when the client disconnects first (False) and wait for it to
+    wind down (shielded: its cleanup, such as aborting engine requests, runs to its end). Once the body is read,
+    the next ASGI message a request receives is http.disconnect."""
     task, watch = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for pending in (task, watch):
             pending.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(task, watch, return_exceptions=True)
     if not task.done() or task.cancelled():
         return False
     task.result()  # its error, if any
@@ -433,7 +493,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _events(generation: Generation, form: api.ChatFormat, body: api._Request) -> AsyncIterator[str]:
+async def _events(generation: Generation | Finished, form: api.ChatFormat, body: api._Request) -> AsyncIterator[str]:
     """SSE: one chunk per engine update with what is new in each output, the usage chunk if asked, [DONE]."""
     id, sent, final = api.new_id(form.id_prefix), {}, {}
     extra = {"usage": None} if body.include_usage else {}
