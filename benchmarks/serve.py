@@ -424,8 +424,8 @@ def speculative(s: Setup) -> None:
         for c in (1, count):
             plain = None
             for name, spec in methods.items():
-                llm = engine(s, c, speculative_config=spec)
-                llm.generate(prompts[:1], greedy(2))  # warm-up
+                engine(s, c, speculative_config=spec).generate(prompts, greedy(s.max_tokens))  # warm-up: every shape
+                llm = engine(s, c, speculative_config=spec)  # a fresh pool: nothing prefix-cached
                 start = time.perf_counter()
                 ids = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(s.max_tokens))]
                 rate = sum(map(len, ids)) / (time.perf_counter() - start)
