@@ -9,14 +9,15 @@ block), so the whole step is one graph, run on `matvec_view(model)` (a one-row s
 multiply-and-sum inductor fuses into one pass over the weights; at B > 1 they stay `linear`), the head on every
 row's last position.
 
-Shape buckets, as vLLM and nano-vllm capture one CUDA graph per batch size: the runner pads B to the next power
-of two (`bucket`; the padded rows decode token 0 at position 0 through block tables that are all the scratch
-block, so they never touch a real block, and their logits are dropped) and the block-table width W to a power of
-two of at least 2 blocks. The batch size is compiled static (one graph per bucket: at most log2(max rows) + 1
-graphs) and W symbolic, so a bucket's graph serves every width: after each bucket's first step a long run
-compiles nothing more. The pool's block count is symbolic too, so engines of one model share the graphs (in one
-process: the step is not kept on disk by `infer.compile_cache`, whose `cached_compile` takes no `recompile_limit`
-and drops symbolic sizes).
+Shape buckets, as vLLM and nano-vllm capture one CUDA graph per batch size: the runner pads B to the next power of
+two (`bucket`; the padded rows decode token 0 at position 0 through block tables that are all the scratch block, so
+they never touch a real block, and their logits are dropped). The batch size is compiled static (one graph per
+bucket: at most log2(max rows) + 1 graphs) and the block-table width W symbolic (at least 2 blocks), so a bucket's
+graph serves every width: after each bucket's first step a long run compiles nothing more. W is not padded: every
+row gathers W * block_size key slots per layer, so a padded width is copied and attended for nothing (at 32 rows of
+~300 tokens, the power-of-two width cost 15% of the throughput). The pool's block count is symbolic too, so engines
+of one model share the graphs (in one process: the step is not kept on disk by `infer.compile_cache`, whose
+`cached_compile` takes no `recompile_limit` and drops symbolic sizes).
 """
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ class ModelRunner:
         return self.model.logits(h[which, cols]).float()
 
     def _decode(self, rows: Rows, counts: list[int]) -> torch.Tensor:
-        """One token per row through the compiled step, batch and table width padded to their buckets."""
-        ids, positions, _, tables, starts = self._inputs(rows, bucket(len(rows)), bucket(self._blocks(rows), MIN_WIDTH))
+        """One token per row through the compiled step, the batch padded to its bucket."""
+        ids, positions, _, tables, starts = self._inputs(rows, bucket(len(rows)), max(MIN_WIDTH, self._blocks(rows)))
         logits = self.decode_step(ids, positions, tables, starts)
         keep = [b for b, k in enumerate(counts) if k]
         return logits if len(keep) == len(logits) else logits[keep]
