@@ -150,10 +150,10 @@ class _Request(BaseModel):
                                 stop_token_ids=self.stop_token_ids or [])  # fmt: skip
 
     def _beam_conflicts(self) -> dict[str, bool]:
-        """Per field that beam search would drop, whether this request sets it."""
-        defaults = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-                    "repetition_penalty": 1.0}  # fmt: skip
-        return {name: getattr(self, name) != value for name, value in defaults.items()} | {"stop": bool(self.stop)}
+        """Per field that beam search would drop, whether this request sets it (to other than its default)."""
+        dropped = ("top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+        fields = type(self).model_fields
+        return {name: getattr(self, name) != fields[name].default for name in dropped} | {"stop": bool(self.stop)}
 
 
 class TextPart(BaseModel):
