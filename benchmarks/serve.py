@@ -27,8 +27,9 @@ Sections (`--only` runs one):
     prefix      64 requests sharing a long system prompt, prefix caching off vs on (after one request with the same
                 system prompt, so its blocks are cached): seconds, prompt tokens computed, hit rate, speedup
     chunked     8 streams decoding; their inter-token latency unloaded, then while a new 128-token prompt arrives
-                every engine step, at the default token budget and at a small one (chunked prefill splits each
-                prompt over steps); target: loaded < 2x unloaded
+                every engine step, at the default token budget (512) and at smaller ones (chunked prefill splits
+                each prompt over steps; at 16, 8 prompt tokens a step ride the compiled decode step as one-token
+                rows); target: loaded < 2x unloaded
     speculative prompt-lookup speculative decoding (K = 2 and 4 drafts a step) against none, at 1 and 8
                 concurrent, on two workloads: continuing a play (little to look up) and repeating a passage of the
                 prompt (what prompt lookup is for: summaries, edits, retrieval answers): tok/s, speedup, the share
@@ -391,7 +392,7 @@ def stream_gaps(llm: LLM, streams: list[list[int]], n: int, arrivals: list[list[
 
 
 def chunked(s: Setup) -> None:
-    count, budgets = (2, (512, 32)) if s.quick else (8, (512, 64))
+    count, budgets = (2, (512, 32)) if s.quick else (8, (512, 64, 16))
     streams, n = s.prompts[:count], max(s.max_tokens, 8)
     arrivals = [text_ids(s.tok, 128, i, 40_000) for i in range(8)]
     print(f"## chunked prefill: {count} streams decoding {n} tokens; inter-token latency (ms) unloaded and while a "

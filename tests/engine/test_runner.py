@@ -86,9 +86,17 @@ def forwards(monkeypatch):
 
 def test_pack_puts_single_tokens_together_and_longer_rows_by_length_within_the_padding_bound():
     # length-1 rows together; then 8, 7, 5 (padding 4/24 <= 1/4); 2 would make it 10/32: a forward of its own
-    assert pack([1, 8, 1, 5, 7, 2, 1]) == [[0, 2, 6], [1, 3, 4], [5]]
-    assert pack([3, 3, 3]) == [[0, 1, 2]] and pack([1]) == [[0]] and pack([6]) == [[0]]
-    assert pack([8, 2], max_padding=1.0) == [[0, 1]]
+    assert pack([1, 8, 1, 5, 7, 2, 1]) == ([0, 2, 6], [[1, 3, 4], [5]])
+    assert pack([3, 3, 3]) == ([], [[0, 1, 2]]) and pack([1]) == ([0], []) and pack([6]) == ([], [[0]])
+    assert pack([8, 2], max_padding=1.0) == ([], [[0, 1]])
+
+
+def test_pack_lets_short_chunks_ride_the_one_token_forward_within_its_room_shortest_first():
+    # 3 rows of length 1 + 2 + 5 + 8 = 18 <= 20; 9 would make 27: it and 30 stay multi-token forwards
+    assert pack([1, 8, 1, 5, 9, 2, 1, 30], ride=20) == ([0, 1, 2, 3, 5, 6], [[7], [4]])
+    # the bucket the rows of length 1 fill (8 rows -> 8) is room too: 5 single rows take 3 more tokens
+    assert pack([1] * 5 + [3], ride=4) == ([0, 1, 2, 3, 4, 5], [])
+    assert pack([6, 6], ride=8) == ([1], [[0]]) and pack([12], ride=8) == ([], [[0]])
 
 
 def test_a_mixed_batch_gives_each_rows_logits_in_order_and_computes_only_its_real_tokens(model, forwards):
@@ -130,6 +138,22 @@ def test_compiled_decode_equals_eager_across_buckets_and_compiles_once_per_bucke
     for layer, pools in eager.cache._pools.items():  # and both runners stored the same keys and values
         for mine, theirs in zip(pools, compiled.cache._pools[layer], strict=True):
             torch.testing.assert_close(theirs[:-1], mine[:-1], atol=1e-4, rtol=1e-4)  # all but the scratch block
+
+
+@pytest.mark.slow
+def test_short_chunks_ride_the_compiled_step_as_one_token_rows_with_the_logits_of_a_plain_forward(model):
+    runner = ModelRunner(model, num_blocks=40, block_size=BLOCK, compile=True)
+    a, b, c, d, e = seqs = sequences([12, 5, 8, 15, 9])
+    step(runner, [(a, 9), (b, 3), (d, 4), (e, 6)], [1, 1, 1, 1])  # the eager first forward allocates the pool
+    rows_fed = []
+    compiled = runner.decode_step
+    runner.decode_step = lambda ids, *args: rows_fed.append(len(ids)) or compiled(ids, *args)
+    # decodes, a prefill of 8, a chunk of 5 and a verification of 3 wanting all its logits: 18 one-token rows
+    mixed, counts = [(a, 1), (c, 8), (b, 1), (e, 3), (d, 5)], [1, 1, 1, 3, 0]
+    want = plain(model, mixed, counts)
+    torch.testing.assert_close(step(runner, mixed, counts), want, atol=1e-4, rtol=1e-4)
+    assert rows_fed == [32]  # one compiled forward: 18 rows, padded to their bucket
+    assert untouched(runner, seqs)
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ graph serves every width: after each bucket's first step a long run compiles not
 row gathers W * block_size key slots per layer, so a padded width is copied and attended for nothing (at 32 rows of
 ~300 tokens, the power-of-two width cost 15% of the throughput). The pool's block count is symbolic too, so engines
 of one model share the graphs (in one process: the step is not kept on disk by `infer.compile_cache`, whose
-`cached_compile` takes no `recompile_limit` and drops symbolic sizes).
+`cached_compile` takes no `recompile_limit` and drops symbolic sizes). The graphs are called without dynamo's
+checks on the module tree (`infer.step_compile`: ~1 ms a step), so the model must not change while it serves.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from lmforge.infer.matvec import matvec, matvec_view
 from lmforge.infer.paged_cache import BlockTableCache
+from lmforge.infer.step_compile import check_unchanged, compile_step, fingerprint
 
 MIN_WIDTH = 2  # blocks: a symbolic size must not be 1 (torch specializes sizes 0 and 1)
 RECOMPILE_LIMIT = 64  # graphs of the step (batch buckets x models of different shapes) before compiling fails
@@ -48,7 +50,8 @@ class DecodeStep:
         self.cache = cache
         self.view = matvec_view(model)
         fullgraph = model.config.moe is None  # MoE routing is data-dependent: graph breaks there
-        self._step = torch.compile(self._forward, fullgraph=fullgraph, recompile_limit=RECOMPILE_LIMIT)
+        self._step = compile_step(self._forward, model, fullgraph=fullgraph, recompile_limit=RECOMPILE_LIMIT)
+        self._seen = fingerprint(model)
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, starts: torch.Tensor
@@ -56,6 +59,7 @@ class DecodeStep:
         for t in (ids, positions, tables, starts):
             torch._dynamo.mark_static(t, 0)  # one graph per batch bucket
         torch._dynamo.mark_dynamic(tables, 1)  # one graph for every block-table width
+        check_unchanged(self.view, self._seen)
         self.cache.bind(tables, starts)
         return self._step(self.view, ids, positions)
 

@@ -16,9 +16,15 @@ whose chunk reaches its last token (a prefill chunk that stops short just fills 
 asks for the last K + 1 positions of a row fed its K drafts. The logits come back in batch order whatever the
 grouping.
 
-`compile=True` runs the decode forward compiled (`compiled_step.DecodeStep`: batch and block-table width padded to
-buckets, one graph per batch bucket) for models `infer.static_decode` supports (others stay eager, as `generate`
-falls back); the first decode forward, which allocates the pool, is eager.
+`compile=True` runs the decode forward compiled (`compiled_step.DecodeStep`: the batch padded to a bucket, one graph
+per batch bucket) for models `infer.static_decode` supports (others stay eager, as `generate` falls back); the
+first decode forward, which allocates the pool, is eager. Short chunks ride it as one-token rows, one per token (a
+flattened batch, as vLLM feeds its kernels): token j of a chunk at position start + j attends over slots up to its
+own, and every layer stores all rows' new keys before any row reads them, so it sees the chunk's earlier tokens
+of this very forward. The step takes them, shortest first, while its rows stay within `RIDE` or the bucket its
+decoding rows fill anyway: a small prefill chunk or a speculative verification (K + 1 tokens) then costs a few
+more rows of one compiled forward, where an eager forward of its own costs about as much as the whole compiled
+step on a CPU (its Python per op). Each token reads its row's keys on its own, so long chunks stay eager.
 """
 
 from __future__ import annotations
@@ -36,22 +42,30 @@ from lmforge.infer import static_decode
 from lmforge.infer.paged_cache import BlockTableCache
 
 MAX_PADDING = 0.25  # at most this share of a multi-token forward's positions are padding
+RIDE = 32  # tokens of short chunks the compiled one-token step takes as one-token rows (see the module docstring)
 
 Rows = Sequence[tuple[Seq, int]]
 
 
-def pack(lengths: Sequence[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
-    """The forwards of a step as groups of row indices (each in batch order): the rows of length 1 together, then
-    the longer rows by decreasing length, a row joining the group before it while the group, padded to its
-    longest row, stays within `max_padding` of padding."""
+def pack(lengths: Sequence[int], max_padding: float = MAX_PADDING, ride: int = 0) -> tuple[list[int], list[list[int]]]:
+    """The forwards of a step as (the one-token forward's rows, the other forwards' rows), row indices in batch
+    order: the rows of length 1 together; the longer rows by decreasing length, a row joining the group before it
+    while the group, padded to its longest row, stays within `max_padding` of padding. With `ride` > 0 (a compiled
+    one-token step), longer rows join the one-token forward as that many one-token rows, shortest first, while its
+    tokens stay within max(ride, the bucket its rows of length 1 fill)."""
     singles = [b for b, n in enumerate(lengths) if n == 1]
+    longer = sorted((b for b, n in enumerate(lengths) if n > 1), key=lambda b: -lengths[b])
+    room = max(ride, bucket(len(singles))) - len(singles) if ride else 0
+    while longer and lengths[longer[-1]] <= room:
+        room -= lengths[longer[-1]]
+        singles.append(longer.pop())
     groups: list[list[int]] = []
-    for b in sorted((b for b, n in enumerate(lengths) if n > 1), key=lambda b: -lengths[b]):
+    for b in longer:
         if groups and padding([lengths[r] for r in [*groups[-1], b]]) <= max_padding:
             groups[-1].append(b)
         else:
             groups.append([b])
-    return ([singles] if singles else []) + [sorted(group) for group in groups]
+    return sorted(singles), [sorted(group) for group in groups]
 
 
 def padding(lengths: Sequence[int]) -> float:
@@ -85,9 +99,11 @@ class ModelRunner:
             self.host.swap_in(self.cache, batch.swap_in)
         self.cache.copy_blocks(batch.copies)
         parts, source = [], []
-        for group in pack([n for _, n in rows]):
+        compiled = self.decode_step is not None and self.cache.allocated
+        singles, groups = pack([n for _, n in rows], ride=RIDE if compiled else 0)
+        for group in [singles] * bool(singles) + groups:
             counts = [logits_per_row[b] for b in group]
-            parts.append(self._forward([rows[b] for b in group], counts))
+            parts.append(self._forward([rows[b] for b in group], counts, compiled and group is singles))
             source += [b for b, k in zip(group, counts, strict=True) for _ in range(k)]
         self.tokens_computed += batch.tokens
         if len(parts) == 1:  # one group, in batch order
@@ -95,11 +111,11 @@ class ModelRunner:
         order = torch.tensor(source, dtype=torch.long).argsort(stable=True)  # group order -> batch order
         return torch.cat(parts)[order.to(self.device)]
 
-    def _forward(self, rows: Rows, counts: list[int]) -> torch.Tensor:
-        """The logits of the last counts[b] positions of each row of one forward."""
-        if self.decode_step is not None and rows[0][1] == 1 and self.cache.allocated:
+    def _forward(self, rows: Rows, counts: list[int], compiled: bool) -> torch.Tensor:
+        """The logits of the last counts[b] positions of each row of one forward (`compiled`: the one-token step)."""
+        if compiled:
             return self._decode(rows, counts)
-        ids, positions, mask, tables, starts = self._inputs(rows, len(rows), self._blocks(rows))
+        ids, positions, mask, tables, starts = self._inputs(rows)
         self.cache.bind(tables, starts)
         h = self.model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=self.cache)
         which = [b for b, k in enumerate(counts) for _ in range(k)]
@@ -107,28 +123,42 @@ class ModelRunner:
         return self.model.logits(h[which, cols]).float()
 
     def _decode(self, rows: Rows, counts: list[int]) -> torch.Tensor:
-        """One token per row through the compiled step, the batch padded to its bucket."""
-        ids, positions, _, tables, starts = self._inputs(rows, bucket(len(rows)), max(MIN_WIDTH, self._blocks(rows)))
-        logits = self.decode_step(ids, positions, tables, starts)
-        keep = [b for b, k in enumerate(counts) if k]
+        """Every token of `rows` as a one-token row of the compiled step, the rows padded to their bucket: a chunk's
+        token j, at position start + j, attends over the chunk's tokens before it, as each layer stores every row's
+        new keys before any row reads."""
+        width = max(MIN_WIDTH, self._blocks(rows))
+        tokens = [(seq, seq.num_computed + j) for seq, n in rows for j in range(n)]
+        pad = bucket(len(tokens)) - len(tokens)
+        tables = [self._table(seq, width) for seq, n in rows for _ in range(n)] + [[self.cache.scratch] * width] * pad
+        starts = torch.tensor([at for _, at in tokens] + [0] * pad, device=self.device)
+        ids = torch.tensor([seq.tokens[at] for seq, at in tokens] + [0] * pad, device=self.device)[:, None]
+        logits = self.decode_step(ids, starts[:, None], torch.tensor(tables, device=self.device), starts)
+        keep, first = [], 0
+        for (_, n), k in zip(rows, counts, strict=True):  # a row's last k tokens
+            keep += range(first + n - k, first + n)
+            first += n
         return logits if len(keep) == len(logits) else logits[keep]
 
     def _blocks(self, rows: Rows) -> int:
         """The blocks the forward reads: enough for the longest row once its chunk is stored."""
         return -(-max(seq.num_computed + n for seq, n in rows) // self.cache.block_size)
 
-    def _inputs(self, rows: Rows, size: int, width: int) -> tuple[torch.Tensor | None, ...]:
+    def _table(self, seq: Seq, width: int) -> list[int]:
+        """The first `width` blocks of `seq`'s table, padded with the scratch block."""
+        table = seq.block_table[:width]
+        return table + [self.cache.scratch] * (width - len(table))
+
+    def _inputs(self, rows: Rows) -> tuple[torch.Tensor | None, ...]:
         """(ids, positions, mask, tables, starts) of `rows` padded to the longest chunk (mask: None when no token is
-        padding) and to `size` rows (token 0 at position 0 in the scratch block); tables (size, width)."""
-        t, pad, scratch = max(n for _, n in rows), size - len(rows), self.cache.scratch
-        starts = torch.tensor([seq.num_computed for seq, _ in rows] + [0] * pad)
-        lengths = torch.tensor([n for _, n in rows] + [t] * pad)
+        padding); tables (B, the blocks the forward reads)."""
+        t, width = max(n for _, n in rows), self._blocks(rows)
+        starts = torch.tensor([seq.num_computed for seq, _ in rows])
+        lengths = torch.tensor([n for _, n in rows])
         ids = [seq.tokens[seq.num_computed : seq.num_computed + n] + [0] * (t - n) for seq, n in rows]
-        tables = [seq.block_table[:width] for seq, _ in rows]
-        tables = [table + [scratch] * (width - len(table)) for table in tables] + [[scratch] * width] * pad
+        tables = [self._table(seq, width) for seq, _ in rows]
         mask = torch.arange(t) < lengths[:, None]
         positions = torch.where(mask, starts[:, None] + torch.arange(t), 0)  # padding at 0: any position is masked
         device = self.device
-        return (torch.tensor(ids + [[0] * t] * pad, device=device), positions.to(device),
+        return (torch.tensor(ids, device=device), positions.to(device),
                 None if bool(mask.all()) else mask.long().to(device), torch.tensor(tables, device=device),
                 starts.to(device))  # fmt: skip

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.infer.step_compile import compile_step
 from lmforge.utils.atomic import atomic_path
 
 SUFFIX = ".compiled"
@@ -100,12 +101,18 @@ def persist(directory: str | Path | None = None, report: Callable[[str], None] |
         _STORE.reset(token)
 
 
-def cached_compile(fn: Callable, *, fullgraph: bool = False, name: str | None = None, key: tuple = ()) -> Callable:
+def cached_compile(
+    fn: Callable, *, fullgraph: bool = False, name: str | None = None, key: tuple = (), model: nn.Module | None = None
+) -> Callable:
     """`torch.compile(fn, fullgraph=fullgraph)`, kept on disk when a store is active and `fullgraph` (see module
     docstring). `name` (default: fn's qualified name) names the files; `key` holds what the caller knows the
-    graph depends on beyond the arguments' structure (e.g. a cache size the graph is specialized to)."""
+    graph depends on beyond the arguments' structure (e.g. a cache size the graph is specialized to). Not kept
+    on disk and given `model` (`fn` a bound method stepping it), it is `step_compile.compile_step`: no guards on
+    the module tree per call."""
     store = _STORE.get()
     if store is None or not fullgraph:
+        if model is not None:
+            return compile_step(fn, model, fullgraph=fullgraph)
         return torch.compile(fn, fullgraph=fullgraph)
     return PersistentCompiled(fn, store, name or fn.__qualname__, key)
 

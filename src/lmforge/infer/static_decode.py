@@ -19,7 +19,8 @@ windows, soft-capping, MLA, MoE; not ALiBi. Batch rows share positions (no paddi
 
 The compiled step goes through `compile_cache.cached_compile`: when the caller made a store active (the CLI's
 `--compile` does), the whole compiled step is saved to disk and a later process loads it instead of tracing
-and compiling again (seconds instead of a minute).
+and compiling again (seconds instead of a minute); otherwise it is called without dynamo's checks on the module
+tree (`infer.step_compile`, ~1 ms a step), and `decoder_for` builds a new decoder for a model cast or moved.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from lmforge.infer import compile_cache
 from lmforge.infer.matvec import matvec, matvec_view
 from lmforge.infer.static_cache import StaticKVCache
+from lmforge.infer.step_compile import check_unchanged, fingerprint
 from lmforge.model.cache import CacheFullError
 
 __all__ = ["CacheFullError", "StaticDecoder", "decoder_for", "supports"]
@@ -69,11 +71,14 @@ class StaticDecoder:
         # one graph per step shape; MoE routing is data-dependent (graph breaks allowed there)
         fullgraph = cfg.moe is None
         self._step = (  # kept on disk (a later process loads it) when the caller made a store active, as the CLI does
-            compile_cache.cached_compile(self._forward, fullgraph=fullgraph, name="decode-step", key=(max_len,))
+            compile_cache.cached_compile(
+                self._forward, fullgraph=fullgraph, name="decode-step", key=(max_len,), model=model
+            )
             if compile
             else self._forward
         )
         self.warm = not compile  # False until the first step has compiled the graph
+        self.seen = fingerprint(model)  # the model as compiled for (`infer.step_compile`)
 
     @property
     def model(self) -> nn.Module:
@@ -105,6 +110,8 @@ class StaticDecoder:
         if self.length >= self.max_len:
             raise CacheFullError(f"static KV cache holds {self.max_len} tokens; all are used")
         self._token.copy_(token)
+        if self.compiled:
+            check_unchanged(self.model, self.seen)
         logits = self._step(self._step_model or self.model, self._token, self.cache.position)
         self.warm = True
         self.length += 1
@@ -130,6 +137,6 @@ def decoder_for(model: nn.Module, n_tokens: int, compile: bool = False) -> Stati
         max_len = min(max_len, model.config.max_seq_len)
     per_model = _DECODERS.setdefault(model, {})
     key = (max_len, compile)
-    if key not in per_model:
+    if key not in per_model or per_model[key].seen != fingerprint(model):  # new, or the model cast or moved since
         per_model[key] = StaticDecoder(model, max_len, compile)
     return per_model[key]
