@@ -17,7 +17,10 @@ Sections (`--only` runs one):
                 (max_num_seqs = concurrency, continuous batching) vs transformers `generate` in padded batches of
                 that size (left padding) and transformers' continuous-batching `generate_batch` (where the
                 installed transformers has it); target: >= 3x the better transformers figure at 32. "same" counts
-                the prompts whose lmforge tokens equal transformers' unbatched greedy tokens.
+                the prompts whose lmforge tokens equal transformers' unbatched greedy tokens. "linears alone" is
+                the ceiling of any engine on this machine: the time of the model's weight matrices (linears and
+                head) alone for the workload's prompt tokens 256 rows at a time and its generated tokens
+                `concurrency` rows at a time, as tok/s and as a ratio to the better transformers figure.
     decode      single-stream decode tok/s: the engine (one request; eager, and compiled unless --eager) vs
                 `infer.generate.generate` plain and `compile=True` (the compiled static-cache decoder, compiled before
                 timing); target: the compiled engine >= 1.0x `generate --compile`
@@ -197,6 +200,31 @@ def hf_continuous(s: Setup, c: int) -> float:
     return sum(len(r.generated_tokens) for r in results.values()) / elapsed
 
 
+def linear_seconds(model: torch.nn.Module, rows: int, repeats: int = 5) -> float:
+    """Seconds of one pass of `rows` rows through every weight matrix of `model` (its linears and the head): the
+    matrix products a forward of `rows` tokens cannot avoid, attention and everything else left out."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if model.lm_head is None:  # a tied head: the embedding, not a linear module
+        weights.append(model.head_weight)
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    with torch.inference_mode():
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def roofline(s: Setup, c: int, chunk: int = 256) -> float:
+    """The most generated tok/s any engine could reach here at `c` concurrent: the workload's prompt tokens through
+    the linears `chunk` rows at a time, its generated tokens `c` rows at a time, and nothing else."""
+    prompt_tokens, generated = sum(map(len, s.prompts)), len(s.prompts) * s.max_tokens
+    seconds = prompt_tokens / chunk * linear_seconds(s.ours, chunk) + generated / c * linear_seconds(s.ours, c)
+    return generated / seconds
+
+
 def throughput(s: Setup) -> None:
     reference = [hf_padded(s.hf, [p], s.max_tokens)[0] for p in s.prompts]  # unbatched greedy tokens
     continuous = hasattr(s.hf, "generate_batch")
@@ -220,9 +248,11 @@ def throughput(s: Setup) -> None:
             except Exception as error:  # a benchmark column, not a contract: say why, go on
                 cells.append(f"failed: {type(error).__name__}: {str(error)[:80]}")
         same = sum(a == b for a, b in zip(ours[c][1], reference, strict=True))
-        rows.append([*cells, f"{ours[c][0] / best:.2f}x", f"{same}/{len(s.prompts)}"])
+        bound = roofline(s, c)
+        rows.append([*cells, f"{ours[c][0] / best:.2f}x", f"{bound:.1f} ({bound / best:.2f}x)",
+                     f"{same}/{len(s.prompts)}"])  # fmt: skip
     header = ["concurrent", "lmforge", "transformers padded", *(["transformers generate_batch"] * continuous),
-              "lmforge / best transformers", "same tokens"]  # fmt: skip
+              "lmforge / best transformers", "linears alone (/ best)", "same tokens"]  # fmt: skip
     table(header, rows)
 
 

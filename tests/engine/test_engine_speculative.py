@@ -318,20 +318,20 @@ def test_bad_speculative_configs_raise_naming_the_field(model, tok, spec, match)
     assert "\n" not in str(error.value)
 
 
-def test_compile_and_swap_space_reach_both_runners(model, tok, drafts, monkeypatch):
+def test_compile_swap_space_and_max_rows_reach_both_runners(model, tok, drafts, monkeypatch):
     seen = []
     real = spec_decode.ModelRunner
 
     class Recording(real):
-        def __init__(self, model, num_blocks, block_size, compile=False, swap_blocks=0):
-            seen.append((compile, swap_blocks))
+        def __init__(self, model, num_blocks, block_size, compile=False, swap_blocks=0, max_rows=1):
+            seen.append((compile, swap_blocks, max_rows))
             super().__init__(model, num_blocks, block_size, swap_blocks=swap_blocks)
 
     monkeypatch.setattr("lmforge.engine.engine.ModelRunner", Recording)
     monkeypatch.setattr(spec_decode, "ModelRunner", Recording)
-    llm = LLM(model, tok, speculative_config=config("self-draft", drafts), compile=True)
-    host = llm.engine.scheduler.host.num_blocks
-    LLM(model, tok, swap_space_gib=0)
-    assert seen == [(True, host), (True, host), (False, 0)] and host > 0
+    llm = LLM(model, tok, speculative_config=config("self-draft", drafts), compile=True, max_num_seqs=8)
+    host, rows = llm.engine.scheduler.host.num_blocks, 8 * (1 + K)  # a verification step: 1 + K tokens a row
+    LLM(model, tok, swap_space_gib=0, max_num_seqs=8)
+    assert seen == [(True, host, rows), (True, host, rows), (False, 0, 8)] and host > 0
     with pytest.raises(ConfigError, match="compile='yes'"):
         LLM(model, tok, compile="yes")

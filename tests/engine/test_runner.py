@@ -97,6 +97,13 @@ def test_pack_lets_short_chunks_ride_the_one_token_forward_within_its_room_short
     # the bucket the rows of length 1 fill (8 rows -> 8) is room too: 5 single rows take 3 more tokens
     assert pack([1] * 5 + [3], ride=4) == ([0, 1, 2, 3, 4, 5], [])
     assert pack([6, 6], ride=8) == ([1], [[0]]) and pack([12], ride=8) == ([], [[0]])
+    assert pack([1, 3], ride=1) == ([0], [[1]])  # an engine of one row: nothing rides (no bucket past 1 compiled)
+
+
+def test_riding_stays_within_the_buckets_an_engine_of_max_rows_compiles_anyway(model):
+    rides = [ModelRunner(model, 8, BLOCK, compile=True, max_rows=r).ride for r in (1, 5, 8, 40, 256)]
+    assert rides == [1, 8, 8, 32, 32]
+    assert ModelRunner(model, 8, BLOCK, max_rows=8).ride == 0  # eager: no compiled step to ride
 
 
 def test_a_mixed_batch_gives_each_rows_logits_in_order_and_computes_only_its_real_tokens(model, forwards):
@@ -142,7 +149,7 @@ def test_compiled_decode_equals_eager_across_buckets_and_compiles_once_per_bucke
 
 @pytest.mark.slow
 def test_short_chunks_ride_the_compiled_step_as_one_token_rows_with_the_logits_of_a_plain_forward(model):
-    runner = ModelRunner(model, num_blocks=40, block_size=BLOCK, compile=True)
+    runner = ModelRunner(model, num_blocks=40, block_size=BLOCK, compile=True, max_rows=32)
     a, b, c, d, e = seqs = sequences([12, 5, 8, 15, 9])
     step(runner, [(a, 9), (b, 3), (d, 4), (e, 6)], [1, 1, 1, 1])  # the eager first forward allocates the pool
     rows_fed = []
@@ -160,11 +167,16 @@ def test_short_chunks_ride_the_compiled_step_as_one_token_rows_with_the_logits_o
 def test_engine_greedy_tokens_with_the_compiled_step_equal_the_eager_engine(model, tok):
     prompts = [s.tokens for s in sequences([5, 11, 17, 23])]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 6, 6, 12)]  # 4 rows, then 1
-    outputs = []
-    for compile in (False, True):
-        llm = LLM(model, tok, max_num_seqs=4)
+    outputs, rode = [], []  # rode: the chunk lengths of each compiled forward
+    for compile in (False, True):  # a budget of 8 tokens: prompts in chunks, the short ones riding the decode step
+        llm = LLM(model, tok, max_num_seqs=4, max_num_batched_tokens=8)
         engine = llm.engine
-        engine.runner = ModelRunner(model, engine.blocks.num_blocks, engine.blocks.block_size, compile=compile)
+        blocks, size = engine.blocks.num_blocks, engine.blocks.block_size
+        engine.runner = ModelRunner(model, blocks, size, compile=compile, max_rows=8)
+        if compile:
+            decode = engine.runner._decode
+            engine.runner._decode = lambda rows, counts, d=decode: rode.append([n for _, n in rows]) or d(rows, counts)
         outputs.append([out.outputs[0].token_ids for out in llm.generate(prompts, params)])
         assert engine.blocks.free_blocks == engine.blocks.num_blocks
     assert outputs[1] == outputs[0] and [len(o) for o in outputs[1]] == [6, 6, 6, 12]
+    assert any(max(lengths) > 1 for lengths in rode) and all(sum(lengths) <= 8 for lengths in rode)

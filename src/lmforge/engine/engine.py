@@ -154,9 +154,11 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         host = HostBlocks(swap_blocks) if swap_blocks else None
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, host)
-        self.runner = ModelRunner(model, num_blocks, block_size, compile, swap_blocks)
+        rows = max_num_seqs * (1 + (self.speculative.num_speculative_tokens if self.speculative else 0))
+        self.runner = ModelRunner(model, num_blocks, block_size, compile, swap_blocks, max_rows=rows)
         self.known_vocab = tokenizer.vocab_size  # ids past it (a padded embedding) are never sampled; computed once
-        self.drafter = drafter(self.speculative, draft, num_blocks, block_size, self.known_vocab, compile, swap_blocks)
+        self.drafter = drafter(self.speculative, draft, num_blocks, block_size, self.known_vocab, compile, swap_blocks,
+                               max_rows=rows)  # fmt: skip
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.prompt_tokens = self.generated_tokens = 0

@@ -21,8 +21,9 @@ per batch bucket) for models `infer.static_decode` supports (others stay eager, 
 first decode forward, which allocates the pool, is eager. Short chunks ride it as one-token rows, one per token (a
 flattened batch, as vLLM feeds its kernels): token j of a chunk at position start + j attends over slots up to its
 own, and every layer stores all rows' new keys before any row reads them, so it sees the chunk's earlier tokens
-of this very forward. The step takes them, shortest first, while its rows stay within `RIDE` or the bucket its
-decoding rows fill anyway: a small prefill chunk or a speculative verification (K + 1 tokens) then costs a few
+of this very forward. The step takes them, shortest first, while its rows stay within the bucket its decoding rows
+fill anyway, or the buckets an engine of `max_rows` rows compiles anyway (at most `RIDE`), so riding compiles no
+graph the engine would not: a small prefill chunk or a speculative verification (K + 1 tokens) then costs a few
 more rows of one compiled forward, where an eager forward of its own costs about as much as the whole compiled
 step on a CPU (its Python per op). Each token reads its row's keys on its own, so long chunks stay eager.
 """
@@ -55,7 +56,7 @@ def pack(lengths: Sequence[int], max_padding: float = MAX_PADDING, ride: int = 0
     tokens stay within max(ride, the bucket its rows of length 1 fill)."""
     singles = [b for b, n in enumerate(lengths) if n == 1]
     longer = sorted((b for b, n in enumerate(lengths) if n > 1), key=lambda b: -lengths[b])
-    room = max(ride, bucket(len(singles))) - len(singles) if ride else 0
+    room = max(ride, bucket(len(singles)) if singles else 0) - len(singles) if ride else 0
     while longer and lengths[longer[-1]] <= room:
         room -= lengths[longer[-1]]
         singles.append(longer.pop())
@@ -75,10 +76,16 @@ def padding(lengths: Sequence[int]) -> float:
 
 class ModelRunner:
     """Runs scheduled batches of `model` over a pool of `num_blocks` blocks of `block_size` slots; `compile` runs
-    the decode forward compiled (see the module docstring)."""
+    the decode forward compiled (see the module docstring), `max_rows` the most one-token rows a step feeds it."""
 
     def __init__(
-        self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False, swap_blocks: int = 0
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        compile: bool = False,
+        swap_blocks: int = 0,
+        max_rows: int = 1,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -86,6 +93,9 @@ class ModelRunner:
         self.host = HostPools(swap_blocks) if swap_blocks else None  # swap space (`engine.swap`)
         self.tokens_computed = 0  # tokens fed to the model since the start (prefix caching skips some)
         self.decode_step = DecodeStep(model, self.cache) if compile and static_decode.supports(model) else None
+        # short chunks ride within the buckets the step compiles anyway (`max_rows`: the most tokens it is ever fed
+        # as one-token rows, max_num_seqs x (1 + speculative tokens)), at most RIDE
+        self.ride = min(RIDE, bucket(max_rows)) if self.decode_step is not None else 0
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, logits_per_row: Sequence[int] | None = None) -> torch.Tensor:
@@ -100,7 +110,7 @@ class ModelRunner:
         self.cache.copy_blocks(batch.copies)
         parts, source = [], []
         compiled = self.decode_step is not None and self.cache.allocated
-        singles, groups = pack([n for _, n in rows], ride=RIDE if compiled else 0)
+        singles, groups = pack([n for _, n in rows], ride=self.ride if compiled else 0)
         for group in [singles] * bool(singles) + groups:
             counts = [logits_per_row[b] for b in group]
             parts.append(self._forward([rows[b] for b in group], counts, compiled and group is singles))

@@ -88,9 +88,9 @@ class ModelDrafter:
 
     def __init__(
         self, model: nn.Module, num_blocks: int, block_size: int, known: int, compile: bool = False,
-        swap_blocks: int = 0,
+        swap_blocks: int = 0, max_rows: int = 1,
     ) -> None:  # fmt: skip
-        self.runner = ModelRunner(model, num_blocks, block_size, compile, swap_blocks)
+        self.runner = ModelRunner(model, num_blocks, block_size, compile, swap_blocks, max_rows)
         self.known = known
 
     def propose(self, batch: ScheduledBatch) -> list[Draft | None]:
@@ -224,11 +224,12 @@ def load_draft(config: SpeculativeConfig, target: nn.Module, tokenizer: BaseToke
 
 
 def drafter(config: SpeculativeConfig | None, draft: nn.Module | None, num_blocks: int, block_size: int, known: int,
-            compile: bool = False, swap_blocks: int = 0) -> Drafter | None:  # fmt: skip
+            compile: bool = False, swap_blocks: int = 0, max_rows: int = 1) -> Drafter | None:  # fmt: skip
     """The engine's drafter for `config` (None: no speculation); `draft` the loaded draft model (draft_model), run
-    compiled with `compile`, its cache swapping on the engine's `swap_blocks` host blocks."""
+    compiled with `compile` (`max_rows`: as the engine's runner), its cache swapping on the engine's `swap_blocks`
+    host blocks."""
     if config is None:
         return None
     if config.method == "ngram":
         return LookupDrafter(config.lookup())
-    return ModelDrafter(draft, num_blocks, block_size, known, compile, swap_blocks)
+    return ModelDrafter(draft, num_blocks, block_size, known, compile, swap_blocks, max_rows)
