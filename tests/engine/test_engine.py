@@ -208,21 +208,43 @@ def test_best_of_returns_the_n_samples_of_highest_cumulative_logprob(model, tok,
     assert_pool_free(llm)
 
 
-def test_logprobs_are_those_of_a_plain_forward(model, tok, prompts):
-    llm = LLM(model, tok)
-    params = dataclasses.replace(GREEDY, max_tokens=5, logprobs=3)
-    out = llm.generate(prompts[2], params)[0].outputs[0]
-    tokens = prompts[2] + out.token_ids
+def assert_logprobs_of_a_plain_forward(model, prompt: list[int], out, temperature: float = 1.0, top: int = 3) -> None:
+    """`out`'s logprobs (top `top` + the sampled token) and cumulative logprob are the log softmax of a plain
+    forward's logits / `temperature` over the prompt and its tokens."""
+    tokens = prompt + out.token_ids
     with torch.no_grad():
-        reference = model(torch.tensor([tokens]))[0].float().log_softmax(-1)[len(prompts[2]) - 1 : -1]
+        logits = model(torch.tensor([tokens]))[0].float()[len(prompt) - 1 : -1]
+    reference = (logits / temperature).log_softmax(-1)
     total = 0.0
     for step, (entry, token) in enumerate(zip(out.logprobs, out.token_ids, strict=True)):
-        top = reference[step].topk(3)
-        assert set(entry) == set(top.indices.tolist()) | {token}
+        best = reference[step].topk(top)
+        assert set(entry) == set(best.indices.tolist()) | {token}
         for t, lp in entry.items():
             assert lp == pytest.approx(float(reference[step, t]), abs=1e-4)
         total += float(reference[step, token])
     assert out.cumulative_logprob == pytest.approx(total, abs=1e-3)
+
+
+def test_logprobs_are_those_of_a_plain_forward(model, tok, prompts):
+    llm = LLM(model, tok)
+    out = llm.generate(prompts[2], dataclasses.replace(GREEDY, max_tokens=5, logprobs=3))[0].outputs[0]
+    assert_logprobs_of_a_plain_forward(model, prompts[2], out)
+
+
+def test_scaled_logprobs_are_those_of_logits_over_the_temperature(model, tok, prompts):
+    """The same seeded draws, reported as log softmax(logits / T); at temperature 0 the model's own."""
+    llm = LLM(model, tok)
+    params = SamplingParams(temperature=0.5, seed=3, max_tokens=6, logprobs=3)
+    plain = llm.generate(prompts[2], params)[0].outputs[0]
+    scaled = llm.generate(prompts[2], dataclasses.replace(params, scaled_logprobs=True))[0].outputs[0]
+    assert scaled.token_ids == plain.token_ids
+    assert_logprobs_of_a_plain_forward(model, prompts[2], plain)
+    assert_logprobs_of_a_plain_forward(model, prompts[2], scaled, temperature=0.5)
+    greedy = llm.generate(prompts[2], dataclasses.replace(GREEDY, max_tokens=4, logprobs=3, scaled_logprobs=True))
+    assert_logprobs_of_a_plain_forward(model, prompts[2], greedy[0].outputs[0])
+    with pytest.raises(SamplingParamsError, match="scaled_logprobs"):
+        SamplingParams(scaled_logprobs="yes")
+    assert_pool_free(llm)
     assert_pool_free(llm)
 
 

@@ -16,7 +16,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_engine import GREEDY, TEXTS, alone, assert_pool_free
+from test_engine import GREEDY, TEXTS, alone, assert_logprobs_of_a_plain_forward, assert_pool_free
 from test_speculative import chi_square_p_value
 
 from lmforge import ModelConfig, Transformer
@@ -193,6 +193,15 @@ def test_stops_budgets_logprobs_and_samples_are_those_of_the_plain_engine(model,
                     assert list(ge.values()) == pytest.approx(list(we.values()), abs=1e-4)
     assert plain[1].outputs[0].finish_reason == "stop" and len(plain[1].outputs[0].token_ids) == first + 1
     assert llm.engine.accepted_draft_tokens > 0
+    assert_pool_free(llm)
+
+
+def test_scaled_logprobs_of_verified_tokens_are_those_of_logits_over_the_temperature(model, tok, prompts, drafts):
+    llm = LLM(model, tok, speculative_config=config("self-draft", drafts))
+    params = SamplingParams(temperature=0.7, seed=5, max_tokens=9, logprobs=2, scaled_logprobs=True)
+    out = llm.generate([prompts[5]], params)[0].outputs[0]
+    assert llm.engine.accepted_draft_tokens > 0
+    assert_logprobs_of_a_plain_forward(model, prompts[5], out, temperature=0.7, top=2)
     assert_pool_free(llm)
 
 

@@ -13,6 +13,7 @@ cancelled search and after a client that went away mid-search.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import openai
 import pytest
 import torch
 from fake_engine import FakeEngine, byte_tokenizer
+from prometheus_client.parser import text_string_to_metric_families
 from serving import MODEL, over, serving
 
 from lmforge.config import ModelConfig
@@ -146,6 +148,17 @@ def test_async_search_equals_the_offline_one(real, offline, stops, setting, text
     assert got.prompt == text and got.request_id == "search"
 
 
+def test_async_search_at_a_temperature_equals_the_offline_one(real, offline, stops):
+    """Beams ranked by the log-probabilities of logits / T, as offline (the step requests' `scaled_logprobs`)."""
+    engine, _ = real
+    params = dataclasses.replace(params_of(SETTINGS[1], stops), temperature=0.5)
+    [expected] = offline.beam_search([PROMPTS[1]], params)
+    got = asyncio.run(beam_search(engine, PROMPTS[1], params, "search"))
+    assert_same_hypotheses(got, expected)
+    [cold] = offline.beam_search([PROMPTS[1]], params_of(SETTINGS[1], stops))
+    assert [o.score for o in cold.outputs] != pytest.approx([o.score for o in got.outputs], rel=1e-3)
+
+
 def test_the_settings_end_beams_both_ways(offline, stops):
     """Some hypotheses end on a stop id, others at the length limit (so the parity above covers both)."""
     reasons = {o.finish_reason for setting in SETTINGS for text in PROMPTS[:2]
@@ -223,10 +236,26 @@ def test_chat_answers_the_hypotheses_best_first(client, offline, model_and_token
     messages = [{"role": "user", "content": "glorious summer"}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, n=3, max_tokens=8, temperature=0.7,
                                            extra_body={"use_beam_search": True})  # fmt: skip
-    [expected] = offline.beam_search([chat_ids(tokenizer, "glorious summer")], BeamSearchParams(3, 8))
+    [expected] = offline.beam_search([chat_ids(tokenizer, "glorious summer")], BeamSearchParams(3, 8, temperature=0.7))
     assert [(c.index, c.message.role, c.message.content, c.finish_reason) for c in reply.choices] == [
         (i, "assistant", o.text, o.finish_reason) for i, o in enumerate(expected.outputs)]  # fmt: skip
     assert reply.usage.completion_tokens == sum(len(o.token_ids) for o in expected.outputs)
+
+
+def metric_counts(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.endswith("_seconds_count")}  # fmt: skip
+
+
+def test_a_search_counts_in_time_to_first_token_and_end_to_end_latency_once_done(real):
+    before = metric_counts(real[1])
+    httpx.post(f"{real[1]}/v1/completions", json={"model": MODEL, "prompt": PROMPTS[:2], "n": 2, "max_tokens": 4,
+                                                  "use_beam_search": True}, timeout=60).raise_for_status()  # fmt: skip
+    after = metric_counts(real[1])
+    gained = {name: after[name] - before[name] for name in after}
+    assert gained == {"lmforge_time_to_first_token_seconds_count": 2, "lmforge_inter_token_latency_seconds_count": 0,
+                      "lmforge_e2e_request_latency_seconds_count": 2}  # fmt: skip
 
 
 def test_streamed_hypotheses_are_one_chunk_each_then_done(real, offline):

@@ -6,18 +6,18 @@ The search is `infer.beam.BeamSearch` (transformers' `generate(num_beams=k, do_s
 search's rows `sequences` (k rows; at the first step k copies of the prompt):
 
     submit   one engine request per distinct row: prompt = the row's ids (prompt + the beam's tokens), max_tokens 1,
-             temperature 0, ignore_eos (an eos is a candidate like any token), logprobs K; all at once through
+             ignore_eos (an eos is a candidate like any token), logprobs K of logits / T (`scaled_logprobs` at the
+             search's temperature T; the token it samples is not used); all at once through
              `AsyncLLM.generate`, so they batch with each other and with other requests, and prefix caching finds
              the row's full blocks computed by the step before: only the tokens past them are fed
     rank     the (k, V) log-probabilities: each row's top K from its request (the log softmax of the model's
-             logits), -inf elsewhere; `BeamSearch.advance` picks the next beams
+             logits, over T when T > 0), -inf elsewhere; `BeamSearch.advance` picks the next beams
     stop     when `BeamSearch.done`; its hypotheses, best first, become the `RequestOutput` `LLM.beam_search` gives
 
 K = `BeamSearch.keep` = max(2, 1 + #eos) * k is how many candidates a step keeps, and the K best candidates of the
 whole step are among the top K of the rows they extend, so the sparse rows rank exactly as the full ones: the
-search is the offline one, step for step. Ranking is by the model's log-probabilities (temperature does not
-enter, as in vLLM's frontend). The engine gives at most `MAX_LOGPROBS` = 20 log-probabilities per token, so K must
-fit: k <= 10 with one eos token.
+search is the offline one, step for step, temperature included. The engine gives at most `MAX_LOGPROBS` = 20
+log-probabilities per token, so K must fit: k <= 10 with one eos token.
 
 If the search fails or is cancelled (its client went away), every engine request of the step in flight is aborted
 (shielded from the cancellation), so the engine frees its blocks. `beam_search_prompts` runs one search per prompt,
@@ -65,7 +65,8 @@ async def beam_search(
         raise GenerationInputError("beam_width", f"needs the top {search.keep} log-probabilities of each beam a step "
                                    f"(max(2, 1 + eos tokens) * beam_width); the engine gives at most {MAX_LOGPROBS}",
                                    params.beam_width)  # fmt: skip
-    step_params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=search.keep)
+    step_params = SamplingParams(max_tokens=1, temperature=params.temperature, ignore_eos=True, logprobs=search.keep,
+                                 scaled_logprobs=True)  # ranked as `engine.beam_search` ranks: logits / T
     step = 0
     while not search.done:
         rows = search.sequences.tolist()

@@ -92,6 +92,15 @@ def _completion(index: int, seq: Sequence) -> CompletionOutput:
     return CompletionOutput(index, seq.text, list(seq.output), seq.finish_reason, logprobs, seq.cumulative_logprob)
 
 
+def reported_logprobs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
+    """(R, V) the log-probabilities row r reports: log softmax of logits[r] / params[r].logprob_temperature (1: the
+    model's own; T for a request with `scaled_logprobs`)."""
+    scales = [p.logprob_temperature for p in params]
+    if all(t == 1.0 for t in scales):
+        return logits.log_softmax(-1)
+    return (logits / torch.tensor(scales, dtype=logits.dtype, device=logits.device)[:, None]).log_softmax(-1)
+
+
 def as_params(params: sampling.SamplingParams | None) -> SamplingParams:
     """The engine's `SamplingParams` of `params` (None: the defaults; generation's own: n = 1)."""
     if params is None:
@@ -268,7 +277,7 @@ class Engine:
     def _sample(self, rows: list[Sequence], logits: torch.Tensor, started: float) -> None:
         """Sample each row's next token (one `DecodeBatch` step) and record it; finished rows leave."""
         events = DecodeBatch([seq.state for seq in rows], self.known_vocab).step(logits, started)
-        logprobs = logits.log_softmax(-1)  # unknown ids were masked to -inf by the step
+        logprobs = reported_logprobs(logits, [seq.state.params for seq in rows])  # unknown ids: -inf (the step)
         for seq, event, lp in zip(rows, events, logprobs, strict=True):
             self._record(seq, event.token_id, event.text, lp)
             if event.finish_reason is not None:
@@ -280,7 +289,9 @@ class Engine:
         computed length back to them (the blocks of the drafts not kept go in `step`); finished rows leave."""
         seqs, drafts, per_row = (list(column) for column in zip(*rows, strict=True))
         logits = masked(torch.cat(per_row), self.known_vocab, "the model's")
-        logprobs = logits.log_softmax(-1).split([len(d.tokens) + 1 for d in drafts])
+        positions = [len(d.tokens) + 1 for d in drafts]
+        params = [seq.state.params for seq, n in zip(seqs, positions, strict=True) for _ in range(n)]
+        logprobs = reported_logprobs(logits, params).split(positions)
         for seq, draft, emitted, lps in zip(seqs, drafts, verify(seqs, drafts, logits), logprobs,
                                             strict=True):  # fmt: skip
             self.draft_tokens += len(draft.tokens)
@@ -298,7 +309,7 @@ class Engine:
 
     def _record(self, seq: Sequence, token: int, text: str, logprobs: torch.Tensor) -> None:
         """Append `token` (and the `text` it released) to `seq`, with its log-probabilities (`logprobs` (V,): the
-        log softmax of the model's masked logits at its position)."""
+        log softmax of the model's masked logits at its position, `reported_logprobs`)."""
         seq.tokens.append(token)
         seq.text += text
         seq.cumulative_logprob += float(logprobs[token])

@@ -10,9 +10,10 @@ in the error).
 
 Beam search (vLLM's extension): `use_beam_search: true` answers with the `n` best hypotheses of a beam search of
 width `n` (`engine.async_beam_search`), best first, with `length_penalty` and `early_stopping` (transformers'
-meanings), `max_tokens`, `ignore_eos` and `stop_token_ids`. Beams are ranked by the model's log-probabilities, so
-temperature and seed do not matter; a field the search would silently drop (top_p, top_k, min_p, the penalties,
-stop strings, logprobs, best_of > n) is refused with a 400 naming it (`beam_search_params`).
+meanings), `max_tokens`, `ignore_eos`, `stop_token_ids` and `temperature` (beams ranked by the log-probabilities of
+logits / T; 1, the default, and 0 rank by the model's own); seed does not matter; a field the search would
+silently drop (top_p, top_k, min_p, the penalties, stop strings, logprobs, best_of > n) is refused with a 400
+naming it (`beam_search_params`).
 
 Responses are plain dicts in the shape the `openai` client parses:
 
@@ -145,8 +146,8 @@ class _Request(BaseModel):
         if not (math.isfinite(self.length_penalty) and abs(self.length_penalty) <= MAX_LENGTH_PENALTY):
             raise OpenAIError(f"length_penalty={self.length_penalty}: must be in [-{MAX_LENGTH_PENALTY}, "
                               f"{MAX_LENGTH_PENALTY}]", "length_penalty")  # fmt: skip
-        return BeamSearchParams(self.n, max_tokens, ignore_eos=self.ignore_eos, length_penalty=self.length_penalty,
-                                early_stopping=self.early_stopping,
+        return BeamSearchParams(self.n, max_tokens, ignore_eos=self.ignore_eos, temperature=self.temperature,
+                                length_penalty=self.length_penalty, early_stopping=self.early_stopping,
                                 stop_token_ids=self.stop_token_ids or [])  # fmt: skip
 
     def _beam_conflicts(self) -> dict[str, bool]:

@@ -7,6 +7,9 @@ and ids, ignore_eos, max_tokens) plus:
     best_of   samples drawn (>= n); the n with the highest cumulative log-probability are returned
     logprobs  per generated token, the log-probabilities of the `logprobs` most likely tokens and of the sampled
               one (0: the sampled one only), log softmax of the model's logits before any sampling transform
+    scaled_logprobs  report (and rank best_of by) the log-probabilities of logits / temperature instead, the
+              distribution temperature samples from before top-k/p and penalties (what a beam search at
+              temperature T ranks by: `engine.async_beam_search`); no effect at temperature 0
 
 Sample k of a seeded request draws from seed + k (mod 2**64), so `n` seeded samples differ and each repeats.
 """
@@ -24,11 +27,13 @@ MAX_LOGPROBS = 20  # as the OpenAI API's top_logprobs
 
 @dataclass
 class SamplingParams(sampling.SamplingParams):
-    """`infer.sampling.SamplingParams` plus `n`, `best_of` and `logprobs` (see the module docstring)."""
+    """`infer.sampling.SamplingParams` plus `n`, `best_of`, `logprobs` and `scaled_logprobs` (see the module
+    docstring)."""
 
     n: int = 1
     best_of: int | None = None
     logprobs: int | None = None
+    scaled_logprobs: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -38,6 +43,13 @@ class SamplingParams(sampling.SamplingParams):
             raise SamplingParamsError("best_of", self.best_of, f"must be None or an integer >= n ({self.n})")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise SamplingParamsError("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.scaled_logprobs, bool):
+            raise SamplingParamsError("scaled_logprobs", self.scaled_logprobs, "must be true or false")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """What the logits are divided by before the log softmax the request reports."""
+        return self.temperature if self.scaled_logprobs and self.temperature > 0 else 1.0
 
     @property
     def samples(self) -> int:

@@ -41,7 +41,9 @@ requests, sequences swapped to host memory, KV blocks used and free, prefix-cach
 generated tokens (their `rate()` is tokens/s), of speculative draft tokens proposed and accepted (their ratio: the
 acceptance rate) and of finished requests by finish reason, and histograms of time to first token, of the time
 between two streamed updates of a request (inter-token latency: one engine step yields one token per output), and
-of the end-to-end request latency.
+of the end-to-end request latency. A beam search's answer comes whole, so its first token is its last: it counts
+in time to first token and end-to-end latency when it is done, never in inter-token latency (its step requests
+are the server's own, not counted).
 """
 
 from __future__ import annotations
@@ -277,8 +279,10 @@ def create_app(
             if e.name == "beam_width":
                 raise api.OpenAIError(f"n={params.beam_width} with use_beam_search: {e.rule}", param="n") from None
             raise _refused(e) from None
+        done = time.perf_counter() - arrival
         for output in finals:
-            metrics.finish(output, time.perf_counter() - arrival)
+            metrics.ttft.observe(done)
+            metrics.finish(output, done)
         return await _respond(Finished(finals), form, body, request)
 
     @v1.post("/chat/completions", responses=_generation_responses(api.ChatCompletion, api.ChatCompletionChunk))
