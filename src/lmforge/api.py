@@ -15,17 +15,24 @@ if TYPE_CHECKING:
 
 
 def load(
-    path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
+    path: str | Path, dtype: torch.dtype | None = None, *, adapter: str | Path | None = None, **overrides: Any
 ) -> tuple[Transformer, BaseTokenizer | None]:
     """Load a model directory and return `(model, tokenizer)`.
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
     it has them; the tokenizer is None when it has none) or a GGUF file (llama.cpp; weights are
-    dequantized to float32). `dtype` casts floating-point weights. `overrides` naming `RuntimeOptions` fields set
-    `model.runtime` (how to compute, e.g. `attn_backend="eager"`); the others replace `ModelConfig` fields (what
-    the checkpoint defines, e.g. `max_seq_len=4096`).
+    dequantized to float32). `dtype` casts floating-point weights. `adapter` is a PEFT LoRA directory
+    (adapter_config.json + adapter_model.safetensors, from `lmforge finetune` or `peft`): it is added to the model
+    as the active adapter "default" (`lmforge.finetune.lora`: `merge_and_unload` folds it into the weights).
+    `overrides` naming `RuntimeOptions` fields set `model.runtime` (how to compute, e.g. `attn_backend="eager"`);
+    the others replace `ModelConfig` fields (what the checkpoint defines, e.g. `max_seq_len=4096`).
     """
-    return loading.load_model(path, dtype, **overrides)
+    model, tokenizer = loading.load_model(path, dtype, **overrides)
+    if adapter is not None:
+        from lmforge.finetune.adapter_files import load_adapter
+
+        load_adapter(model, adapter)
+    return model, tokenizer
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:

@@ -67,3 +67,27 @@ def test_errors_are_clear(tmp_path, model_dir):
     assert result.exit_code == 1 and "no such file" in " ".join(result.stderr.split())
     result = runner.invoke(app, ["generate", str(model_dir), "--prompt", "x", "--top-p", "2"])
     assert result.exit_code == 1 and result.stderr.startswith("error: --top-p=2.0: must be in [0, 1]")
+
+
+def test_generate_with_an_adapter_prints_the_adapted_models_text(model_dir, tmp_path):
+    from lmforge.finetune.adapter_files import save_adapter
+    from lmforge.finetune.lora import LoraConfig, add_adapter
+
+    model, tok = lmforge.load(model_dir)
+    add_adapter(model, LoraConfig(r=4, alpha=64))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    save_adapter(model, tmp_path / "adapter")
+    params = SamplingParams(temperature=0, max_tokens=12)
+    want = generate_text(model, tok, "To be", params)
+    assert want != generate_text(lmforge.load(model_dir)[0], tok, "To be", params)
+    assert generate_text(lmforge.load(model_dir, adapter=tmp_path / "adapter")[0], tok, "To be", params) == want
+    args = ["generate", str(model_dir), "--prompt", "To be", "--max-tokens", "12", "--adapter"]
+    args.append(str(tmp_path / "adapter"))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(want)
+    bad = runner.invoke(app, [*args[:-1], str(tmp_path)])
+    assert bad.exit_code != 0 and "adapter_config.json: not found" in bad.output

@@ -26,6 +26,10 @@ from lmforge.cli.errors import err, fail
 DTYPES = ("float32", "bfloat16", "float16")
 
 Model = Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")]
+Adapter = Annotated[
+    Path | None,
+    typer.Option(help="A LoRA adapter directory (PEFT's format, e.g. from `lmforge finetune`), merged into the model."),
+]
 MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")]
@@ -45,18 +49,20 @@ Compile = Annotated[
 ]
 
 
-def load_model_for_cli(path: Path, dtype: str) -> tuple[Any, Any]:
-    """The model (in `dtype`, one of DTYPES) and its tokenizer; a model without a tokenizer is refused."""
+def load_model_for_cli(path: Path, dtype: str, adapter: Path | None = None) -> tuple[Any, Any]:
+    """The model (in `dtype`, one of DTYPES, with `adapter` merged into its weights) and its tokenizer; a model
+    without a tokenizer is refused."""
     import torch
 
     import lmforge
+    from lmforge.finetune.lora import merge_and_unload
 
     if dtype not in DTYPES:
         raise fail(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype))
+    model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype), adapter=adapter)
     if tokenizer is None:
         raise fail(f"{path}: has no tokenizer")
-    return model, tokenizer
+    return merge_and_unload(model), tokenizer
 
 
 def _params(**values: Any) -> Any:
@@ -120,13 +126,14 @@ def generate_command(
     stop: Stop = None,
     dtype: DType = "float32",
     compile: Compile = False,
+    adapter: Adapter = None,
 ) -> None:
     """Continue a prompt, streaming to stdout; speeds go to stderr."""
     params = _params(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
     )  # fmt: skip
-    m, tok = load_model_for_cli(model, dtype)
+    m, tok = load_model_for_cli(model, dtype, adapter)
     _, stats = _stream(m, tok, prompt, params, compile)
     sys.stdout.write("\n")
     _report(stats)
@@ -141,12 +148,13 @@ def chat_command(
     seed: Seed = None,
     dtype: DType = "float32",
     compile: Compile = False,
+    adapter: Adapter = None,
 ) -> None:
     """Chat with a model (its chat template, history kept). Type /reset to start over, /exit to quit."""
     from lmforge.infer.sampling import GenerationInputError
 
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tok = load_model_for_cli(model, dtype)
+    m, tok = load_model_for_cli(model, dtype, adapter)
     if not getattr(tok, "chat_template", None):
         raise fail(f"{model}: the tokenizer has no chat template")
     start = [{"role": "system", "content": system}] if system else []

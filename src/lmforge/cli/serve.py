@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from lmforge.cli.errors import err
-from lmforge.cli.generate import DType, Model, load_model_for_cli
+from lmforge.cli.generate import Adapter, DType, Model, load_model_for_cli
 
 SHUTDOWN_GRACE_S = 10
 
@@ -56,6 +56,7 @@ def serve_command(
     speculative_model: Annotated[
         Path | None, typer.Option(help="A draft model (same tokenizer) for speculative decoding, instead of lookup.")
     ] = None,
+    adapter: Adapter = None,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
     /metrics (Prometheus) and a chat page at /."""
@@ -65,7 +66,7 @@ def serve_command(
     from lmforge.engine.server import create_app
 
     name = served_model_name or (model.stem if model.suffix == ".gguf" else model.name)
-    module, tokenizer = load_model_for_cli(model, dtype)
+    module, tokenizer = load_model_for_cli(model, dtype, adapter)
     speculative = None
     if num_speculative_tokens is not None or speculative_model is not None:
         speculative = {"num_speculative_tokens": num_speculative_tokens or 4, "model": speculative_model}
