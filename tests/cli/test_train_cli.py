@@ -131,3 +131,31 @@ def test_resume_refuses_a_malicious_checkpoint(shards, tmp_path):
 def test_training_and_config_errors_are_one_line(shards, tmp_path, sets, expected):
     line = one_error_line(runner.invoke(app, args(shards, tmp_path / "run", "--set=train.max_steps=8", *sets)))
     assert expected in line
+
+
+def test_init_starts_a_run_from_a_trained_model(shards, tmp_path):
+    from lmforge.train.run import initial_model
+
+    first = tmp_path / "first"
+    assert runner.invoke(app, args(shards, first)).exit_code == 0
+    exported, _ = lmforge.load(first / "hf")
+    ids = torch.tensor([lmforge.load_tokenizer(shards / "tok").encode("Once upon a time")])
+    with torch.no_grad():
+        want = exported(ids)
+        for source in (first / "hf", first, first / "checkpoints" / "step_00000030.pt"):
+            model, tok = initial_model(source)
+            assert tok is not None and tok.encode("Once upon a time") == ids[0].tolist()
+            assert torch.equal(model(ids), want), source
+        torch.testing.assert_close(initial_model(first / "model.gguf")[0](ids), want, rtol=0, atol=0.05)
+
+    def first_loss(out, *extra):
+        plain = [a for a in args(shards, out, *extra) if not (extra and a.startswith("--set=model."))]
+        result = runner.invoke(app, [*plain, "--set=train.max_steps=8", "--set=train.log_every=1"])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
+
+    assert first_loss(tmp_path / "continued", "--init", str(first / "hf")) < first_loss(tmp_path / "fresh") - 1.0
+    same = runner.invoke(app, [*args(shards, tmp_path / "same", "--set=train.max_steps=8", "--init", str(first))])
+    assert same.exit_code == 0, same.output  # [model] as the init model's: no conflict
+    conflict = runner.invoke(app, args(shards, tmp_path / "bad", "--set=model.d_model=32", "--init", str(first)))
+    assert conflict.exit_code == 1 and "drop the [model] section" in conflict.output

@@ -31,6 +31,12 @@ def train_command(
         typer.Option("--set", help="Override one field, e.g. --set optim.lr=3e-4 (repeatable)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in the run directory.")] = True,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Start from this model (continued pre-training): a Hugging Face directory, a .gguf file "
+                     "or an lmforge run directory; its architecture replaces [model], its tokenizer serves when "
+                     "data.tokenizer is not set."),
+    ] = None,
 ) -> None:
     """Pre-train a model on token shards; logs, checkpoints and the exported model go to train.out_dir."""
     import lmforge
@@ -40,7 +46,7 @@ def train_command(
 
     cfg = load_train_config(config, set_ or [])
     tokenizer = lmforge.load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    result = run_training(cfg, tokenizer, resume=resume)
+    result = run_training(cfg, tokenizer, resume=resume, init=init)
     if result.dist.is_main:
         for path in result.written:
             err.print(f"wrote {path}", highlight=False)

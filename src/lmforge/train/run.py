@@ -9,6 +9,10 @@
                     hold it)
     run_training    both, with the resolved config saved and the run resumed from its newest checkpoint: what
                     `lmforge train` runs (`lmforge.cli.train` only parses flags and prints the result)
+    initial_model   `--init MODEL`: the weights a run starts from (continued pre-training): a Hugging Face
+                    directory or GGUF file (`lmforge.load`), or an lmforge run directory (its config.toml and
+                    newest checkpoint) or one of its checkpoint files. The run's [model] becomes that model's
+                    config, and its tokenizer is the run's when data.tokenizer is not given
 
 A mistake in the config (including a value the trainer or the loaders refuse) raises a `ConfigError` naming the
 config key; a checkpoint that cannot be resumed and a run that diverges raise their own `LmforgeError`s.
@@ -27,10 +31,11 @@ from lmforge.config import ConfigError
 from lmforge.data.loader import RandomWindowLoader, SequentialLoader, TokenDataset
 from lmforge.io.gguf_export import save_gguf
 from lmforge.io.hf import save_hf
+from lmforge.io.load import load_model, load_tokenizer
 from lmforge.model.transformer import Transformer
 from lmforge.train import distributed
-from lmforge.train.checkpoint import gather_model
-from lmforge.train.config import TrainConfig, save_resolved
+from lmforge.train.checkpoint import gather_model, latest_checkpoint, list_checkpoints, load_checkpoint
+from lmforge.train.config import CONFIG_FILE, TrainConfig, load_train_config, save_resolved
 from lmforge.train.distributed import DistInfo
 from lmforge.train.objective import LanguageModelObjective
 from lmforge.train.optim import build_optimizer
@@ -52,22 +57,25 @@ class TrainResult:
     dist: DistInfo
 
 
-def build_trainer(cfg: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = True) -> Trainer:
+def build_trainer(
+    cfg: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = True, model: Transformer | None = None
+) -> Trainer:
     """The Trainer for a `TrainConfig` whose data.shards names a shard directory; `tokenizer` is the one
-    data.tokenizer names (for bits per byte, samples and the export), loaded by the caller.
+    data.tokenizer names (for bits per byte, samples and the export), loaded by the caller; `model` the weights
+    to start from (of config cfg.model; default: a new model, initialised with train.seed).
 
     Under torchrun it joins the process group first: each rank loads `data.batch_size * data.grad_accum` rows of
     the global batch, and the model is wrapped for `dist.strategy` before the optimizer sees its parameters. A
     value the trainer or the loaders refuse is a mistake in the config: it is raised as a ConfigError."""
     try:
-        return _wire(cfg, tokenizer, progress)
+        return _wire(cfg, tokenizer, progress, model)
     except LmforgeError:
         raise
     except ValueError as e:  # the trainer's and the data loader's checks of values the config set
         raise ConfigError(str(e)) from None
 
 
-def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> Trainer:
+def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool, model: Transformer | None) -> Trainer:
     """build_trainer without the translation of the stages' ValueErrors."""
     data, loop = cfg.data, cfg.train
     if data.shards is None:
@@ -84,7 +92,7 @@ def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> Trai
     val_data = SequentialLoader(val_split, data.batch_size, data.seq_len) if data.val_fraction > 0 else None
 
     torch.manual_seed(loop.seed)
-    model = Transformer(cfg.model).to(info.device)
+    model = (Transformer(cfg.model) if model is None else model).to(info.device)
     strategy = cfg.dist.strategy
     objective = distributed.parallelize(LanguageModelObjective.from_loop(model, loop), strategy, info,
                                         **cfg.dist.parallel_options())  # fmt: skip
@@ -109,10 +117,35 @@ def export_run(model: torch.nn.Module, tokenizer: Tokenizer | None, run_dir: Pat
     return written
 
 
-def run_training(cfg: TrainConfig, tokenizer: Tokenizer | None = None, resume: bool = True) -> TrainResult:
+def initial_model(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
+    """The float32 model (and tokenizer, or None) `--init path` names (module docstring)."""
+    path = Path(path)
+    run_dir = path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else path
+    if not (run_dir / CONFIG_FILE).is_file() or not list_checkpoints(run_dir):
+        return load_model(path, torch.float32)
+    run = load_train_config(run_dir / CONFIG_FILE)
+    model = Transformer(run.model)
+    load_checkpoint(path if path.is_file() else latest_checkpoint(run_dir), model, restore_rng=False)
+    tokenizer = load_tokenizer(run.data.tokenizer) if run.data.tokenizer else None
+    return model.float(), tokenizer
+
+
+def run_training(
+    cfg: TrainConfig, tokenizer: Tokenizer | None = None, resume: bool = True, init: str | Path | None = None
+) -> TrainResult:
     """Train as `cfg` says (module doc): rank 0 saves the resolved config to train.out_dir, the run continues from
-    its newest checkpoint when `resume`, and rank 0 exports the model (FSDP2: the shards gathered first)."""
-    trainer = build_trainer(cfg, tokenizer)
+    its newest checkpoint when `resume`, and rank 0 exports the model (FSDP2: the shards gathered first). With
+    `init`, the run starts from that model (`initial_model`): its config replaces cfg.model, and its tokenizer
+    serves when `tokenizer` is None."""
+    model = None
+    if init is not None:
+        model, init_tokenizer = initial_model(init)
+        if cfg.model not in (TrainConfig().model, model.config):
+            raise ConfigError(f"model: the run sets the architecture, and --init {init} defines it too; drop the "
+                              "[model] section (and --set model.* overrides) when starting from a model")  # fmt: skip
+        cfg = dataclasses.replace(cfg, model=model.config)
+        tokenizer = tokenizer if tokenizer is not None else init_tokenizer
+    trainer = build_trainer(cfg, tokenizer, model=model)
     run_dir = Path(cfg.train.out_dir)
     if trainer.dist.is_main:
         save_resolved(cfg, run_dir)
