@@ -14,8 +14,8 @@ import math
 import peft
 import pytest
 import torch
-from hf_reference import hf_and_lmforge
 
+from hf_reference import hf_and_lmforge
 from lmforge import ModelConfig, Transformer
 from lmforge.configfile import ConfigError
 from lmforge.finetune.adapter_files import load_adapter, save_adapter
@@ -233,5 +233,5 @@ def test_peft_files_lmforge_cannot_honour_are_refused(llama, tmp_path):
     theirs.unload()
     with pytest.raises(PeftFormatError, match="rank_pattern"):
         load_adapter(ours, tmp_path / "peft")
-    with pytest.raises(PeftFormatError, match="adapter_config.json: not found"):
+    with pytest.raises(PeftFormatError, match=r"adapter_config\.json: not found"):
         load_adapter(ours, tmp_path)

@@ -1,0 +1,1 @@
+"""Fine-tuning: supervised fine-tuning and parameter-efficient adapters on the one trainer."""
