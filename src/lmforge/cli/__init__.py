@@ -6,6 +6,7 @@
     export.py     `lmforge export` (io/gguf_export.py)
     tokenizer.py  `lmforge tokenizer train/encode/inspect` (tokenizer/, data/shards.py)
     train.py      `lmforge train` (train/run.py)
+    finetune.py   `lmforge finetune` (finetune/run.py)
     speedrun.py   `lmforge speedrun` (train/speedrun.py)
     serve.py      `lmforge serve` (engine/server.py: the OpenAI-compatible HTTP server)
 
@@ -25,6 +26,7 @@ from rich.console import Console
 import lmforge
 from lmforge.cli.errors import fail, reports_errors
 from lmforge.cli.export import export_command
+from lmforge.cli.finetune import finetune_command
 from lmforge.cli.generate import chat_command, generate_command
 from lmforge.cli.model import info_command, init_command
 from lmforge.cli.serve import serve_command
@@ -42,7 +44,7 @@ console = Console()
 app.add_typer(tokenizer_app, name="tokenizer")
 for name, command in (("generate", generate_command), ("chat", chat_command), ("export", export_command),
                       ("train", train_command), ("speedrun", speedrun_command), ("info", info_command),
-                      ("init", init_command), ("serve", serve_command)):  # fmt: skip
+                      ("init", init_command), ("serve", serve_command), ("finetune", finetune_command)):  # fmt: skip
     app.command(name)(reports_errors(command))
 
 

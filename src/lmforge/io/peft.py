@@ -12,8 +12,9 @@ names it `blocks.0.attn.q_proj` (`hf_module_name` maps one to the other through 
 `io.hf_arch`). `target_modules` is written as the list of full module names, which PEFT matches exactly (a name
 equal to, or ending with "." + , an entry), so PEFT adapts exactly the modules lmforge did.
 
-This module reads and writes the files (atomically: the directory appears whole or not at all); applying the
-tensors to a model is `finetune.adapter_files`' job.
+This module reads and writes the files (each atomically, the weights before the config, into a directory that
+may hold other things: `lmforge finetune` keeps its logs and checkpoints beside them); applying the tensors to a
+model is `finetune.adapter_files`' job.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
 from lmforge.io.hf_arch import tensor_maps
-from lmforge.utils.atomic import atomic_directory
+from lmforge.utils.atomic import atomic_path, atomic_write
 from lmforge.utils.errors import LmforgeError
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -52,10 +53,11 @@ def hf_module_name(cfg: ModelConfig, module: str) -> str:
 
 def write_peft(directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Write `config` (adapter_config.json) and `tensors` (already under PEFT's names) to `directory`."""
-    with atomic_directory(directory, replaces=lambda name: name in (CONFIG_FILE, WEIGHTS_FILE)) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: t.detach().contiguous() for k, t in tensors.items()}, tmp / WEIGHTS_FILE,
-                  metadata={"format": "pt"})  # fmt: skip
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: t.detach().contiguous() for k, t in tensors.items()}, tmp, metadata={"format": "pt"})
+    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_peft(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

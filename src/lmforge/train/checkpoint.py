@@ -11,6 +11,8 @@ A checkpoint is one file `<run>/checkpoints/step_00000100.pt` (a `torch.save` di
                 (NumPy's as a plain tuple: ("MT19937", keys as an int64 tensor, pos, has_gauss, cached_gaussian))
     extra       anything else the trainer wants back (data position, schedule, config, best loss, ...), as
                 plain values
+    partial     optional, True: `model` holds only the trainable tensors (`trainable_only=True`: an adapter's
+                parameters, not the frozen base the run rebuilds from its recipe); loading fills exactly those
 
 Nothing is unpickled: a run directory may come from a stranger, and resume is on by default, so a checkpoint is
 read with `torch.load(weights_only=True)`, which builds tensors and plain values (dict, list, tuple, str, int,
@@ -167,22 +169,26 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int = 3,
+    trainable_only: bool = False,
 ) -> Path | None:
     """Write the checkpoint of `step` atomically; keep the newest `keep_last` (0: keep all). Returns its path
     (None on ranks other than 0, which write nothing). `extra` holds plain values and tensors only (no objects:
-    `load_checkpoint` unpickles nothing else)."""
+    `load_checkpoint` unpickles nothing else). `trainable_only`: the model's parameters that require a gradient,
+    without the frozen ones (module docstring: "partial")."""
     if keep_last < 0:
         raise ValueError(f"keep_last={keep_last}: must be >= 0 (0 keeps every checkpoint)")
     if not _is_plain(extra or {}):
         raise ValueError("extra: must hold only tensors, str, int, float, bool, None, lists, tuples and dicts "
                          "(what loading without unpickling accepts)")  # fmt: skip
     sharded = is_sharded(model)
+    if trainable_only and sharded:
+        raise ValueError("trainable_only checkpoints are not written by FSDP2 runs (use dist.strategy='ddp')")
     if sharded:  # a collective: every rank takes part, rank 0 receives the full tensors
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer or [], options=_full_state_options())
     else:
-        model_state = model.state_dict()
+        model_state = trainable_state(model) if trainable_only else model.state_dict()
         if is_zero(optimizer):  # a collective: every rank sends its share of the state to rank 0
             optimizer.consolidate_state_dict(to=0)
         optimizer_state = optimizer.state_dict() if optimizer is not None and _is_writer() else None
@@ -200,7 +206,7 @@ def save_checkpoint(
         "sharded": sharded,
         "rng": rng_state(),
         "extra": extra or {},
-    }
+    } | ({"partial": True} if trainable_only else {})
     path = folder / f"step_{step:08d}.pt"
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -319,6 +325,7 @@ def _check_payload(check: _Checker, payload: Any) -> None:
             check.instance(f"optimizer['param_groups'][{i}]['params']", group.get("params"), list, "a list")
     check.instance("sharded", payload["sharded"], bool, "True or False")
     check.instance("extra", payload["extra"], dict, "a dict")
+    check.instance("partial", payload.get("partial", False), bool, "True or False")
     _check_rng(check, payload["rng"], legacy=payload["format"] == LEGACY_FORMAT)
 
 
@@ -376,9 +383,15 @@ def _check_numpy_rng(check: _Checker, state: Any, legacy: bool) -> None:
     check.instance("rng['numpy'][4]", state[4], float, "a float")
 
 
-def _check_model(check: _Checker, saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """The same tensor names as the model's state_dict, each with the model's shape and dtype."""
-    wanted = model.state_dict()  # FSDP2: DTensors, whose shape is the whole tensor's
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of `model.state_dict()` that are parameters requiring a gradient (detached)."""
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if v.requires_grad}
+
+
+def _check_model(check: _Checker, saved: dict[str, torch.Tensor], model: torch.nn.Module, partial: bool) -> None:
+    """The same tensor names as the model's state_dict (its trainable entries, for a partial checkpoint), each
+    with the model's shape and dtype."""
+    wanted = trainable_state(model) if partial else model.state_dict()  # FSDP2: DTensors, the whole tensor's shape
     missing = [name for name in wanted if name not in saved]
     if missing:
         check.fail("model", f"has no {missing[0]!r}, which the model needs ({len(missing)} missing in all)")
@@ -563,7 +576,7 @@ def read_checkpoint(
     payload = _read(path)
     check = _Checker(path)
     _check_payload(check, payload)
-    _check_model(check, payload["model"], model)
+    _check_model(check, payload["model"], model, payload.get("partial", False))
     if optimizer is not None:
         if payload["optimizer"] is None:
             check.fail("has", "no optimizer state")
@@ -601,7 +614,7 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: the model or optimizer does not fit this checkpoint: {e}") from None
     else:
         try:
-            model.load_state_dict(payload["model"])
+            model.load_state_dict(payload["model"], strict=not payload.get("partial", False))  # names checked
             if optimizer is not None:
                 optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:

@@ -62,8 +62,9 @@ dtype on this device, so MFU says how much of what this machine can do the train
 steps: the objective's validation loss (eval mode: plain CE for the language model) and bits per byte,
 bpb = (sum of CE in nats / ln 2) / (UTF-8 bytes of the targets),
 which compares models with different tokenizers; and, with a tokenizer, a sample continuation. Checkpoints
-(checkpoint.py) every `checkpoint_every` steps and at the end; `fit` resumes from the newest one. The loss
-curves are drawn to `<run>/loss.png`.
+(checkpoint.py) every `checkpoint_every` steps and at the end; `fit` resumes from the newest one; with
+`trainable_checkpoints=True` they hold only the parameters that train (an adapter, not the frozen model the run
+rebuilds). The loss curves are drawn to `<run>/loss.png`.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ class Trainer:
         progress: bool = True,
         dist: DistInfo | None = None,
         parallel: torch.nn.Module | None = None,
+        trainable_checkpoints: bool = False,
         **loop_options: Any,
     ) -> None:
         self.loop = _loop(loop, loop_options)
@@ -262,6 +264,7 @@ class Trainer:
         self.ended_by: str | None = None  # "max_steps" or "time_budget" once fit has ended the run
         self.dist = dist or DistInfo(device=self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.trainable_checkpoints = trainable_checkpoints  # checkpoints hold the trainable parameters alone
         self._set_activation_checkpointing()
         if is_sharded(model) and not getattr(optimizer, "shardable", True):
             raise ValueError(f"optimizer {type(optimizer).__name__} cannot update FSDP2-sharded parameters: use "
@@ -509,7 +512,8 @@ class Trainer:
             if self.schedule_by == "time":  # the clock now (after this step's evaluation): resume continues from it
                 extra |= {"elapsed_s": self._elapsed(), "step_s": self.step_s,
                           "schedule_progress": self.schedule_progress}  # fmt: skip
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, keep_last=self.keep_last)
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, keep_last=self.keep_last,
+                            trainable_only=self.trainable_checkpoints)  # fmt: skip
 
     def _elapsed(self) -> float:
         """Seconds of this run so far on `clock` (a resumed time-driven run counts its earlier processes' too)."""
