@@ -326,14 +326,15 @@ def test_import_vocab_merges_written_by_tokenizers(tmp_path, hf_bytelevel):
 
 def test_tokenizer_config_round_trip(tmp_path, handbuilt):
     tok = Tokenizer(handbuilt.vocab, handbuilt.merges, handbuilt.pattern, handbuilt.special_tokens)
-    tok.chat_template, tok.bos_token, tok.eos_token = "{{ messages[0]['content'] }}", None, "<|im_end|>"
+    tok.chat_template, tok.bos_token, tok.eos_token = "{{ messages[0]['content'] }}", None, "<|endoftext|>"
     tok.pad_token, tok.unk_token, tok.model_max_length = "<|endoftext|>", None, 2048
+    tok.eot_token = "<|im_end|>"  # lmforge's key (GGUF has it): generation stops at the end of a chat turn too
     save_hf_tokenizer(tok, tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["chat_template"] == tok.chat_template and config["model_max_length"] == 2048
     assert config["added_tokens_decoder"][str(tok.special_tokens["<|im_end|>"])]["special"] is True
     again = load_hf_tokenizer(tmp_path)
-    for name in ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length"):
+    for name in ("chat_template", "bos_token", "eos_token", "eot_token", "pad_token", "unk_token", "model_max_length"):
         assert getattr(again, name) == getattr(tok, name), name
     (tmp_path / "chat_template.jinja").write_text("{{ 'from jinja file' }}")  # transformers' newer layout wins
     assert load_tokenizer(tmp_path).chat_template == "{{ 'from jinja file' }}"

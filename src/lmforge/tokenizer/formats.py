@@ -528,7 +528,7 @@ def _attrs_from_config(config: dict, where: str = "tokenizer_config.json") -> di
     """The Tokenizer attributes from a tokenizer_config.json object, each field's type checked (`where`: its file)."""
     if not isinstance(config.get("add_bos_token", False), bool):
         raise TokenizerFileError(f"{where}: add_bos_token: expected true or false, got {config['add_bos_token']!r}")
-    keys = ("bos_token", "eos_token", "pad_token", "unk_token")
+    keys = ("bos_token", "eos_token", "eot_token", "pad_token", "unk_token")
     tokens = {key: _token_content(config.get(key), f"{where}: {key}") for key in keys}
     return {
         "chat_template": _chat_template(config.get("chat_template"), f"{where}: chat_template"),

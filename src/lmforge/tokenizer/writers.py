@@ -33,8 +33,9 @@ __all__ = [
 
 SAVED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.tiktoken")  # what save_tokenizer writes
 
-# tokenizer_config.json keys copied onto the Tokenizer as attributes (None when absent).
-_CONFIG_ATTRS = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
+# tokenizer_config.json keys copied onto the Tokenizer as attributes (None when absent). eot_token is lmforge's
+# (GGUF's tokenizer.ggml.eot_token_id; transformers keeps an unknown key as is): generation stops there too.
+_CONFIG_ATTRS = ("chat_template", "bos_token", "eos_token", "eot_token", "pad_token", "unk_token", "model_max_length")
 
 
 class ByteLevelBPE(Protocol):
@@ -52,6 +53,7 @@ class ByteLevelBPE(Protocol):
     chat_template: str | None
     bos_token: str | None
     eos_token: str | None
+    eot_token: str | None
     pad_token: str | None
     unk_token: str | None
     model_max_length: int | None
@@ -247,6 +249,8 @@ def hf_tokenizer_config(tok: ByteLevelBPE) -> dict:
         config["chat_template"] = template
     if attrs["model_max_length"] is not None:
         config["model_max_length"] = attrs["model_max_length"]
+    if attrs["eot_token"] is not None:
+        config["eot_token"] = attrs["eot_token"]
     return config
 
 
