@@ -1,0 +1,1 @@
+"""Quantization: number formats, quantized linears and the methods that choose their values."""
