@@ -50,8 +50,8 @@ def setup(tmp_path_factory):
 
 def args(setup, out, *extra: str) -> list[str]:
     return ["finetune", str(setup / "base"), "--data", str(setup / "train.jsonl"), "--val", str(setup / "val.jsonl"),
-            "--out", str(out), "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--alpha", "32", "--eval-every", "4",
-            "--dropout", "0", *extra]  # fmt: skip
+            "--out", str(out), "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--alpha", "32",
+            "--eval-every", "4", "--dropout", "0", *extra]  # fmt: skip
 
 
 def val_losses(out) -> list[float]:
@@ -59,7 +59,7 @@ def val_losses(out) -> list[float]:
             if "val_loss" in line]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
 def test_an_adapter_run_learns_and_writes_peft_files_the_loaders_apply(setup, tmp_path, method):
     out = tmp_path / "run"
     result = runner.invoke(app, args(setup, out, "--method", method, "--max-steps", "12", "--merge", "--gguf"))

@@ -33,6 +33,7 @@ from lmforge.finetune.lora import (
     unmerge_adapter,
 )
 from lmforge.io.peft import PeftFormatError
+from lmforge.quant.nf4 import NF4Linear, quantize_model_nf4
 
 IDS = torch.tensor([[5, 17, 3, 88, 41, 9, 60, 2, 33, 71]])
 
@@ -169,6 +170,27 @@ def test_several_adapters_switch_by_name():
     merge_adapter(model)
     with pytest.raises(LoRAError, match="unmerge"):
         set_adapter(model, "attn")
+
+
+def test_qlora_trains_float_adapters_on_a_4_bit_base_to_a_lower_loss():
+    model = tiny()
+    quantize_model_nf4(model)
+    add_adapter(model, LoraConfig(r=8, alpha=16))
+    train_only_adapter(model)
+    layer = model.blocks[0].attn.q_proj
+    assert isinstance(layer.base, NF4Linear) and layer.adapters["default"].lora_A.dtype == torch.float32
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(IDS[:, :-1])[0], IDS[0, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.5, losses
+    with pytest.raises(LoRAError, match="4-bit"):
+        merge_adapter(model)
 
 
 def test_bad_configs_name_the_field():

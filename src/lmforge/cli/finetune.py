@@ -20,7 +20,7 @@ def finetune_command(
                                       "\"completion\"} objects, rendered with the model's chat template.")],
     out: Annotated[Path, typer.Option(help="Output directory: the adapter (PEFT's format) or the model, logs, "
                                      "checkpoints (a rerun resumes).")],
-    method: Annotated[str, typer.Option(help="full, lora or dora.")] = "lora",
+    method: Annotated[str, typer.Option(help="full, lora, dora or qlora (LoRA on a 4-bit NF4 base).")] = "lora",
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     alpha: Annotated[float, typer.Option(help="LoRA alpha: the update is scaled by alpha / r.")] = 16.0,
     dropout: Annotated[float, typer.Option(help="Dropout on the adapter's input.")] = 0.05,

@@ -8,6 +8,10 @@ A starts Kaiming-uniform (a = sqrt 5, as nn.Linear and PEFT), B at zero, so at i
 B train: r (in + out) parameters instead of in * out. Merging writes W' = W + s B A into the frozen weight (the
 adapted model then costs nothing extra); unmerging subtracts it back.
 
+QLoRA (Dettmers et al. 2023) is the same on a base whose W is stored in 4-bit NF4 (`quant.nf4.NF4Linear`,
+dequantized into bf16 at each forward), with float32 adapters: the frozen model's memory drops about 7x while the
+adapters train in full precision. Such a base is not merged into (4 bits would round the update away).
+
 rsLoRA (Kalajdzievski 2023): s = alpha / sqrt(r), which keeps the update's scale stable as r grows.
 
 DoRA (Liu et al. 2024) splits the adapted weight into a magnitude m (out,) and a direction:
@@ -46,6 +50,7 @@ from torch import Tensor, nn
 from lmforge.configfile import check, check_finite, check_positive
 from lmforge.model.moe import ExpertLinear
 from lmforge.model.surgery import Where, swap_modules
+from lmforge.quant.nf4 import NF4Linear
 from lmforge.utils.errors import LmforgeError
 
 __all__ = [
@@ -107,16 +112,16 @@ class LoRAAdapter(nn.Module):
     """One adapter of a layer: lora_A (..., r, in), lora_B (..., out, r), with DoRA magnitude (..., out); the
     leading dimension is the experts' for an `ExpertLinear`."""
 
-    def __init__(self, weight: Tensor, config: LoraConfig) -> None:
+    def __init__(self, weight: Tensor, config: LoraConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         *lead, out_features, in_features = weight.shape
         self.config, self.scaling = config, config.scaling
-        kw = {"device": weight.device, "dtype": weight.dtype}
+        kw = {"device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(*lead, config.r, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(*lead, out_features, config.r, **kw))
         for a in self.lora_A.detach().view(-1, config.r, in_features):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.magnitude = nn.Parameter(row_norm(weight.detach())) if config.dora else None
+        self.magnitude = nn.Parameter(row_norm(weight.detach()).to(kw["dtype"])) if config.dora else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged_scale: Tensor | None = None  # DoRA, while merged: m / n of the merge (to unmerge)
 
@@ -138,12 +143,13 @@ def row_norm(weight: Tensor) -> Tensor:
 
 
 class LoRALayer(nn.Module):
-    """A frozen `base` (nn.Linear or ExpertLinear) plus named adapters, `active` one of them or None."""
+    """A frozen `base` (nn.Linear, ExpertLinear, or QLoRA's NF4Linear) plus named adapters, `active` one of them or
+    None."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear | ExpertLinear):
-            raise LoRAError(f"LoRA wraps nn.Linear and ExpertLinear modules, not {type(base).__name__}")
+        if not isinstance(base, nn.Linear | ExpertLinear | NF4Linear):
+            raise LoRAError(f"LoRA wraps nn.Linear, ExpertLinear and NF4Linear modules, not {type(base).__name__}")
         self.base = base
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
@@ -195,6 +201,9 @@ class LoRALayer(nn.Module):
             raise LoRAError(f"adapter {self.merged!r} is merged already; unmerge it first")
         if self.active is None:
             raise LoRAError("no active adapter to merge")
+        if isinstance(self.base, NF4Linear):
+            raise LoRAError("an adapter is not merged into a 4-bit (NF4) base, which would round it away: load "
+                            "the float model with the adapter (lmforge.load(base, adapter=DIR)) and merge that")
         adapter = self.adapters[self.active]
         with torch.no_grad():
             w = self.base_weight
@@ -251,7 +260,8 @@ def add_adapter(
         layer = old if isinstance(old, LoRALayer) else LoRALayer(old)
         if layer.base_weight.dim() not in (2, 3):
             raise LoRAError(f"{module_name}: a weight of shape {tuple(layer.base_weight.shape)} is not a linear map")
-        layer.adapters[name] = LoRAAdapter(layer.base_weight, config)
+        quantized = isinstance(layer.base, NF4Linear)  # QLoRA: float32 adapters on the bf16-computed 4-bit base
+        layer.adapters[name] = LoRAAdapter(layer.base_weight, config, torch.float32 if quantized else None)
         return layer.train(old.training)  # a new module trains by default; follow the model's mode
 
     swap = swap_modules(model, config.target if where is None else where, wrap)

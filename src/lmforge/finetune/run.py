@@ -6,6 +6,8 @@
     method    full      every parameter trains
               lora      `finetune.lora` adapters (rank, alpha, dropout, rsLoRA, target patterns); the rest frozen
               dora      the same with DoRA's magnitude
+              qlora     LoRA on a 4-bit base: every linear layer of the blocks stored in NF4 (`quant.nf4`, block
+                        64, double-quantized scales), computed in bf16; float32 adapters
     train     the shared `Trainer` with the language-model objective under the document mask (packed examples
               never attend to each other), AdamW (no weight decay by default, as PEFT's recipes), a cosine
               schedule with warmup; steps = --max-steps, else ceil(epochs x steps per epoch); validation loss
@@ -15,6 +17,7 @@
     write     lora/dora: DIR/adapter_config.json + DIR/adapter_model.safetensors (PEFT's format: `peft` and
               `lmforge.load(base, adapter=DIR)` read them); full: DIR/hf (a Hugging Face directory with the
               tokenizer). `merge=True` also writes the merged model to DIR/merged, `gguf=True` to DIR/model.gguf
+              (QLoRA: merged into the float base model, reloaded, not into its 4-bit copy)
 
 The run's settings are saved in DIR/finetune.json; a rerun with other settings than the checkpoints were made
 with is refused (start a new DIR, or delete its checkpoints).
@@ -34,11 +37,12 @@ import torch
 
 from lmforge.configfile import ConfigError, check, check_finite, check_integer, check_positive
 from lmforge.data.sft import SFTLoader, load_sft, pad_token_id
-from lmforge.finetune.adapter_files import save_adapter
+from lmforge.finetune.adapter_files import load_adapter, save_adapter
 from lmforge.finetune.lora import DEFAULT_TARGETS, LoraConfig, add_adapter, merge_and_unload, train_only_adapter
 from lmforge.io.gguf_export import save_gguf
 from lmforge.io.hf import save_hf
 from lmforge.io.load import load_model
+from lmforge.quant.nf4 import quantize_model_nf4
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.config import LoopConfig, ScheduleConfig
 from lmforge.train.objective import LanguageModelObjective
@@ -48,7 +52,7 @@ from lmforge.utils.atomic import atomic_write
 
 __all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune"]
 
-METHODS = ("full", "lora", "dora")
+METHODS = ("full", "lora", "dora", "qlora")
 SETTINGS_FILE = "finetune.json"
 
 
@@ -149,6 +153,8 @@ def finetune(
                                shuffle=False, pad_id=pad)  # fmt: skip
 
     torch.manual_seed(config.seed)  # the adapter's initial A (a resumed run loads the checkpoint's over it)
+    if config.method == "qlora":
+        quantize_model_nf4(model)
     if config.adapter:
         add_adapter(model, config.lora())
         trainable = train_only_adapter(model)
@@ -169,17 +175,20 @@ def finetune(
                       val_data=val_loader, run_dir=out, grad_clip=config.grad_clip, tokenizer=tokenizer,
                       progress=progress, trainable_checkpoints=config.adapter)  # fmt: skip
     metrics = trainer.fit(resume=True)
-    written = _write(model.eval(), tokenizer, out, config, str(model_path), merge, gguf)
+    written = _write(model.eval(), tokenizer, out, config, model_path, merge, gguf)
     return FinetuneResult(trainer.step, metrics, trainable, len(examples), examples.skipped, written)
 
 
-def _write(model: Any, tokenizer: Any, out: Path, config: FinetuneConfig, base: str, merge: bool,
+def _write(model: Any, tokenizer: Any, out: Path, config: FinetuneConfig, base: str | Path, merge: bool,
            gguf: bool) -> list[Path]:  # fmt: skip
     """The adapter (or the full model) and, if asked, the merged model as HF and GGUF (module docstring)."""
     written = []
     if config.adapter:
-        save_adapter(model, out, base_model=base)
+        save_adapter(model, out, base_model=str(base))
         written.append(out / "adapter_model.safetensors")
+        if (merge or gguf) and config.method == "qlora":
+            model, _ = load_model(base, torch.float32)
+            load_adapter(model, out)
         if merge or gguf:
             model = merge_and_unload(model)
     if not config.adapter or merge:
