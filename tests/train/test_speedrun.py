@@ -20,10 +20,12 @@ def flat(text: str) -> str:
 
 def test_speedrun_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["speedrun", "--minutes", "0.25", "--stories", "1500", "--out", str(out)])
+    result = runner.invoke(app, ["speedrun", "--minutes", "0.25", "--stories", "1500", "--chat-steps", "12",
+                                 "--out", str(out)])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
-    for text in ("bits/byte", "entropy floor", "left to learn", "tokens/s", "MFU", "## Samples", "```toml"):
+    for text in ("bits/byte", "entropy floor", "left to learn", "tokens/s", "MFU", "## Samples", "```toml",
+                 "## Chat stage", "| SFT | 12 steps (full fine-tuning)", "exact match, held-out questions | 0% before"):
         assert text in report, text
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -47,12 +49,21 @@ def test_speedrun_end_to_end(tmp_path):
     floor = float(report.split("| entropy floor | ")[1].split(" ")[0])
     bpb = [r["val_bpb"] for r in records if "val_bpb" in r][-1]
     assert 0.15 < floor < 0.3 and bpb > floor  # no model beats the grammar's entropy
-    for name in ("loss.png", "config.toml", "model.gguf", "hf/config.json", "tokenizer/tokenizer.json"):
+    for name in ("loss.png", "config.toml", "model.gguf", "hf/config.json", "tokenizer/tokenizer.json",
+                 "pretrained/config.json", "chat/train.jsonl", "chat/log.jsonl"):
         assert (out / name).exists(), name
     model, tok = lmforge.load(out / "model.gguf")
     assert model.config.n_kv_heads == 2 and tok.encode("Once upon a time")  # GQA, and the trained tokenizer
     gen = runner.invoke(app, ["generate", str(out / "model.gguf"), "--prompt", "Once upon a time", "--max-tokens", "8"])
     assert gen.exit_code == 0 and gen.stdout.strip()
+    chat_losses = [json.loads(line)["loss"] for line in (out / "chat" / "log.jsonl").read_text().splitlines()
+                   if '"loss"' in line]  # fmt: skip
+    assert chat_losses[-1] < chat_losses[0]  # the SFT stage learns the answers' form
+    assert tok.eot_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
+    story = "Mia was a big fox who lived near the lake. The end."
+    chat = runner.invoke(app, ["chat", str(out / "model.gguf"), "--max-tokens", "12", "--temperature", "0"],
+                         input=f"{story} Who is the story about?\n/exit\n")  # fmt: skip
+    assert chat.exit_code == 0 and chat.stdout.strip(), chat.output
     again = runner.invoke(app, ["speedrun", "--minutes", "0.1", "--out", str(out)])
     assert again.exit_code == 1 and "already holds a run" in flat(again.stderr)
 
@@ -65,6 +76,7 @@ def test_speedrun_on_user_text_and_bad_flags(tmp_path):
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
     assert "bits/byte" in report and "entropy floor" not in report  # unknown for real text
+    assert "## Chat stage" not in report  # its questions are about the grammar's stories
     assert "ended by the time budget at " in report  # not cut by a step count mid-schedule
     assert result.stdout.strip().splitlines()[-4].startswith("result  validation loss ")  # no floor: the loss
     bad = runner.invoke(app, ["speedrun", "--preset", "tpu", "--out", str(tmp_path / "x")])

@@ -1,4 +1,4 @@
-"""`lmforge speedrun`: the whole pipeline (corpus -> tokenizer -> shards -> train -> export -> report) in one
+"""`lmforge speedrun`: the whole pipeline (corpus -> tokenizer -> shards -> train -> chat -> export -> report) in one
 command; `lmforge.train.speedrun` runs it, this file parses the flags, prints each stage's time (stderr) and, at
 the end, the headline block: bits/byte against the floor (or the validation loss for --data), steps, tokens and
 time (stdout)."""
@@ -35,9 +35,15 @@ def speedrun_command(
     ] = None,
     preset: Annotated[str, typer.Option(help="Model size: cpu (default) or gpu.")] = "cpu",
     stories: Annotated[int | None, typer.Option(help="Stories to generate (default: the preset's).")] = None,
+    chat_steps: Annotated[
+        int,
+        typer.Option(min=0, help="SFT steps of the chat stage after pre-training (story corpus only; 0: no chat "
+                     "stage)."),
+    ] = 300,
 ) -> None:
     """Build a corpus, train a tokenizer and a model, evaluate, sample and export it: the whole pipeline."""
     from lmforge.train.speedrun import run_speedrun
 
-    report = run_speedrun(out, minutes, data, preset, stories, on_stage=_print_stage, on_headline=_print_headline)
+    report = run_speedrun(out, minutes, data, preset, stories, on_stage=_print_stage, on_headline=_print_headline,
+                          chat_steps=chat_steps)  # fmt: skip
     err.print(f"report: {report}", highlight=False)

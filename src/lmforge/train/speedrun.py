@@ -8,10 +8,15 @@
     train      `Trainer` (AdamW, warmup + cosine, validation every few hundred steps), time-driven: the lr
                schedule is a function of elapsed time over the --minutes budget and the run ends when the
                budget is spent, at the decayed rate (trainer.py)                      -> log.jsonl, loss.png
-    export     Hugging Face directory and GGUF                                        -> hf/, model.gguf
+    chat       (story corpus) the pre-trained model fine-tuned to answer questions about a story
+               (`finetune.chat_stage`: SFT on conversations rendered with the tokenizer's ChatML template, the
+               loss on the answers; exact-match accuracy on held-out questions before and after) -> pretrained/,
+               chat/
+    export     Hugging Face directory and GGUF of the final model (the chat model when there is a chat stage),
+               with the tokenizer and its chat template                              -> hf/, model.gguf
     report     validation bits per byte against the corpus' entropy floor, how much of the budget and of the
-               schedule ran and why the run ended, samples, throughput, MFU, the config, timings of every
-               stage                                                                  -> report.md
+               schedule ran and why the run ended, samples, the chat stage's accuracy and dialogues,
+               throughput, MFU, the config, timings of every stage                    -> report.md
 
 Time-driven training replaces a step count calibrated from a few timed steps, which a machine busy at that moment
 got wrong (30 steps instead of ~900, the run over at 70% of its budget): however the speed drifts, the warmup is
@@ -19,7 +24,8 @@ the first 5% of the budget and the cosine decay reaches its minimum as the budge
 cap (`MAX_STEPS`), and the report says if that cap, not the budget, ended the run. The budget is the training
 loop's wall time, its evaluations included; the final evaluation, the export and the samples come after it.
 
-`lmforge generate runs/speedrun/model.gguf --prompt "Once upon a time"` then continues a story.
+`lmforge generate runs/speedrun/model.gguf --prompt "Once upon a time"` then continues a story, and
+`lmforge chat runs/speedrun/model.gguf` (or `lmforge serve`) answers questions about one pasted in.
 
 `run_speedrun` reports each finished stage through `on_stage(name, seconds)` (the CLI prints it), the headline
 figures at the end through `on_headline(text)` (bits/byte against the floor, or the validation loss for --data;
@@ -37,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.shards import text_files
+from lmforge.finetune.chat_stage import run_chat_stage
+from lmforge.io.hf import save_hf
+from lmforge.tokenizer.chat import DEFAULT_CHAT_TEMPLATE
 from lmforge.train.run import build_trainer, export_run
 from lmforge.utils.atomic import atomic_write
 from lmforge.utils.errors import LmforgeError
@@ -52,6 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 10, "eval_every": 1000},
 }  # fmt: skip
 PROMPTS = ("Once upon a time", "One morning, Mia", "The end")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # end of story; ChatML's turn markers
+CHAT_STEPS = 300  # SFT steps of the chat stage (about a minute on 2 cores for the cpu preset)
 SCHEDULE = {"kind": "cosine", "total_steps": 1000, "warmup_steps": 50, "min_lr_ratio": 0.1}  # stretched over the
 # budget (Schedule.at): total_steps are thousandths of it, so warmup is its first 5%
 MAX_STEPS = 1_000_000  # a cap only: the budget ends the run
@@ -101,10 +112,12 @@ def run_speedrun(
     stories: int | None = None,
     on_stage: StageCallback | None = None,
     on_headline: HeadlineCallback | None = None,
+    chat_steps: int = CHAT_STEPS,
 ) -> Path:
     """The whole speedrun into `out`, training for `minutes` (time-driven), on `data` (text files or directories
-    of *.txt; None: `stories` stories of the grammar, default the preset's); returns the report's path. The values
-    are checked first (module doc): each mistake raises an LmforgeError naming its flag."""
+    of *.txt; None: `stories` stories of the grammar, default the preset's), then (story corpus, `chat_steps` >
+    0) the chat stage; returns the report's path. The values are checked first (module doc): each mistake raises
+    an LmforgeError naming its flag."""
     import torch
 
     from lmforge.data.shards import write_shards
@@ -119,8 +132,8 @@ def run_speedrun(
     files, stats = _corpus(out, data, stories or settings["stories"])
     corpus_bytes = sum(f.stat().st_size for f in files)
     t = _stage("corpus", timings, t, on_stage)
-    tok = train_bpe(files=files, vocab_size=settings["vocab"], special_tokens=["<|endoftext|>"], progress=False)
-    tok.eos_token = "<|endoftext|>"
+    tok = train_bpe(files=files, vocab_size=settings["vocab"], special_tokens=SPECIAL_TOKENS, progress=False)
+    tok.eos_token, tok.eot_token, tok.chat_template = "<|endoftext|>", "<|im_end|>", DEFAULT_CHAT_TEMPLATE
     tok.save(out / "tokenizer")
     t = _stage("tokenizer", timings, t, on_stage)
     manifest = write_shards(tok, files, out / "shards", progress=False)
@@ -132,15 +145,21 @@ def run_speedrun(
     trainer = build_trainer(cfg, tokenizer)
     last = trainer.fit(resume=False)
     t = _stage("train", timings, t, on_stage)
-    written = export_run(trainer.model, tokenizer, out)
+    model, chat = trainer.model.eval(), None
+    if stats is not None and chat_steps > 0:
+        save_hf(model.cpu(), out / "pretrained", tokenizer=tokenizer)
+        chat = run_chat_stage(out / "pretrained", tokenizer, out / "chat", chat_steps, cfg.data.seq_len)
+        model = chat.model
+        t = _stage("chat", timings, t, on_stage)
+    written = export_run(model, tokenizer, out)
     t = _stage("export", timings, t, on_stage)
-    model = trainer.model.eval()
     samples = [(p, generate_text(model, tokenizer, p, temperature=0.7, top_k=40, seed=i, max_tokens=64))
                for i, p in enumerate(PROMPTS)]  # fmt: skip
     t = _stage("samples", timings, t, on_stage)
     timings["total"] = time.perf_counter() - begin
     figures = _figures(cfg, last, trainer, stats, timings)
-    report = _report(cfg, last, trainer, figures, corpus_bytes, manifest, samples, timings, written, torch.__version__)
+    report = _report(cfg, last, trainer, figures, corpus_bytes, manifest, samples, timings, written, torch.__version__,
+                     chat)  # fmt: skip
     atomic_write(out / "report.md", report)
     if on_headline is not None:
         on_headline(headline(figures))
@@ -204,7 +223,25 @@ def headline(figures: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def _report(cfg, last, trainer, figures, corpus_bytes, manifest, samples, timings, written, torch_version) -> str:
+def _chat_section(chat: Any) -> list[str]:
+    """The report's chat stage: SFT steps and validation loss, exact match before and after, dialogues."""
+    loss = f"{chat.val_loss:.4f} nats/token" if chat.val_loss is not None else "not measured"
+    lines = ["## Chat stage", "", "| | |", "|---|---|"]
+    lines += [f"| SFT | {chat.steps} steps (full fine-tuning) on {chat.examples:,} conversations, validation "
+              f"loss {loss} on the answers |"]  # fmt: skip
+    lines += [f"| exact match, held-out questions | {chat.before:.0%} before SFT -> **{chat.after:.0%}** after |"]
+    for kind, (right, asked) in sorted(chat.by_question.items()):
+        lines += [f"| ... \"{kind} ...?\" | {right} of {asked} right |"]
+    lines += [""]
+    for user, expected, got in chat.dialogues:
+        mark = "right" if got == expected else f"expected: {expected}"
+        lines += ["```text", f"user: {user}", f"assistant: {got}", "```", f"({mark})", ""]
+    lines += ["`lmforge chat model.gguf` or `lmforge serve model.gguf` talks to it.", ""]
+    return lines
+
+
+def _report(cfg, last, trainer, figures, corpus_bytes, manifest, samples, timings, written, torch_version,
+            chat=None) -> str:  # fmt: skip
     from lmforge.train.config import dumps
 
     n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -228,9 +265,12 @@ def _report(cfg, last, trainer, figures, corpus_bytes, manifest, samples, timing
     lines += ["![loss](loss.png)", "", "## Samples", ""]
     for prompt, text in samples:
         lines += ["```text", prompt + text, "```"]
-    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [""] + (_chat_section(chat) if chat is not None else [])
+    lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
     lines += ["", "## Files", ""] + [f"- `{p.name}`" for p in written]
     lines += ["- `config.toml`, `log.jsonl`, `loss.png`, `tokenizer/`, `shards/`, `checkpoints/`"]
+    if chat is not None:
+        lines += ["- `pretrained/` (the model before the chat stage), `chat/` (its data, log and checkpoint)"]
     lines += ["", "## Config", "", "```toml", dumps(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
