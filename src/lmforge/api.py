@@ -21,17 +21,19 @@ def load(
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
     it has them; the tokenizer is None when it has none) or a GGUF file (llama.cpp; weights are
-    dequantized to float32). `dtype` casts floating-point weights. `adapter` is a PEFT LoRA directory
-    (adapter_config.json + adapter_model.safetensors, from `lmforge finetune` or `peft`): it is added to the model
-    as the active adapter "default" (`lmforge.finetune.lora`: `merge_and_unload` folds it into the weights).
+    dequantized to float32). `dtype` casts floating-point weights. `adapter` is a PEFT adapter directory
+    (adapter_config.json + adapter_model.safetensors, from `lmforge finetune` or `peft`): a LoRA / rsLoRA / DoRA
+    adapter is added as the active adapter "default" (`lmforge.finetune.lora`: `merge_and_unload` folds it into the
+    weights), a prompt or prefix as `model.embed` / `model.prefix_encoder` (`lmforge.finetune.prompt_tuning`:
+    `generate_tuned` generates with it).
     `overrides` naming `RuntimeOptions` fields set `model.runtime` (how to compute, e.g. `attn_backend="eager"`);
     the others replace `ModelConfig` fields (what the checkpoint defines, e.g. `max_seq_len=4096`).
     """
     model, tokenizer = loading.load_model(path, dtype, **overrides)
     if adapter is not None:
-        from lmforge.finetune.adapter_files import load_adapter
+        from lmforge.finetune.adapter_files import apply_adapter
 
-        load_adapter(model, adapter)
+        apply_adapter(model, adapter)
     return model, tokenizer
 
 

@@ -127,3 +127,27 @@ def test_bad_data_names_the_file_and_line_or_is_skipped_and_counted(setup, tmp_p
     assert "8 examples, 1 skipped" in skipped.stderr
     wrong = runner.invoke(app, [*base, "--method", "qlora-ish"])
     assert wrong.exit_code == 1 and "method" in wrong.output
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_and_prefix_tuning_learn_and_write_peft_files_generate_applies(setup, tmp_path, method):
+    from lmforge.finetune.prompt_tuning import find_tuning, generate_tuned
+    from lmforge.infer.sampling import SamplingParams
+
+    out = tmp_path / method
+    extra = ("--method", method, "--num-virtual-tokens", "8", "--max-steps", "12", "--lr", "1.0")
+    result = runner.invoke(app, args(setup, out, *extra))  # (a later --lr wins)
+    assert result.exit_code == 0, result.output
+    losses = val_losses(out)  # a random model is hard to steer by virtual tokens alone: a small but steady gain
+    assert len(losses) == 3 and losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.001, losses
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == f"{method.upper()}_TUNING" and config["num_virtual_tokens"] == 8
+    tuned, tok = lmforge.load(setup / "base", adapter=out)
+    assert find_tuning(tuned).n_virtual == 8
+    want = "".join(e.text for e in generate_tuned(tuned, tok, "What colour", SamplingParams(temperature=0,
+                                                                                           max_tokens=6)))  # fmt: skip
+    gen = runner.invoke(app, ["generate", str(setup / "base"), "--adapter", str(out), "--prompt", "What colour",
+                              "--max-tokens", "6"])  # fmt: skip
+    assert gen.exit_code == 0 and gen.stdout.startswith(want), gen.output
+    merged = runner.invoke(app, [*args(setup, tmp_path / "m"), *extra, "--merge"])
+    assert merged.exit_code == 1 and "not weights to merge" in merged.output

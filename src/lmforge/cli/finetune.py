@@ -20,7 +20,13 @@ def finetune_command(
                                       "\"completion\"} objects, rendered with the model's chat template.")],
     out: Annotated[Path, typer.Option(help="Output directory: the adapter (PEFT's format) or the model, logs, "
                                      "checkpoints (a rerun resumes).")],
-    method: Annotated[str, typer.Option(help="full, lora, dora or qlora (LoRA on a 4-bit NF4 base).")] = "lora",
+    method: Annotated[
+        str, typer.Option(help="full, lora, dora, qlora (LoRA on a 4-bit NF4 base), prompt or prefix (tuning).")
+    ] = "lora",
+    num_virtual_tokens: Annotated[int, typer.Option(help="prompt / prefix: virtual tokens.")] = 20,
+    prefix_projection: Annotated[
+        bool, typer.Option(help="prefix: train through PEFT's reparameterisation MLP.")
+    ] = False,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     alpha: Annotated[float, typer.Option(help="LoRA alpha: the update is scaled by alpha / r.")] = 16.0,
     dropout: Annotated[float, typer.Option(help="Dropout on the adapter's input.")] = 0.05,
@@ -58,7 +64,7 @@ def finetune_command(
         method=method, rank=rank, alpha=alpha, dropout=dropout, target=tuple(target or DEFAULT_TARGETS),
         rslora=rslora, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
         packing=packing, eval_every=eval_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed,
-        skip_invalid=skip_invalid,
+        skip_invalid=skip_invalid, num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection,
     )  # fmt: skip
     result = finetune(model, data, out, config, val=val, merge=merge, gguf=gguf)
     skipped = f", {result.skipped} skipped" if result.skipped else ""

@@ -28,7 +28,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 Model = Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")]
 Adapter = Annotated[
     Path | None,
-    typer.Option(help="A LoRA adapter directory (PEFT's format, e.g. from `lmforge finetune`), merged into the model."),
+    typer.Option(help="An adapter directory (PEFT's format, e.g. from `lmforge finetune`): LoRA is merged into the "
+                 "model; a prompt or prefix leads every input."),
 ]
 MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
@@ -50,8 +51,8 @@ Compile = Annotated[
 
 
 def load_model_for_cli(path: Path, dtype: str, adapter: Path | None = None) -> tuple[Any, Any]:
-    """The model (in `dtype`, one of DTYPES, with `adapter` merged into its weights) and its tokenizer; a model
-    without a tokenizer is refused."""
+    """The model (in `dtype`, one of DTYPES, with `adapter`: LoRA merged into its weights) and its tokenizer; a
+    model without a tokenizer is refused."""
     import torch
 
     import lmforge
@@ -72,13 +73,24 @@ def _params(**values: Any) -> Any:
     return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
 
+def prompt_tuned(model: Any) -> bool:
+    """Whether `model` carries a prompt or prefix adapter (generated with `generate_tuned`, not `generate`)."""
+    from lmforge.finetune.prompt_tuning import PromptEmbedding
+
+    return isinstance(getattr(model, "embed", None), PromptEmbedding) or hasattr(model, "prefix_encoder")
+
+
 def _stream(model: Any, tokenizer: Any, prompt: str | list[int], params: Any, compile: bool) -> tuple[str, Any]:
     """Print tokens as they come; return the text and the final stats."""
+    from lmforge.finetune.prompt_tuning import generate_tuned
     from lmforge.infer.generate import generate
 
+    if prompt_tuned(model) and compile:
+        raise fail("--compile: a prompt- or prefix-tuned model (--adapter) decodes eagerly; drop --compile")
     pieces, stats = [], None
+    events = generate_tuned(model, tokenizer, prompt, params) if prompt_tuned(model) else None
     with _compile_store(compile):
-        for event in generate(model, tokenizer, prompt, params, compile=compile):
+        for event in events or generate(model, tokenizer, prompt, params, compile=compile):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             pieces.append(event.text)

@@ -18,8 +18,8 @@ from typing import Annotated
 
 import typer
 
-from lmforge.cli.errors import err
-from lmforge.cli.generate import Adapter, DType, Model, load_model_for_cli
+from lmforge.cli.errors import err, fail
+from lmforge.cli.generate import Adapter, DType, Model, load_model_for_cli, prompt_tuned
 
 SHUTDOWN_GRACE_S = 10
 
@@ -67,6 +67,9 @@ def serve_command(
 
     name = served_model_name or (model.stem if model.suffix == ".gguf" else model.name)
     module, tokenizer = load_model_for_cli(model, dtype, adapter)
+    if prompt_tuned(module):
+        raise fail(f"--adapter {adapter}: the engine does not serve prompt- or prefix-tuned models yet (LoRA "
+                   "adapters it does); use lmforge generate / chat with it")  # fmt: skip
     speculative = None
     if num_speculative_tokens is not None or speculative_model is not None:
         speculative = {"num_speculative_tokens": num_speculative_tokens or 4, "model": speculative_model}

@@ -27,7 +27,7 @@ from lmforge.finetune.lora import (
 )
 from lmforge.io.peft import CONFIG_FILE, PeftFormatError, hf_module_name, peft_key, read_peft, split_key, write_peft
 
-__all__ = ["load_adapter", "save_adapter"]
+__all__ = ["apply_adapter", "load_adapter", "save_adapter"]
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None, *, base_model: str = "") -> None:
@@ -88,6 +88,18 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     model_dtype = next(iter(adapter_state_dict(model, name).values())).dtype
     load_adapter_state_dict(model, {k: t.to(model_dtype) for k, t in state.items()}, name)
     return added
+
+
+def apply_adapter(model: nn.Module, directory: str | Path) -> None:
+    """Give `model` the PEFT adapter in `directory`, whichever kind it is: LoRA (`load_adapter`: adapter "default",
+    active), or a prompt or prefix (`prompt_files.load_prompt`)."""
+    from lmforge.finetune.prompt_files import load_prompt  # prompt_files reads io.peft too: no cycle, kept lazy
+
+    config, _ = read_peft(directory)
+    if config.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        load_prompt(model, directory)
+    else:
+        load_adapter(model, directory)
 
 
 def _linear_names(model: nn.Module) -> list[str]:

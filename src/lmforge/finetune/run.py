@@ -8,13 +8,18 @@
               dora      the same with DoRA's magnitude
               qlora     LoRA on a 4-bit base: every linear layer of the blocks stored in NF4 (`quant.nf4`, block
                         64, double-quantized scales), computed in bf16; float32 adapters
+              prompt    prompt tuning: `num_virtual_tokens` trainable input embeddings (`finetune.prompt_tuning`)
+              prefix    prefix tuning: per-layer trainable keys and values (`finetune.prefix_tuning`; with
+                        `prefix_projection`, PEFT's reparameterisation MLP)
+                        (prompt, prefix: one example per row, padded, `PromptLearningObjective`; the virtual
+                        tokens take num_virtual_tokens places of the context)
     train     the shared `Trainer` with the language-model objective under the document mask (packed examples
               never attend to each other), AdamW (no weight decay by default, as PEFT's recipes), a cosine
               schedule with warmup; steps = --max-steps, else ceil(epochs x steps per epoch); validation loss
               on --val every eval_every steps (the whole file, in order); progress bar and DIR/log.jsonl,
               DIR/loss.png; checkpoints in DIR/checkpoints (adapters: the trainable tensors alone), from which a
               rerun of the same command resumes bit for bit
-    write     lora/dora: DIR/adapter_config.json + DIR/adapter_model.safetensors (PEFT's format: `peft` and
+    write     adapters: DIR/adapter_config.json + DIR/adapter_model.safetensors (PEFT's format: `peft` and
               `lmforge.load(base, adapter=DIR)` read them); full: DIR/hf (a Hugging Face directory with the
               tokenizer). `merge=True` also writes the merged model to DIR/merged, `gguf=True` to DIR/model.gguf
               (QLoRA: merged into the float base model, reloaded, not into its 4-bit copy)
@@ -39,6 +44,9 @@ from lmforge.configfile import ConfigError, check, check_finite, check_integer, 
 from lmforge.data.sft import SFTLoader, load_sft, pad_token_id
 from lmforge.finetune.adapter_files import load_adapter, save_adapter
 from lmforge.finetune.lora import DEFAULT_TARGETS, LoraConfig, add_adapter, merge_and_unload, train_only_adapter
+from lmforge.finetune.prefix_tuning import add_prefix_tuning
+from lmforge.finetune.prompt_files import save_prompt
+from lmforge.finetune.prompt_tuning import PromptLearningObjective, add_prompt_tuning, train_only_prompt
 from lmforge.io.gguf_export import save_gguf
 from lmforge.io.hf import save_hf
 from lmforge.io.load import load_model
@@ -52,7 +60,8 @@ from lmforge.utils.atomic import atomic_write
 
 __all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune"]
 
-METHODS = ("full", "lora", "dora", "qlora")
+METHODS = ("full", "lora", "dora", "qlora", "prompt", "prefix")
+LORA_METHODS = ("lora", "dora", "qlora")
 SETTINGS_FILE = "finetune.json"
 
 
@@ -81,6 +90,8 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     seed: int = 0
     skip_invalid: bool = False
+    num_virtual_tokens: int = 20  # prompt, prefix
+    prefix_projection: bool = False  # prefix: PEFT's reparameterisation MLP
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, "method", self.method, f"must be one of {', '.join(METHODS)}")
@@ -95,7 +106,8 @@ class FinetuneConfig:
         check_integer("eval_every", self.eval_every, 0)
         check_integer("checkpoint_every", self.checkpoint_every, 0)
         object.__setattr__(self, "target", (self.target,) if isinstance(self.target, str) else tuple(self.target))
-        if self.adapter:
+        check_positive("num_virtual_tokens", self.num_virtual_tokens)
+        if self.method in LORA_METHODS:
             self.lora()  # its own checks (rank, alpha, dropout, target)
 
     @property
@@ -103,8 +115,13 @@ class FinetuneConfig:
         return self.method != "full"
 
     @property
+    def prompt_learning(self) -> bool:
+        return self.method in ("prompt", "prefix")
+
+    @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.adapter else 2e-5)
+        default = {"full": 2e-5, "prompt": 3e-2, "prefix": 1e-2}.get(self.method, 2e-4)
+        return self.lr if self.lr is not None else default
 
     def lora(self) -> LoraConfig:
         return LoraConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, target=self.target,
@@ -140,30 +157,44 @@ def finetune(
     model, tokenizer = load_model(model_path, torch.float32)
     if tokenizer is None:
         raise ConfigError(f"{model_path}: has no tokenizer; fine-tuning renders the data with it")
-    check(config.seq_len <= model.config.max_seq_len, "seq_len", config.seq_len,
-          f"must be <= the model's context ({model.config.max_seq_len})")  # fmt: skip
+    virtual = config.num_virtual_tokens if config.prompt_learning else 0
+    check(config.seq_len + virtual <= model.config.max_seq_len, "seq_len", config.seq_len,
+          f"must be <= the model's context ({model.config.max_seq_len}"
+          + (f" less the {virtual} virtual tokens)" if virtual else ")"))  # fmt: skip
+    if config.prompt_learning and (merge or gguf):
+        raise ConfigError(f"--merge / --gguf: a {config.method}-tuned model's virtual tokens are not weights to "
+                          "merge; load it with lmforge.load(base, adapter=DIR)")  # fmt: skip
+    packing = config.packing and not config.prompt_learning  # virtual tokens lead each row: one example a row
     examples = load_sft(data, tokenizer, config.seq_len, skip_invalid=config.skip_invalid)
     pad = pad_token_id(tokenizer)
-    loader = SFTLoader(examples, config.batch_size, config.seq_len, packing=config.packing, seed=config.seed,
-                       pad_id=pad)  # fmt: skip
+    loader = SFTLoader(examples, config.batch_size, config.seq_len, packing=packing, seed=config.seed, pad_id=pad)
     val_loader = None
     if val is not None:
         val_examples = load_sft(val, tokenizer, config.seq_len, skip_invalid=config.skip_invalid)
-        val_loader = SFTLoader(val_examples, config.batch_size, config.seq_len, packing=config.packing,
-                               shuffle=False, pad_id=pad)  # fmt: skip
+        val_loader = SFTLoader(val_examples, config.batch_size, config.seq_len, packing=packing, shuffle=False,
+                               pad_id=pad)  # fmt: skip
 
     torch.manual_seed(config.seed)  # the adapter's initial A (a resumed run loads the checkpoint's over it)
+    objective = LanguageModelObjective(model, document_mask=True)
     if config.method == "qlora":
         quantize_model_nf4(model)
-    if config.adapter:
+    if config.method in LORA_METHODS:
         add_adapter(model, config.lora())
         trainable = train_only_adapter(model)
+    elif config.prompt_learning:
+        if config.method == "prompt":
+            add_prompt_tuning(model, config.num_virtual_tokens)
+        else:
+            add_prefix_tuning(model, config.num_virtual_tokens, projection=config.prefix_projection)
+        trainable = train_only_prompt(model)
+        objective = PromptLearningObjective(model)
     else:
         trainable = sum(p.numel() for p in model.parameters())
     steps = config.max_steps or max(1, math.ceil(config.epochs * len(loader)))
     warmup = config.warmup_steps if config.warmup_steps is not None else steps // 20
     loop = LoopConfig(
-        max_steps=steps, precision=config.precision, document_mask=True, out_dir=str(out), seed=config.seed,
+        max_steps=steps, precision=config.precision, document_mask=not config.prompt_learning, out_dir=str(out),
+        seed=config.seed,
         eval_every=config.eval_every if val_loader is not None else 0,
         eval_steps=len(val_loader) if val_loader is not None else 1, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, keep_last=2,
@@ -171,7 +202,7 @@ def finetune(
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     optimizer = build_optimizer("adamw", model, config.learning_rate, config.weight_decay)
     schedule = ScheduleConfig(kind="cosine", warmup_steps=min(warmup, steps - 1)).build(steps)
-    trainer = Trainer(model, optimizer, schedule, loader, LanguageModelObjective(model, document_mask=True), loop,
+    trainer = Trainer(model, optimizer, schedule, loader, objective, loop,
                       val_data=val_loader, run_dir=out, grad_clip=config.grad_clip, tokenizer=tokenizer,
                       progress=progress, trainable_checkpoints=config.adapter)  # fmt: skip
     metrics = trainer.fit(resume=True)
@@ -183,6 +214,9 @@ def _write(model: Any, tokenizer: Any, out: Path, config: FinetuneConfig, base: 
            gguf: bool) -> list[Path]:  # fmt: skip
     """The adapter (or the full model) and, if asked, the merged model as HF and GGUF (module docstring)."""
     written = []
+    if config.prompt_learning:
+        save_prompt(model, out, base_model=str(base))
+        return [out / "adapter_model.safetensors"]
     if config.adapter:
         save_adapter(model, out, base_model=str(base))
         written.append(out / "adapter_model.safetensors")
