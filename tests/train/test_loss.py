@@ -146,6 +146,13 @@ def test_chunked_without_grad_and_with_one_input_frozen():
     (g,) = torch.autograd.grad(out.loss, weight)
     (g_ref,) = torch.autograd.grad(_plain(hidden, weight, targets, z_loss=1e-2).loss, weight)
     torch.testing.assert_close(g, g_ref)
+    weight.requires_grad_(False)
+    hidden.requires_grad_()  # a frozen head (LoRA): its (V, D) gradient is never computed
+    out = chunked_cross_entropy(hidden, weight, targets, 3, z_loss=1e-2)
+    (g,) = torch.autograd.grad(out.loss, hidden)
+    (g_ref,) = torch.autograd.grad(_plain(hidden, weight, targets, z_loss=1e-2).loss, hidden)
+    torch.testing.assert_close(g, g_ref)
+    assert weight.grad is None
 
 
 def test_chunked_bf16_inputs_give_bf16_grads():

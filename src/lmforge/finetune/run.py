@@ -14,8 +14,9 @@
                         (prompt, prefix: one example per row, padded, `PromptLearningObjective`; the virtual
                         tokens take num_virtual_tokens places of the context)
     train     the shared `Trainer` with the language-model objective under the document mask (packed examples
-              never attend to each other), AdamW (no weight decay by default, as PEFT's recipes), a cosine
-              schedule with warmup; steps = --max-steps, else ceil(epochs x steps per epoch); validation loss
+              never attend to each other; the LM head fused into a chunked cross entropy, so the (tokens, vocab)
+              logits never exist), AdamW (no weight decay by default, as PEFT's recipes), a cosine schedule with
+              warmup; steps = --max-steps, else ceil(epochs x steps per epoch); validation loss
               on --val every eval_every steps (the whole file, in order); progress bar and DIR/log.jsonl,
               DIR/loss.png; checkpoints in DIR/checkpoints (adapters: the trainable tensors alone), from which a
               rerun of the same command resumes bit for bit
@@ -90,6 +91,7 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     seed: int = 0
     skip_invalid: bool = False
+    chunked_ce: bool = True  # the LM head fused into the loss: the (tokens, vocab) logits never exist (train/loss.py)
     num_virtual_tokens: int = 20  # prompt, prefix
     prefix_projection: bool = False  # prefix: PEFT's reparameterisation MLP
 
@@ -175,7 +177,7 @@ def finetune(
                                pad_id=pad)  # fmt: skip
 
     torch.manual_seed(config.seed)  # the adapter's initial A (a resumed run loads the checkpoint's over it)
-    objective = LanguageModelObjective(model, document_mask=True)
+    objective = LanguageModelObjective(model, document_mask=True, chunked=config.chunked_ce)
     if config.method == "qlora":
         quantize_model_nf4(model)
     if config.method in LORA_METHODS:
@@ -194,7 +196,7 @@ def finetune(
     warmup = config.warmup_steps if config.warmup_steps is not None else steps // 20
     loop = LoopConfig(
         max_steps=steps, precision=config.precision, document_mask=not config.prompt_learning, out_dir=str(out),
-        seed=config.seed,
+        seed=config.seed, chunked_ce=config.chunked_ce and not config.prompt_learning,
         eval_every=config.eval_every if val_loader is not None else 0,
         eval_steps=len(val_loader) if val_loader is not None else 1, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, keep_last=2,

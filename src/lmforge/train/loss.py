@@ -146,10 +146,12 @@ class _ChunkOptions:
 
 
 def _chunked_pass(
-    hidden: Tensor, weight: Tensor, t: Tensor, valid: Tensor, opts: _ChunkOptions, scale: Tensor, need_grad: bool
+    hidden: Tensor, weight: Tensor, t: Tensor, valid: Tensor, opts: _ChunkOptions, scale: Tensor, need_grad: bool,
+    grad_weight: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Summed ce and z-loss over hidden (N, D) @ weight (V, D)^T, chunk by chunk; with `need_grad`, also the
-    gradients of scale * (ce + zl) summed w.r.t. hidden and weight, in float32 (float64 for float64 inputs)."""
+    gradients of scale * (ce + zl) summed w.r.t. hidden and (unless not `grad_weight`: a frozen head, as under
+    LoRA, skips that (V, D) product) weight, in float32 (float64 for float64 inputs)."""
     chunk_size, label_smoothing, z_loss, softcap = opts.chunk_size, opts.label_smoothing, opts.z_loss, opts.softcap
     N, V = hidden.shape[0], weight.shape[0]
     dtype = _compute_dtype(hidden, weight)
@@ -157,7 +159,7 @@ def _chunked_pass(
     ce_sum = torch.zeros((), dtype=dtype, device=hidden.device)
     zl_sum = torch.zeros_like(ce_sum)
     grad_h = torch.empty(N, hidden.shape[1], dtype=dtype, device=hidden.device) if need_grad else None
-    grad_w = torch.zeros_like(w32) if need_grad else None
+    grad_w = torch.zeros_like(w32) if need_grad and grad_weight else None
     for s in range(0, N, chunk_size):
         h = hidden[s : s + chunk_size].to(dtype)
         tc, vc = t[s : s + chunk_size], valid[s : s + chunk_size]
@@ -180,7 +182,8 @@ def _chunked_pass(
         if softcap is not None:
             g.mul_(1.0 - tanh.square_())
         grad_h[s : s + chunk_size] = g @ w32
-        grad_w.addmm_(g.t(), h)
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h)
     return ce_sum, zl_sum, grad_h, grad_w
 
 
@@ -191,8 +194,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: Tensor, weight: Tensor, t: Tensor, valid: Tensor, opts: _ChunkOptions, scale: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        ce, zl, grad_h, grad_w = _chunked_pass(hidden, weight, t, valid, opts, scale, need_grad=True)
-        ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        ce, zl, grad_h, grad_w = _chunked_pass(hidden, weight, t, valid, opts, scale, need_grad=True,
+                                               grad_weight=ctx.needs_input_grad[1])  # fmt: skip
+        ctx.save_for_backward(grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype))
         ce, zl = ce * scale, zl * scale
         ctx.mark_non_differentiable(ce, zl)
         return ce + zl, ce, zl
@@ -201,7 +205,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, _grad_ce: Tensor, _grad_zl: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
+        return grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss, None, None, None, None
 
 
 def chunked_cross_entropy(
