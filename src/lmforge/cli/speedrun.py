@@ -12,6 +12,8 @@ import typer
 
 from lmforge.cli.errors import err
 
+CHAT_STEPS = 300  # lmforge.train.speedrun.CHAT_STEPS (not imported here: the CLI imports torch only when it runs)
+
 
 def _print_stage(name: str, seconds: float) -> None:
     err.print(f"[dim]{name}: {seconds:.1f} s[/dim]")
@@ -24,8 +26,8 @@ def _print_headline(text: str) -> None:
 def speedrun_command(
     minutes: Annotated[
         float,
-        typer.Option(help="Training time in minutes; the lr schedule follows the clock and ends with it (the other "
-                     "stages add about one)."),
+        typer.Option(help="Pre-training time in minutes; the lr schedule follows the clock and ends with it (the "
+                     "chat stage adds 2-3, the other stages about one)."),
     ] = 5.0,
     out: Annotated[
         Path, typer.Option(help="The run directory (report.md, hf/, model.gguf, loss.png, log.jsonl).")
@@ -39,7 +41,7 @@ def speedrun_command(
         int,
         typer.Option(min=0, help="SFT steps of the chat stage after pre-training (story corpus only; 0: no chat "
                      "stage)."),
-    ] = 300,
+    ] = CHAT_STEPS,
 ) -> None:
     """Build a corpus, train a tokenizer and a model, evaluate, sample and export it: the whole pipeline."""
     from lmforge.train.speedrun import run_speedrun
