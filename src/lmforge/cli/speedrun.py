@@ -12,8 +12,6 @@ import typer
 
 from lmforge.cli.errors import err
 
-CHAT_STEPS = 300  # lmforge.train.speedrun.CHAT_STEPS (not imported here: the CLI imports torch only when it runs)
-
 
 def _print_stage(name: str, seconds: float) -> None:
     err.print(f"[dim]{name}: {seconds:.1f} s[/dim]")
@@ -38,14 +36,15 @@ def speedrun_command(
     preset: Annotated[str, typer.Option(help="Model size: cpu (default) or gpu.")] = "cpu",
     stories: Annotated[int | None, typer.Option(help="Stories to generate (default: the preset's).")] = None,
     chat_steps: Annotated[
-        int,
+        int | None,
         typer.Option(min=0, help="SFT steps of the chat stage after pre-training (story corpus only; 0: no chat "
-                     "stage)."),
-    ] = CHAT_STEPS,
+                     "stage; default: lmforge.train.speedrun.CHAT_STEPS, 300)."),
+    ] = None,
 ) -> None:
     """Build a corpus, train a tokenizer and a model, evaluate, sample and export it: the whole pipeline."""
     from lmforge.train.speedrun import run_speedrun
 
+    chat = {} if chat_steps is None else {"chat_steps": chat_steps}  # else run_speedrun's default
     report = run_speedrun(out, minutes, data, preset, stories, on_stage=_print_stage, on_headline=_print_headline,
-                          chat_steps=chat_steps)  # fmt: skip
+                          **chat)  # fmt: skip
     err.print(f"report: {report}", highlight=False)

@@ -25,6 +25,7 @@ from lmforge.finetune.lora import (
     load_adapter_state_dict,
     resolve_adapter,
 )
+from lmforge.finetune.prompt_files import load_prompt
 from lmforge.io.peft import CONFIG_FILE, PeftFormatError, hf_module_name, peft_key, read_peft, split_key, write_peft
 
 __all__ = ["apply_adapter", "load_adapter", "save_adapter"]
@@ -93,8 +94,6 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
 def apply_adapter(model: nn.Module, directory: str | Path) -> None:
     """Give `model` the PEFT adapter in `directory`, whichever kind it is: LoRA (`load_adapter`: adapter "default",
     active), or a prompt or prefix (`prompt_files.load_prompt`)."""
-    from lmforge.finetune.prompt_files import load_prompt  # prompt_files reads io.peft too: no cycle, kept lazy
-
     config, _ = read_peft(directory)
     if config.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
         load_prompt(model, directory)
