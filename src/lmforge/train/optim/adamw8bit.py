@@ -10,42 +10,23 @@ denominator and a v rounded to 0 turns m/(√v + ε) into m/ε. The power maps s
 (like the dynamic-exponent map of bitsandbytes, but in one line): the smallest nonzero v code stands for
 absmax·(1/255)⁴ ≈ 2e-10·absmax, while the top of the range keeps ~1% relative precision. State: 2 bytes per
 parameter plus 8 bytes per 256-value block, against 8 bytes for float32 AdamW (a ratio of ≈ 0.254).
+The quantizer lives in quant/primitives.py (`quantize_blockwise_companded`, `dequantize_blockwise_companded`); this
+module's `quantize_blockwise` / `dequantize_blockwise` are those functions, under the names train.optim exports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
+from lmforge.quant.primitives import dequantize_blockwise_companded as dequantize_blockwise
+from lmforge.quant.primitives import quantize_blockwise_companded as quantize_blockwise
 from lmforge.train.optim.adam import _adam_update
 from lmforge.train.optim.base import Params, _check, _check_betas, _check_common, _Optimizer
 
 BLOCK_SIZE = 256
-
-
-def quantize_blockwise(x: Tensor, *, signed: bool, power: float, block_size: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
-    """Codes (int8 if `signed` else uint8, x's numel, flat) and per-block float32 absmax of x (see module doc)."""
-    flat = x.detach().reshape(-1).float()
-    blocks = F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
-    absmax = blocks.abs().amax(dim=1)
-    y = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
-    qmax = 127 if signed else 255
-    codes = y.abs().pow(1 / power).mul_(qmax).round_().mul_(y.sign())
-    return codes.view(-1)[: flat.numel()].to(torch.int8 if signed else torch.uint8), absmax
-
-
-def dequantize_blockwise(
-    codes: Tensor, absmax: Tensor, shape: Sequence[int], *, power: float, block_size: int = BLOCK_SIZE
-) -> Tensor:
-    """The float32 tensor of `shape` that `quantize_blockwise` codes stand for."""
-    qmax = 127 if codes.dtype == torch.int8 else 255
-    c = F.pad(codes.float(), (0, -codes.numel() % block_size)).view(-1, block_size)
-    y = (c.abs() / qmax).pow_(power).mul_(c.sign())
-    return (y * absmax[:, None]).view(-1)[: codes.numel()].view(shape)
 
 
 class AdamW8bit(_Optimizer):
