@@ -19,9 +19,16 @@ from typing import Annotated
 import typer
 
 from lmforge.cli.errors import err, fail
-from lmforge.cli.generate import Adapter, DType, Model, load_model_for_cli, prompt_tuned
+from lmforge.cli.generate import DType, Model, load_model_for_cli
 
 SHUTDOWN_GRACE_S = 10
+
+Adapters = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="An adapter directory (PEFT's format, e.g. from `lmforge finetune`). One DIR: "
+                 "LoRA is merged into the model, a prompt or prefix leads every input. NAME=DIR (repeatable): each "
+                 "LoRA adapter is served beside the base model under NAME, chosen per request by its `model` field."),
+]
 
 
 def serve_command(
@@ -56,7 +63,7 @@ def serve_command(
     speculative_model: Annotated[
         Path | None, typer.Option(help="A draft model (same tokenizer) for speculative decoding, instead of lookup.")
     ] = None,
-    adapter: Adapter = None,
+    adapter: Adapters = None,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
     /metrics (Prometheus) and a chat page at /."""
@@ -66,22 +73,57 @@ def serve_command(
     from lmforge.engine.server import create_app
 
     name = served_model_name or (model.stem if model.suffix == ".gguf" else model.name)
-    module, tokenizer = load_model_for_cli(model, dtype, adapter)
-    if prompt_tuned(module):
-        raise fail(f"--adapter {adapter}: the engine does not serve prompt- or prefix-tuned models yet (LoRA "
-                   "adapters it does); use lmforge generate / chat with it")  # fmt: skip
+    served = _served_adapters(adapter or [], name)
+    merged = adapter[0] if adapter and not served else None  # one plain DIR: merged (or a prompt / prefix)
+    module, tokenizer = load_model_for_cli(model, dtype, None if merged is None else Path(merged))
+    if served:
+        _stack(module, served)
     speculative = None
     if num_speculative_tokens is not None or speculative_model is not None:
         speculative = {"num_speculative_tokens": num_speculative_tokens or 4, "model": speculative_model}
     llm = LLM(module, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
               swap_space_gib=swap_space_gib, compile=compile, speculative_config=speculative)  # fmt: skip
     engine = AsyncLLM(llm)
-    app = create_app(engine, name, tokenizer=llm.tokenizer, max_model_len=llm.max_model_len, api_key=api_key,
-                     max_n=max_num_seqs)  # fmt: skip
+    room = llm.max_model_len - len(llm.engine.lead)  # a prompt or prefix takes its places of the context
+    app = create_app(engine, name, tokenizer=llm.tokenizer, max_model_len=room, api_key=api_key, max_n=max_num_seqs,
+                     adapters=llm.adapters)  # fmt: skip
     if api_key is None and not _is_loopback(host):
         err.print(f"[yellow]warning:[/yellow] serving on {host} without --api-key: anyone who can reach it may use it")
     err.print(f"[dim]serving {name} at http://{host}:{port} (OpenAI API under /v1, chat page at /)[/dim]")
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, log_level="info")
+
+
+def _served_adapters(values: list[str], model_name: str) -> dict[str, Path]:
+    """The adapters to serve side by side, by API name, from the --adapter values (NAME=DIR, or DIR: named after
+    its directory); none when a single DIR is given (it is merged)."""
+    if len(values) == 1 and "=" not in values[0]:
+        return {}
+    served: dict[str, Path] = {}
+    for value in values:
+        name, _, directory = value.partition("=") if "=" in value else (Path(value).name, "", value)
+        if not name or not directory:
+            raise fail(f"--adapter {value!r}: expected NAME=DIR or DIR")
+        if name in served or name == model_name:
+            raise fail(f"--adapter {value!r}: the name {name!r} is taken (the model or another adapter); use NAME=DIR")
+        if not Path(directory).is_dir():
+            raise fail(f"--adapter {value!r}: {directory} is not a directory")
+        served[name] = Path(directory)
+    return served
+
+
+def _stack(model, served: dict[str, Path]) -> None:
+    """Add each LoRA adapter of `served` to `model` and stack them to serve side by side (finetune.multi_lora)."""
+    from lmforge.finetune.adapter_files import load_adapter
+    from lmforge.finetune.multi_lora import stack_adapters
+    from lmforge.io.peft import read_peft
+
+    for i, (name, directory) in enumerate(served.items()):
+        kind = read_peft(directory)[0].get("peft_type")
+        if kind != "LORA":
+            raise fail(f"--adapter {name}={directory}: a {kind} adapter cannot be served beside others (only LoRA "
+                       "adapters can); serve it alone with --adapter DIR")  # fmt: skip
+        load_adapter(model, directory, f"adapter_{i}")
+    stack_adapters(model, list(served))
 
 
 def _is_loopback(host: str) -> bool:

@@ -48,13 +48,15 @@ __all__ = ["beam_search", "beam_search_prompts"]
 
 async def beam_search(
     engine: AsyncLLM, prompt: Prompt, params: BeamSearchParams, request_id: str, *,
-    tokenizer: BaseTokenizer | None = None, max_model_len: int | None = None,
+    tokenizer: BaseTokenizer | None = None, max_model_len: int | None = None, adapter: str | None = None,
 ) -> RequestOutput:  # fmt: skip
     """Beam search for `prompt` (text or token ids) over `engine` (an `AsyncLLM`, or anything with its `generate`
     and `abort`): the finished `RequestOutput` whose outputs are the hypotheses best first, as `LLM.beam_search`
-    returns them. `tokenizer` and `max_model_len` default to the engine's. The step requests are named
-    `{request_id}-{step}-{row}`. A prompt or width the engine cannot serve raises `GenerationInputError` before any
-    token is generated."""
+    returns them. `tokenizer` and `max_model_len` default to the engine's; `adapter` names the LoRA adapter the
+    steps run with. The step requests are named `{request_id}-{step}-{row}`. A prompt or width the engine cannot
+    serve raises `GenerationInputError` before any token is generated."""
+    if adapter is not None:
+        engine = _WithAdapter(engine, adapter)
     tokenizer = engine.llm.tokenizer if tokenizer is None else tokenizer
     max_model_len = engine.llm.max_model_len if max_model_len is None else max_model_len
     ids = encode_prompt(tokenizer, prompt)
@@ -73,6 +75,19 @@ async def beam_search(
         search.advance(await _step_logprobs(engine, rows, step_params, f"{request_id}-{step}", tokenizer.vocab_size))
         step += 1
     return search_output(request_id, prompt if isinstance(prompt, str) else None, ids, search, tokenizer)
+
+
+class _WithAdapter:
+    """`engine` whose requests run with LoRA adapter `adapter`."""
+
+    def __init__(self, engine: AsyncLLM, adapter: str) -> None:
+        self.engine, self.adapter, self.llm = engine, adapter, engine.llm
+
+    def generate(self, prompt: Prompt, params: SamplingParams, request_id: str):
+        return self.engine.generate(prompt, params, request_id, adapter=self.adapter)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
 
 
 def _within_int64(name: str, ids: Sequence[int]) -> None:

@@ -44,13 +44,14 @@ class AsyncLLM:
         return self.engine.stats()
 
     async def generate(
-        self, prompt: Prompt, params: sampling.SamplingParams | None, request_id: str
+        self, prompt: Prompt, params: sampling.SamplingParams | None, request_id: str, adapter: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative outputs as tokens arrive; the last has `finished`. A bad input raises
-        before anything is scheduled. Leaving the loop early aborts the request."""
+        before anything is scheduled. Leaving the loop early aborts the request. `adapter`: one of the engine's
+        LoRA adapters (`Engine.adapters`; None: the base model)."""
         if request_id in self._streams:
             raise GenerationInputError("request_id", f"{request_id!r} is already running")
-        request = self.engine.make_request(request_id, prompt, params)
+        request = self.engine.make_request(request_id, prompt, params, adapter)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._submit(lambda: self.engine.add(request))

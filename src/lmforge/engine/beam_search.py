@@ -138,7 +138,7 @@ class _Run:
         if worst > blocks.num_blocks:
             raise GenerationInputError("beam_width", f"{k} beams of up to {n + params.max_new_tokens - 1} tokens "
                                        f"may need {worst} blocks; the pool holds {blocks.num_blocks}", k)  # fmt: skip
-        seq = Sequence(list(request.prompt_ids), n, request_id=request.request_id)
+        seq = Sequence(list(request.prompt_ids), n, request_id=request.request_id, adapter=request.adapter)
         return _Search(request, BeamSearch(request.prompt_ids, params, self.engine.runner.device), [seq], worst)
 
     @torch.inference_mode()
@@ -220,7 +220,8 @@ class _Run:
         rows = old if len(old) == len(parents) else old * len(parents)  # the prompt's sequence serves every row
         s.beams = []
         for i, p in enumerate(parents):
-            child = Sequence(tokens[i], s.search.prompt_len, request_id=s.request.request_id, index=i)
+            child = Sequence(tokens[i], s.search.prompt_len, request_id=s.request.request_id, index=i,
+                             adapter=s.request.adapter)  # fmt: skip
             self.blocks.fork(rows[p], child)
             s.beams.append(child)
         for seq in dict.fromkeys(old):
@@ -271,6 +272,9 @@ def run_beam_search(
     if engine.has_unfinished() or engine.scheduler.has_work():
         raise RuntimeError(f"beam search runs only while the engine is idle: {len(engine.requests)} requests are "
                            "in flight (finish or abort them first)")  # fmt: skip
+    if engine.lead:
+        raise GenerationInputError("use_beam_search", "beam search of a prompt- or prefix-tuned model is not "
+                                   "supported; sample instead")  # fmt: skip
     k = params.beam_width
     if k > engine.max_num_seqs:
         raise GenerationInputError("beam_width", f"must be at most max_num_seqs ({engine.max_num_seqs})", k)

@@ -7,9 +7,11 @@ hold it); a block is free when no table holds it.
 
 Prefix caching. Once a FULL block's keys and values are computed, it is named by a chained hash
 
-    h_i = hash((h_{i-1}, tokens[i * block_size : (i + 1) * block_size]))      (h_{-1} = None)
+    h_i = hash((h_{i-1}, tokens[i * block_size : (i + 1) * block_size]))      (h_{-1} = None, or the LoRA adapter)
 
-which fixes the block's tokens and everything before them, hence its keys (causal attention). A new sequence
+which fixes the block's tokens and everything before them, hence its keys (causal attention); a sequence served
+with LoRA adapter k (`finetune.multi_lora`) starts the chain from the adapter instead (`root_hash`), as its keys
+differ from the base model's. A new sequence
 whose first i blocks have the hashes of computed blocks takes those blocks (reference count + 1) and computes
 only the tokens after them. At least its last token is always computed (its logits give the next token), so a
 prompt of whole cached blocks recomputes its last block in a block of its own. A hash hit is confirmed against
@@ -69,6 +71,12 @@ def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
+def root_hash(seq: Sequence) -> int | None:
+    """The `parent` of a sequence's first block: None for the base model, ("adapter", k) hashed for LoRA adapter
+    k, so sequences of different adapters (whose keys differ for the same tokens) never share a block."""
+    return None if not seq.adapter else hash(("adapter", seq.adapter))
+
+
 @dataclass
 class BlockManager:
     """The blocks of a pool of `num_blocks` x `block_size` slots (see the module docstring)."""
@@ -102,7 +110,7 @@ class BlockManager:
         token's block: that token is always computed)."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent, bs = [], None, self.block_size
+        hits, parent, bs = [], root_hash(seq), self.block_size
         for i in range((len(seq.tokens) - 1) // bs):
             tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
             h = block_hash(parent, tokens)
@@ -172,7 +180,7 @@ class BlockManager:
         while len(seq.block_hashes) < (length - seq.draft_lag) // bs:
             i = len(seq.block_hashes)
             tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else root_hash(seq), tokens)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if self.enable_prefix_caching and h not in self._cached and block.hash is None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.finetune.multi_lora import selector_of
 from lmforge.infer.matvec import matvec, matvec_view
 from lmforge.infer.paged_cache import BlockTableCache
 from lmforge.infer.step_compile import check_unchanged, compile_step, fingerprint
@@ -49,20 +50,29 @@ class DecodeStep:
     def __init__(self, model: nn.Module, cache: BlockTableCache) -> None:
         self.cache = cache
         self.view = matvec_view(model)
+        self.adapters = selector_of(self.view)  # stacked LoRA adapters: the rows' index is an input of the graph
         fullgraph = model.config.moe is None  # MoE routing is data-dependent: graph breaks there
         self._step = compile_step(self._forward, model, fullgraph=fullgraph, recompile_limit=RECOMPILE_LIMIT)
         self._seen = fingerprint(model)
 
     def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, starts: torch.Tensor
-    ) -> torch.Tensor:
-        for t in (ids, positions, tables, starts):
+        self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, starts: torch.Tensor,
+        adapters: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """`adapters` (B,): each row's LoRA adapter, for a model with stacked adapters (`finetune.multi_lora`)."""
+        if (adapters is None) != (self.adapters is None):
+            raise ValueError("a model with stacked LoRA adapters takes an adapter index per row, others none")
+        for t in (ids, positions, tables, starts, *([] if adapters is None else [adapters])):
             torch._dynamo.mark_static(t, 0)  # one graph per batch bucket
         torch._dynamo.mark_dynamic(tables, 1)  # one graph for every block-table width
         check_unchanged(self.view, self._seen)
         self.cache.bind(tables, starts)
-        return self._step(self.view, ids, positions)
+        return self._step(self.view, ids, positions, adapters)
 
-    def _forward(self, model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, adapters: torch.Tensor | None
+    ) -> torch.Tensor:
+        if adapters is not None:  # set inside the graph: the layers read the step's input, not a constant
+            self.adapters.index = adapters
         h = model.hidden_states(ids, position_ids=positions, cache=self.cache)
         return model.logits(h[:, -1], matvec).float()

@@ -26,6 +26,11 @@ max_tokens cut to the room the prompt leaves in `max_model_len`. The pool must h
 the memory it may use): SmolLM2-135M at 8192 tokens would otherwise ask 32 x 360 MiB in float32; a draft model's
 keys and values (the same blocks in its own pool) count in that budget. Preempted sequences swap their computed
 blocks to `swap_space_gib` GiB of host memory while it has room (`engine.swap`; 0: always recompute).
+
+Adapters. A model whose LoRA adapters were stacked (`finetune.multi_lora.stack_adapters`) serves them all at once:
+each request names its adapter (`make_request(..., adapter=name)`), its rows run with it within any batch, and
+prefix caching never shares blocks across adapters. A prompt- or prefix-tuned model's virtual tokens lead every
+sequence (`engine.tuning`), taking their places of `max_model_len`.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from lmforge.engine.sequence import Sequence
 from lmforge.engine.spec_decode import Draft, drafter, load_draft, masked, verify
 from lmforge.engine.speculative import SpeculativeConfig
 from lmforge.engine.swap import HostBlocks
+from lmforge.engine.tuning import lead_ids
+from lmforge.finetune.multi_lora import served_adapters
 from lmforge.infer import sampling
 from lmforge.infer.cache_memory import model_bytes_per_token
 from lmforge.infer.decode import DecodeBatch, SequenceState
@@ -71,6 +78,13 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     aborted: bool = False
+    adapter: int = 0  # the LoRA adapter it runs with (`Engine.adapters`: k is adapters[k - 1]; 0: the base)
+    lead: list[int] = field(default_factory=list)  # a prompt- or prefix-tuned model's lead ids (`engine.tuning`)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Its sequences' first tokens: the lead, then the prompt."""
+        return self.lead + self.prompt_ids
 
     @property
     def finished(self) -> bool:
@@ -159,6 +173,11 @@ class Engine:
         check(num_blocks >= per_seq, "num_blocks", num_blocks,
               f"must hold one sequence of max_model_len {max_model_len} tokens: >= {per_seq} blocks")  # fmt: skip
         self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
+        self.adapters = served_adapters(model)  # LoRA adapters served side by side (`finetune.multi_lora`)
+        self.lead = lead_ids(model)  # a prompt- or prefix-tuned model's lead ids (`engine.tuning`)
+        if self.lead and draft is not None:
+            raise GenerationInputError("speculative_config", "a draft model cannot speculate for a prompt- or "
+                                       "prefix-tuned model (it has no virtual tokens); use method 'ngram'")
         self.max_num_seqs = max_num_seqs
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         host = HostBlocks(swap_blocks) if swap_blocks else None
@@ -175,28 +194,45 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------------------------
 
-    def make_request(self, request_id: str, prompt: Prompt, params: sampling.SamplingParams | None) -> Request:
-        """A checked request (nothing is scheduled: a bad input raises `GenerationInputError` here)."""
+    def make_request(
+        self, request_id: str, prompt: Prompt, params: sampling.SamplingParams | None, adapter: str | None = None
+    ) -> Request:
+        """A checked request (nothing is scheduled: a bad input raises `GenerationInputError` here); `adapter`
+        names one of the LoRA adapters the engine serves (`adapters`; None: the base model)."""
         if request_id in self.requests:
             raise GenerationInputError("request_id", f"{request_id!r} is already running")
         params = as_params(params)
+        index = self.adapter_index(adapter)
         ids = encode_prompt(self.tokenizer, prompt)
-        check_prompt(ids, self.model.config.vocab_size, self.max_model_len, from_text=isinstance(prompt, str))
+        room = self.max_model_len - len(self.lead)  # the lead takes its places of the context
+        check_prompt(ids, self.model.config.vocab_size, room, from_text=isinstance(prompt, str))
         if params.samples > self.max_num_seqs:
             name = "best_of" if params.best_of else "n"
             raise GenerationInputError(name, f"asks for {params.samples} samples; max_num_seqs is {self.max_num_seqs}")
-        return Request(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+        return Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, adapter=index,
+                       lead=list(self.lead))  # fmt: skip
+
+    def adapter_index(self, adapter: str | None) -> int:
+        """The index of LoRA adapter `adapter` among those the engine serves (1-based; None: 0, the base)."""
+        if adapter is None:
+            return 0
+        if adapter not in self.adapters:
+            served = f"it serves {self.adapters}" if self.adapters else "it serves no adapters"
+            raise GenerationInputError("adapter", f"{adapter!r} is not one of the engine's LoRA adapters: {served}")
+        return self.adapters.index(adapter) + 1
 
     def add(self, request: Request) -> None:
         """Queue a request made by `make_request`."""
-        seq = self._sample_of(request, 0, list(request.prompt_ids), next(self._arrivals))
+        seq = self._sample_of(request, 0, request.tokens, next(self._arrivals))
         seq.forks = request.params.samples - 1
         self.requests[request.request_id] = request
         self.prompt_tokens += len(request.prompt_ids)
         self.scheduler.add(seq)
 
-    def add_request(self, request_id: str, prompt: Prompt, params: sampling.SamplingParams | None = None) -> None:
-        self.add(self.make_request(request_id, prompt, params))
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: sampling.SamplingParams | None = None, adapter: str | None = None
+    ) -> None:
+        self.add(self.make_request(request_id, prompt, params, adapter))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now (its samples finish with "abort", their blocks are freed); its last output, or None
@@ -348,8 +384,8 @@ class Engine:
             params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
         ids = request.prompt_ids
         state: SequenceState = sequence_state(self.model, self.tokenizer, ids, params, index, self.runner.device)
-        state.budget = min(state.budget, self.max_model_len - len(ids))
-        seq = Sequence(tokens, len(ids), arrival, request.request_id, index, state)
+        state.budget = min(state.budget, self.max_model_len - len(request.tokens))
+        seq = Sequence(tokens, len(request.tokens), arrival, request.request_id, index, state, request.adapter)
         seq.lookahead = self.speculative.num_speculative_tokens if self.speculative else 0
         seq.logprobs = [] if params.logprobs is not None else None
         request.seqs.append(seq)

@@ -76,20 +76,23 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         params: sampling.SamplingParams | Seq[sampling.SamplingParams] | None = None,
         use_tqdm: bool = False,
+        adapter: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """One finished `RequestOutput` per prompt, in order; every prompt is checked before any is scheduled."""
+        """One finished `RequestOutput` per prompt, in order; every prompt is checked before any is scheduled.
+        `adapter`: the LoRA adapter (one of `adapters`; None: the base model) of every prompt, or one per prompt."""
         prompts, single = _prompt_list(prompts)
-        each = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
-        if len(each) != len(prompts):
-            raise GenerationInputError("params", f"has {len(each)} SamplingParams for {len(prompts)} prompts")
-        requests = [self._request(p, q, i, single) for i, (p, q) in enumerate(zip(prompts, each, strict=True))]
+        each = _per_prompt(params, len(prompts), "params", "SamplingParams")
+        adapters = _per_prompt(adapter, len(prompts), "adapter", "adapters")
+        requests = [self._request(p, q, i, single, a)
+                    for i, (p, q, a) in enumerate(zip(prompts, each, adapters, strict=True))]  # fmt: skip
         for request in requests:
             self.engine.add(request)
         return self._run(requests, use_tqdm)
 
     def beam_search(
-        self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = False
-    ) -> list[RequestOutput]:
+        self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = False,
+        adapter: str | None = None,
+    ) -> list[RequestOutput]:  # fmt: skip
         """Beam search (vLLM's `LLM.beam_search`; transformers' `generate(num_beams=...)` results): one finished
         `RequestOutput` per prompt, in order, whose `outputs` are its hypotheses best first
         (`beam_search.BeamCompletionOutput`: text, token_ids, finish_reason, cumulative_logprob, score). Every
@@ -97,7 +100,7 @@ class LLM:
         if not isinstance(params, BeamSearchParams):
             raise GenerationInputError("params", f"expected BeamSearchParams, got {type(params).__name__}")
         prompts, single = _prompt_list(prompts)
-        requests = [self._request(p, None, i, single) for i, p in enumerate(prompts)]
+        requests = [self._request(p, None, i, single, adapter) for i, p in enumerate(prompts)]
         bar = _progress(len(requests), "beam search") if use_tqdm else None
         try:
             return run_beam_search(self.engine, requests, params, bar.update if bar else lambda: None)
@@ -106,16 +109,25 @@ class LLM:
                 bar.close()
 
     def chat(
-        self, messages: list[dict] | list[list[dict]], params: sampling.SamplingParams | None = None
-    ) -> list[RequestOutput]:
+        self, messages: list[dict] | list[list[dict]], params: sampling.SamplingParams | None = None,
+        adapter: str | None = None,
+    ) -> list[RequestOutput]:  # fmt: skip
         """`generate` over conversations rendered with the tokenizer's chat template (a generation prompt added)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         render = self.tokenizer.apply_chat_template
-        return self.generate([render(c, add_generation_prompt=True, tokenize=False) for c in conversations], params)
+        prompts = [render(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+        return self.generate(prompts, params, adapter=adapter)
 
-    def _request(self, prompt: Prompt, params: sampling.SamplingParams | None, i: int, single: bool) -> Request:
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters a request may name (`finetune.multi_lora.stack_adapters`)."""
+        return list(self.engine.adapters)
+
+    def _request(
+        self, prompt: Prompt, params: sampling.SamplingParams | None, i: int, single: bool, adapter: str | None
+    ) -> Request:
         try:
-            return self.engine.make_request(f"llm-{next(self._ids)}", prompt, params)
+            return self.engine.make_request(f"llm-{next(self._ids)}", prompt, params, adapter)
         except GenerationInputError as error:
             if single or error.name != "prompt":
                 raise
@@ -142,6 +154,14 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [final[r.request_id] for r in requests]
+
+
+def _per_prompt(value: Any, n: int, name: str, what: str) -> list[Any]:
+    """`value` for each of n prompts: a list or tuple gives one each (it must hold n), anything else is shared."""
+    each = list(value) if isinstance(value, list | tuple) else [value] * n
+    if len(each) != n:
+        raise GenerationInputError(name, f"has {len(each)} {what} for {n} prompts")
+    return each
 
 
 def _prompt_list(prompts: Prompt | Seq[Prompt]) -> tuple[list[Prompt], bool]:

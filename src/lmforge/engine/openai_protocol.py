@@ -344,6 +344,7 @@ class ModelCard(_Reply):
     created: int
     owned_by: str
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model (None: a base model)
 
 
 class ModelList(_Reply):

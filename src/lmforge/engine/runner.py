@@ -26,6 +26,10 @@ fill anyway, or the buckets an engine of `max_rows` rows compiles anyway (at mos
 graph the engine would not: a small prefill chunk or a speculative verification (K + 1 tokens) then costs a few
 more rows of one compiled forward, where an eager forward of its own costs about as much as the whole compiled
 step on a CPU (its Python per op). Each token reads its row's keys on its own, so long chunks stay eager.
+
+A model with stacked LoRA adapters (`finetune.multi_lora`) gets each forward's (B,) adapter index, one per row (a
+flattened chunk's tokens each carry their sequence's; padding rows 0): set on the layers' selector for an eager
+forward, an input of the compiled step's graph.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from lmforge.engine.compiled_step import MIN_WIDTH, DecodeStep, bucket
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.engine.sequence import Sequence as Seq
 from lmforge.engine.swap import HostPools
+from lmforge.engine.tuning import block_cache
+from lmforge.finetune.multi_lora import selector_of
 from lmforge.infer import static_decode
-from lmforge.infer.paged_cache import BlockTableCache
 
 MAX_PADDING = 0.25  # at most this share of a multi-token forward's positions are padding
 RIDE = 32  # tokens of short chunks the compiled one-token step takes as one-token rows (see the module docstring)
@@ -89,7 +94,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        self.cache = BlockTableCache(num_blocks, block_size)
+        self.cache = block_cache(model, num_blocks, block_size)  # a prefix-tuned model's stores its prefix
+        self.adapters = selector_of(model)  # stacked LoRA adapters: each forward's rows name theirs
         self.host = HostPools(swap_blocks) if swap_blocks else None  # swap space (`engine.swap`)
         self.tokens_computed = 0  # tokens fed to the model since the start (prefix caching skips some)
         self.decode_step = DecodeStep(model, self.cache) if compile and static_decode.supports(model) else None
@@ -126,6 +132,8 @@ class ModelRunner:
         if compiled:
             return self._decode(rows, counts)
         ids, positions, mask, tables, starts = self._inputs(rows)
+        if self.adapters is not None:
+            self.adapters.index = self._adapter_index([seq for seq, _ in rows])
         self.cache.bind(tables, starts)
         h = self.model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=self.cache)
         which = [b for b, k in enumerate(counts) for _ in range(k)]
@@ -142,12 +150,17 @@ class ModelRunner:
         tables = [self._table(seq, width) for seq, n in rows for _ in range(n)] + [[self.cache.scratch] * width] * pad
         starts = torch.tensor([at for _, at in tokens] + [0] * pad, device=self.device)
         ids = torch.tensor([seq.tokens[at] for seq, at in tokens] + [0] * pad, device=self.device)[:, None]
-        logits = self.decode_step(ids, starts[:, None], torch.tensor(tables, device=self.device), starts)
+        index = None if self.adapters is None else self._adapter_index([seq for seq, _ in tokens], pad)
+        logits = self.decode_step(ids, starts[:, None], torch.tensor(tables, device=self.device), starts, index)
         keep, first = [], 0
         for (_, n), k in zip(rows, counts, strict=True):  # a row's last k tokens
             keep += range(first + n - k, first + n)
             first += n
         return logits if len(keep) == len(logits) else logits[keep]
+
+    def _adapter_index(self, seqs: list[Seq], pad: int = 0) -> torch.Tensor:
+        """(B,) the LoRA adapter of each row of a forward (`pad` more rows: none), for the stacked layers."""
+        return torch.tensor([seq.adapter for seq in seqs] + [0] * pad, device=self.device)
 
     def _blocks(self, rows: Rows) -> int:
         """The blocks the forward reads: enough for the longest row once its chunk is stored."""

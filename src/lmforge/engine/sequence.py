@@ -38,6 +38,7 @@ class Sequence:
     request_id: str = ""
     index: int = 0  # which sample of its request
     state: SequenceState | None = None  # stop rules, text decoder, generator (None in bookkeeping-only tests)
+    adapter: int = 0  # the LoRA adapter its rows run with (`finetune.multi_lora`; 0: the base model)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full computed blocks
     num_computed: int = 0

@@ -4,7 +4,7 @@ Routes:
 
     POST /v1/chat/completions   messages rendered by the tokenizer's chat template (add_generation_prompt=True)
     POST /v1/completions        a prompt (text or token ids) or a list of them
-    GET  /v1/models             the one served model
+    GET  /v1/models             the served model, and each LoRA adapter served beside it
     GET  /health                200 while the server runs
     GET  /metrics               Prometheus text (no key needed, as vLLM)
     GET  /                      the chat page (static/chat.html: streams with fetch, keeps the conversation)
@@ -24,6 +24,10 @@ to their end before the answer starts (a client that leaves first cancels them, 
 requests); with ``"stream": true`` the answer is one chunk per hypothesis, its whole text at once, then the usage
 chunk if asked and [DONE]: a hypothesis is known only once the search stops.
 
+Adapters (`adapters`): an engine whose model stacks several LoRA adapters (`finetune.multi_lora`) serves each
+under its own name beside the base model's; a request's `model` picks which one its tokens come from (vLLM's LoRA
+serving), and requests of every adapter batch together.
+
 Errors: every refusal is a 400 with the OpenAI body {"error": {message, type: "invalid_request_error", param,
 code}}: malformed JSON and wrong types (pydantic, strict), an unknown model, out-of-range values (the engine's
 `SamplingParams` and `GenerationInputError`), `n` above `max_n`. With `api_key`, every /v1 route needs
@@ -31,8 +35,8 @@ code}}: malformed JSON and wrong types (pydantic, strict), an unknown model, out
 same body and no traceback (the traceback goes to the server's log).
 
 The OpenAPI schema (/openapi.json, /docs) documents what the server answers, so a client generator or a fuzzer
-(tests/engine/test_server_schema.py runs schemathesis on it) can hold it to it: each request model, `model` as the
-one served model, the JSON answer and, for "stream": true, the SSE events (the chunk model as JSON, then
+(tests/engine/test_server_schema.py runs schemathesis on it) can hold it to it: each request model, `model` as one of
+the served models, the JSON answer and, for "stream": true, the SSE events (the chunk model as JSON, then
 [DONE]), the 400 and (with a key) 401 error body, the bearer security scheme on /v1; no FastAPI 422 (never sent).
 A wrong method is a 405 with its Allow header, in the same error body.
 
@@ -53,7 +57,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -134,9 +138,11 @@ class Generation:
     `start` submits every prompt and waits for each one's first output (or error); iterating yields
     (prompt index, cumulative RequestOutput) as they arrive; `close` aborts what is unfinished."""
 
-    def __init__(self, engine: Any, prompts: list[api.Prompt], params: Any, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Any, prompts: list[api.Prompt], params: Any, metrics: Metrics, adapter: str | None = None
+    ) -> None:
         base = api.new_id("req")
-        self.engine, self.metrics, self.params = engine, metrics, params
+        self.engine, self.metrics, self.params, self.adapter = engine, metrics, params, adapter
         self.ids = [f"{base}-{i}" for i in range(len(prompts))]
         self.prompts, self.unfinished = prompts, set(range(len(prompts)))
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -148,7 +154,8 @@ class Generation:
 
     async def _pump(self, index: int) -> None:
         try:
-            async for output in self.engine.generate(self.prompts[index], self.params, self.ids[index]):
+            routed = {} if self.adapter is None else {"adapter": self.adapter}
+            async for output in self.engine.generate(self.prompts[index], self.params, self.ids[index], **routed):
                 await self.queue.put((index, output))
         except Exception as e:  # handed to the consumer, which raises it
             await self.queue.put((index, e))
@@ -229,9 +236,10 @@ class Finished:
 
 def create_app(
     engine: Any, model_name: str, *, tokenizer: Any, max_model_len: int, api_key: str | None = None,
-    max_n: int = 16,
+    max_n: int = 16, adapters: Sequence[str] = (),
 ) -> FastAPI:  # fmt: skip
-    """The server for `engine` (an `AsyncLLM`: generate, abort, stats, shutdown) serving `model_name`.
+    """The server for `engine` (an `AsyncLLM`: generate, abort, stats, shutdown) serving `model_name`, and each of
+    the engine's LoRA `adapters` under its own name (a request's `model` picks one, as vLLM's LoRA serving does).
 
     `tokenizer` renders chat templates and spells logprob tokens; `max_model_len` bounds a chat answer's default
     length (the room left in the context); `n` (and `best_of`) above `max_n` are refused. The app's shutdown shuts
@@ -245,14 +253,22 @@ def create_app(
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.metrics = metrics = Metrics(engine)
     _install_error_handlers(app)
-    _complete_schema(app, model_name)
+    served = [model_name, *adapters]  # a request's `model`: the base model or an adapter's name
+    if len(set(served)) != len(served):
+        raise ValueError(f"the served model names must differ: {served}")
+    _complete_schema(app, served)
     v1 = APIRouter(prefix="/v1", **({} if api_key is None else _guarded(api_key)))
 
-    def checked_params(body: api._Request, max_tokens: int) -> Any:
-        """The engine's SamplingParams for `body`, or the 400 its model, `n`, `best_of` or a value gets."""
-        if body.model != model_name:
-            raise api.OpenAIError(f"model {body.model!r} does not exist; this server serves {model_name!r}",
+    def adapter_of(body: api._Request) -> str | None:
+        """The adapter `body.model` names (None: the base model), or the 404 an unknown model gets."""
+        if body.model not in served:
+            names = ", ".join(repr(n) for n in served)
+            raise api.OpenAIError(f"model {body.model!r} does not exist; this server serves {names}",
                                   param="model", code="model_not_found")  # fmt: skip
+        return None if body.model == model_name else body.model
+
+    def checked_params(body: api._Request, max_tokens: int) -> Any:
+        """The engine's SamplingParams for `body`, or the 400 its `n`, `best_of` or a value gets."""
         kwargs = body.sampling_kwargs(max_tokens)
         for name in ("n", "best_of"):
             if (kwargs.get(name) or 0) > max_n:
@@ -270,7 +286,8 @@ def create_app(
 
         async def search() -> None:
             finals.extend(await beam_search_prompts(engine, prompts, params, api.new_id("beam"), tokenizer=tokenizer,
-                                                    max_model_len=max_model_len))  # fmt: skip
+                                                    max_model_len=max_model_len,
+                                                    adapter=adapter_of(body)))  # fmt: skip
 
         try:
             if not await _unless_disconnected(search(), request):
@@ -287,6 +304,7 @@ def create_app(
 
     @v1.post("/chat/completions", responses=_generation_responses(api.ChatCompletion, api.ChatCompletionChunk))
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Any:
+        adapter = adapter_of(body)
         messages = [m.for_template() for m in body.messages]
         try:
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -298,27 +316,29 @@ def create_app(
                                   param="messages", code="context_length_exceeded")  # fmt: skip
         max_tokens = _first_given(body.max_completion_tokens, body.max_tokens, room)
         params = checked_params(body, max_tokens)
-        chat = api.ChatFormat(tokenizer, model_name, body.engine_logprobs())
+        chat = api.ChatFormat(tokenizer, body.model, body.engine_logprobs())
         if body.use_beam_search:
             return await beam_searched([prompt], body.beam_search_params(max_tokens), chat, body, request)
-        generation = await _started(engine, [prompt], params, metrics)
+        generation = await _started(engine, [prompt], params, metrics, adapter)
         return await _respond(generation, chat, body, request)
 
     @v1.post("/completions", responses=_generation_responses(api.Completion, api.CompletionChunk))
     async def completions(body: api.CompletionRequest, request: Request) -> Any:
+        adapter = adapter_of(body)
         max_tokens = _first_given(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
         params = checked_params(body, max_tokens)
-        form = api.CompletionFormat(tokenizer, model_name, body.engine_logprobs())
+        form = api.CompletionFormat(tokenizer, body.model, body.engine_logprobs())
         if body.use_beam_search:
             return await beam_searched(body.prompts(), body.beam_search_params(max_tokens), form, body, request)
-        generation = await _started(engine, body.prompts(), params, metrics)
+        generation = await _started(engine, body.prompts(), params, metrics, adapter)
         return await _respond(generation, form, body, request)
 
     @v1.get("/models", response_model=api.ModelList)
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
-                "max_model_len": max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+        card = {"object": "model", "created": int(time.time()), "owned_by": "lmforge", "max_model_len": max_model_len}
+        parents = [None] + [model_name] * len(adapters)  # an adapter's card names its base model, as vLLM's
+        return {"object": "list", "data": [card | {"id": name, "parent": parent}
+                                           for name, parent in zip(served, parents, strict=True)]}  # fmt: skip
 
     app.include_router(v1)
 
@@ -382,8 +402,8 @@ def _generation_responses(answer: type[BaseModel], chunk: type[BaseModel]) -> di
     }  # fmt: skip
 
 
-def _complete_schema(app: FastAPI, model_name: str) -> None:
-    """Complete FastAPI's OpenAPI schema: `model` is the one served model (any other is a 400), the chunks (which
+def _complete_schema(app: FastAPI, served: list[str]) -> None:
+    """Complete FastAPI's OpenAPI schema: `model` is one of the served models (any other is a 400), the chunks (which
     only SSE events reference) join the components, and the 422 FastAPI documents for every route with a body goes:
     this server answers validation errors 400."""
     build, chunks = app.openapi, [api.ChatCompletionChunk, api.CompletionChunk]
@@ -396,7 +416,7 @@ def _complete_schema(app: FastAPI, model_name: str) -> None:
                                          ref_template="#/components/schemas/{model}")  # fmt: skip
             components.update(defs["$defs"])
             for request in (api.ChatCompletionRequest, api.CompletionRequest):
-                components[request.__name__]["properties"]["model"]["enum"] = [model_name]
+                components[request.__name__]["properties"]["model"]["enum"] = list(served)
             for path in schema["paths"].values():
                 for operation in path.values():
                     operation["responses"].pop("422", None)
@@ -436,9 +456,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
-async def _started(engine: Any, prompts: list[api.Prompt], params: Any, metrics: Metrics) -> Generation:
+async def _started(
+    engine: Any, prompts: list[api.Prompt], params: Any, metrics: Metrics, adapter: str | None = None
+) -> Generation:
     """A `Generation` whose prompts the engine accepted; a refused one is a 400 naming the field."""
-    generation = Generation(engine, prompts, params, metrics)
+    generation = Generation(engine, prompts, params, metrics, adapter)
     try:
         await generation.start()
     except GenerationInputError as e:
