@@ -44,6 +44,18 @@ def calibration_windows(ids: Tensor, n: int, seq_len: int) -> Tensor:
     return torch.stack([ids[i * stride : i * stride + seq_len] for i in range(n)])
 
 
+def window_inputs(model: nn.Module, x: Tensor) -> AttentionInputs:
+    """The attention inputs of calibration windows x (n, T, d_model): positions 0 .. T-1, no padding, no cache."""
+    p = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    return model.attention_inputs(p, None, KeyLayout(p, None, past=0), None, None, x.dtype)
+
+
+@torch.no_grad()
+def run_block(model: nn.Module, block: nn.Module, x: Tensor, batch_size: int = 8) -> Tensor:
+    """block(x) for calibration windows x (n, T, d_model), `batch_size` windows at a time."""
+    return torch.cat([block(c, window_inputs(model, c)) for c in x.split(batch_size)])
+
+
 @torch.no_grad()
 def for_each_block(model: nn.Module, windows: Tensor, process: BlockProcessor, *, batch_size: int = 8,
                    progress: bool = True) -> None:  # fmt: skip
@@ -54,17 +66,9 @@ def for_each_block(model: nn.Module, windows: Tensor, process: BlockProcessor, *
 
     if windows.dim() != 2:
         raise CalibrationError(f"calibration windows must be (n, T) token ids, got shape {tuple(windows.shape)}")
-    positions = torch.arange(windows.shape[1]).expand_as(windows)
+    positions = torch.arange(windows.shape[1], device=windows.device).expand_as(windows)
     x = model.embed_tokens(windows, positions)
-
-    def attention_inputs(rows: int) -> AttentionInputs:
-        p = positions[:rows]
-        return model.attention_inputs(p, None, KeyLayout(p, None, past=0), None, None, x.dtype)
-
-    inputs, chunk_inputs = attention_inputs(x.shape[0]), {}
+    inputs = window_inputs(model, x)
     for i, block in enumerate(tqdm(model.blocks, desc="calibrating blocks", unit="block", disable=not progress)):
         process(i, block, x, inputs)
-        chunks = x.split(batch_size)
-        for c in chunks:
-            chunk_inputs.setdefault(c.shape[0], attention_inputs(c.shape[0]))
-        x = torch.cat([block(c, chunk_inputs[c.shape[0]]) for c in chunks])
+        x = run_block(model, block, x, batch_size)
