@@ -323,7 +323,7 @@ class AWQResult:
 
 
 @dataclass
-class _Group:
+class ScaleGroup:
     prev: str  # relative to the block
     linears: tuple[str, ...]
     inspect: str  # the module whose output the search compares: "attn", "mlp" or a linear
@@ -337,49 +337,50 @@ def _matcher(where: Where) -> Callable[[str, nn.Module], bool]:
     return lambda name, _: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _groups(block: Block) -> list[_Group]:
+def scale_groups(block: Block) -> list[ScaleGroup]:
     """The scale groups of a supported block (module doc): attention input, v -> o (MHA), MLP input, up -> down."""
     attn, mlp = block.attn, block.mlp
-    groups = [_Group("attn_norm", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn", "attn.q_proj")]
+    groups = [ScaleGroup("attn_norm", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn", "attn.q_proj")]
     if attn.v_proj.out_features == attn.o_proj.in_features:
-        groups.append(_Group("attn.v_proj", ("attn.o_proj",), "attn.o_proj", "attn.o_proj"))
+        groups.append(ScaleGroup("attn.v_proj", ("attn.o_proj",), "attn.o_proj", "attn.o_proj"))
     mlp_in = ("mlp.up_proj",) if mlp.gate_proj is None else ("mlp.gate_proj", "mlp.up_proj")
-    groups.append(_Group("mlp_norm", mlp_in, "mlp", "mlp.up_proj"))
+    groups.append(ScaleGroup("mlp_norm", mlp_in, "mlp", "mlp.up_proj"))
     if mlp.gate_proj is not None:
-        groups.append(_Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "mlp.down_proj"))
+        groups.append(ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "mlp.down_proj"))
     return groups
 
 
-def _plan(model: nn.Module, where: Where, group_size: int | None) -> dict[int, set[str]]:
-    """Check everything before work; return, per block index, the names (relative to it) of its linears to quantize."""
+def scaling_plan(model: nn.Module, where: Where, group_size: int | None, method: str = "AWQ") -> dict[int, set[str]]:
+    """Check everything before work (messages name `method`: AWQ, SmoothQuant); return, per block index, the names
+    (relative to it) of its linears to quantize."""
     kind = type(model).__name__
     blocks = getattr(model, "blocks", None)
     wiring = all(hasattr(model, a) for a in ("embed_tokens", "attention_inputs"))
     if not isinstance(blocks, nn.ModuleList) or not wiring:
-        raise QuantError(f"AWQ: a {kind} is not an lmforge Transformer (blocks, embed_tokens, attention_inputs)")
+        raise QuantError(f"{method}: a {kind} is not an lmforge Transformer (blocks, embed_tokens, attention_inputs)")
     match = _matcher(where)
     selected = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | ExpertLinear) and n and match(n, m)]
     if not selected:
-        raise QuantError(f"AWQ: where={where!r} selects no linear layer of the {kind}")
+        raise QuantError(f"{method}: where={where!r} selects no linear layer of the {kind}")
     plan: dict[int, set[str]] = {}
     for name in selected:
         parts = name.split(".")
         if parts[0] != "blocks" or len(parts) < 3:
-            raise QuantError(f"AWQ quantizes the projections inside the blocks; {name} is outside them (the LM head "
-                             "and embeddings stay float): narrow `where`")  # fmt: skip
+            raise QuantError(f"{method} quantizes the projections inside the blocks; {name} is outside them (the LM "
+                             "head and embeddings stay float): narrow `where`")  # fmt: skip
         i, block = int(parts[1]), blocks[int(parts[1])]
         if not isinstance(block, Block):
-            raise QuantError(f"AWQ: blocks.{i} of the {kind} is a {type(block).__name__}, not a Block it knows")
+            raise QuantError(f"{method}: blocks.{i} of the {kind} is a {type(block).__name__}, not a Block it knows")
         if parts[2] == "attn" and not isinstance(block.attn, Attention):
-            raise QuantError(f"AWQ: blocks.{i}.attn of the {kind} is a {type(block.attn).__name__} "
+            raise QuantError(f"{method}: blocks.{i}.attn of the {kind} is a {type(block.attn).__name__} "
                              "(multi-head latent attention is not supported); narrow `where` to skip it")  # fmt: skip
         if parts[2] == "mlp" and not isinstance(block.mlp, MLP):
-            raise QuantError(f"AWQ: blocks.{i}.mlp of the {kind} is a {type(block.mlp).__name__} (mixture-of-experts "
-                             "layers are not supported); narrow `where` to skip it")  # fmt: skip
+            raise QuantError(f"{method}: blocks.{i}.mlp of the {kind} is a {type(block.mlp).__name__} "
+                             "(mixture-of-experts layers are not supported); narrow `where` to skip it")  # fmt: skip
         rel = ".".join(parts[2:])
         known = [f"attn.{p}" for p in _ATTN] + [f"mlp.{p}" for p in _MLP]
         if rel not in known:
-            raise QuantError(f"AWQ: {name} is not one of the projections AWQ handles ({', '.join(known)})")
+            raise QuantError(f"{method}: {name} is not one of the projections {method} handles ({', '.join(known)})")
         module = block.get_submodule(rel)
         _check_divides(group_size, module.in_features, name)
         plan.setdefault(i, set()).add(rel)
@@ -388,17 +389,17 @@ def _plan(model: nn.Module, where: Where, group_size: int | None) -> dict[int, s
         counts[id(p)] = counts.get(id(p), 0) + 1
     for i, names in plan.items():
         block = blocks[i]
-        for group in _groups(block):
+        for group in scale_groups(block):
             if not names.intersection(group.linears):
                 continue
             prev = block.get_submodule(group.prev)
             if not isinstance(prev, nn.Linear | RMSNorm | LayerNorm | nn.LayerNorm) or (
                     isinstance(prev, nn.LayerNorm) and prev.weight is None):  # fmt: skip
-                raise QuantError(f"AWQ: cannot fold scales into blocks.{i}.{group.prev}, a {type(prev).__name__}")
+                raise QuantError(f"{method}: cannot fold scales into blocks.{i}.{group.prev}, a {type(prev).__name__}")
             for rel in (group.prev, *group.linears):
                 for pname, p in block.get_submodule(rel).named_parameters():
                     if counts[id(p)] > 1:
-                        raise QuantError(f"AWQ: blocks.{i}.{rel}.{pname} of the {kind} is shared with another "
+                        raise QuantError(f"{method}: blocks.{i}.{rel}.{pname} of the {kind} is shared with another "
                                          "module; folding a scale into it would change both")  # fmt: skip
     return plan
 
@@ -422,7 +423,7 @@ def awq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, grou
         raise QuantError(f"AWQ: n_grid={n_grid!r} must be a positive integer")
     if n_sample_token < 1 or not 0 < max_shrink <= 1:
         raise QuantError(f"AWQ: max_shrink={max_shrink} must be in (0, 1], n_sample_token={n_sample_token} >= 1")
-    plan = _plan(model, where, group_size)
+    plan = scaling_plan(model, where, group_size)
     result = AWQResult()
     options = {"bits": bits, "group_size": group_size}
 
@@ -430,7 +431,7 @@ def awq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, grou
         names = plan.get(i)
         if not names:
             return
-        groups = [g for g in _groups(block) if names.intersection(g.linears)]
+        groups = [g for g in scale_groups(block) if names.intersection(g.linears)]
         needed = {g.feature for g in groups} | {_FEATURE[n] for n in names}
         feats: dict[str, Tensor] = {}
         hooks = [block.get_submodule(n).register_forward_hook(

@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from lmforge.model.surgery import Where
 from lmforge.quant.calibration import for_each_block, run_block
-from lmforge.quant.nf4 import _linear_where
+from lmforge.quant.nf4 import linear_where
 from lmforge.quant.primitives import QuantError, top_code
 
 BITS = range(2, 9)
@@ -301,13 +301,13 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, gro
     Per block: forward hooks on its selected linears accumulate their input Hessians while the block runs its inputs
     `batch_size` windows at a time; then each linear is quantized (`gptq_quantize`, same options) and written back.
     Returns the results by qualified module name. `where` is matched against the names of `model.named_modules()`
-    (quant/nf4.py's `_linear_where`); a selected linear outside the blocks is refused (calibration runs the blocks
+    (quant/nf4.py's `linear_where`); a selected linear outside the blocks is refused (calibration runs the blocks
     only). Mixture-of-experts `ExpertLinear` matrices are not `nn.Linear` and stay as they are; routers are linears
     ("blocks.*.mlp.router"): leave them out with `where` to keep them in float."""
     from tqdm.auto import tqdm
 
     _check_options(bits, group_size, damp, block_size, static_groups)
-    select = _linear_where(where)
+    select = linear_where(where)
     names = {id(m): n for n, m in model.named_modules() if select(n, m)}
     in_blocks = {id(m) for m in model.blocks.modules()}
     outside = [n for i, n in names.items() if i not in in_blocks]

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from lmforge.configfile import check_finite
 from lmforge.model.surgery import Swap, Where, swap_modules
-from lmforge.quant.nf4 import _linear_where
+from lmforge.quant.nf4 import linear_where
 
 DEFAULT_THRESHOLD = 6.0  # τ: the paper's and bitsandbytes' outlier threshold for inference
 INT8_MAX = 127
@@ -180,4 +180,4 @@ def quantize_model_llm_int8(model: nn.Module, where: Where = "blocks.*", *,
     nor the LM head) by an `Int8Linear`. Returns the `Swap` (`restore()` undoes it; drop it to free the float layers).
     Mixture-of-experts expert matrices (`ExpertLinear`) are not `nn.Linear` and stay as they are."""
     factory = lambda _, old: Int8Linear.from_linear(old, threshold)
-    return swap_modules(model, _linear_where(where), factory)
+    return swap_modules(model, linear_where(where), factory)

@@ -282,7 +282,7 @@ class NF4Linear(nn.Module):
         )
 
 
-def _linear_where(where: Where):
+def linear_where(where: Where):
     """`where` (patterns or a predicate, as in `model.surgery`) restricted to `nn.Linear` modules."""
     if callable(where):
         return lambda name, module: isinstance(module, nn.Linear) and where(name, module)
@@ -302,4 +302,4 @@ def quantize_model_nf4(
     nor the LM head) by an `NF4Linear`. Returns the `Swap` (`restore()` undoes it; drop it to free the float layers).
     Mixture-of-experts expert matrices (`ExpertLinear`) are not `nn.Linear` and stay as they are."""
     factory = lambda _, old: NF4Linear.from_linear(old, block_size, double_quant, compute_dtype)
-    return swap_modules(model, _linear_where(where), factory)
+    return swap_modules(model, linear_where(where), factory)
