@@ -21,11 +21,12 @@ def load(
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
     it has them; the tokenizer is None when it has none) or a GGUF file (llama.cpp; weights are
-    dequantized to float32). `dtype` casts floating-point weights. `adapter` is a PEFT adapter directory
-    (adapter_config.json + adapter_model.safetensors, from `lmforge finetune` or `peft`): a LoRA / rsLoRA / DoRA
-    adapter is added as the active adapter "default" (`lmforge.finetune.lora`: `merge_and_unload` folds it into the
-    weights), a prompt or prefix as `model.embed` / `model.prefix_encoder` (`lmforge.finetune.prompt_tuning`:
-    `generate_tuned` generates with it).
+    dequantized to float32, or with `quantized=True` the blocks' Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K linear weights
+    stay quantized: `lmforge.quant.weight_only`). `dtype` casts floating-point weights. `adapter` is a PEFT
+    adapter directory (adapter_config.json + adapter_model.safetensors, from `lmforge finetune` or `peft`): a
+    LoRA / rsLoRA / DoRA adapter is added as the active adapter "default" (`lmforge.finetune.lora`:
+    `merge_and_unload` folds it into the weights), a prompt or prefix as `model.embed` / `model.prefix_encoder`
+    (`lmforge.finetune.prompt_tuning`: `generate_tuned` generates with it).
     `overrides` naming `RuntimeOptions` fields set `model.runtime` (how to compute, e.g. `attn_backend="eager"`);
     the others replace `ModelConfig` fields (what the checkpoint defines, e.g. `max_seq_len=4096`).
     """

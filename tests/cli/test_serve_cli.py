@@ -107,8 +107,8 @@ def test_one_adapter_is_merged_or_leads(model_dir, tmp_path, served):
     torch.manual_seed(3)
     add_prompt_tuning(model, 4)
     save_prompt(model, tmp_path / "prompt")
-    want = tok.decode([e.token_id for e in generate_tuned(model, tok, PROMPT, SamplingParams(temperature=0,
-                                                                                             max_tokens=8))])  # fmt: skip
+    events = generate_tuned(model, tok, PROMPT, SamplingParams(temperature=0, max_tokens=8))
+    want = tok.decode([e.token_id for e in events])
     with TestClient(served(str(model_dir), "--adapter", str(tmp_path / "prompt"))) as client:
         _, body = completion(client, model_dir.name)
         assert body["choices"][0]["text"] == want

@@ -25,15 +25,19 @@ tensor infos (header only) before the model is built or any tensor is dequantize
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lmforge.config import ModelConfig, RopeScaling
 from lmforge.io.file_keys import KeyReader, check_layer_count, expect_shape, speaking_file
 from lmforge.io.gguf import GGUFError, GGUFFile
+from lmforge.io.gguf_quants import AFFINE, AffineBlocks, affine_blocks
 from lmforge.model.transformer import Transformer
+from lmforge.quant.weight_only import QuantLinear
 
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _BLOCK_NAMES = {
@@ -187,8 +191,12 @@ def our_name(name: str) -> str | None:
     return None
 
 
-def load_gguf_model(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> Transformer:
-    """Load the model in a GGUF file (dequantized to float32, then cast to `dtype`)."""
+def load_gguf_model(
+    path: str | Path, dtype: torch.dtype | None = None, *, quantized: bool = False, **overrides: Any
+) -> Transformer:
+    """Load the model in a GGUF file: dequantized to float32, then cast to `dtype`; with `quantized`, the blocks'
+    linear weights in Q8_0, Q4_0, Q4_1, Q4_K or Q6_K stay quantized (`quant.weight_only.QuantLinear`, the same
+    weights bit for bit) and only the rest is dequantized."""
     gguf = GGUFFile(path)
     cfg = config_from_gguf(gguf).replace(**overrides)
     check_structure(gguf, cfg)
@@ -206,10 +214,36 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype | None = None, **overri
     if missing:
         raise GGUFError(f"{gguf.path}: missing tensor for {missing[0]} ({len(missing)} in all)")
     state: dict[str, torch.Tensor] = {}
-    for name in gguf.tensors:
+    kept: dict[str, QuantLinear] = {}
+    for name, info in gguf.tensors.items():
+        ours = our_name(name)
+        module = ours.removesuffix(".weight")
+        rows = cfg.n_heads if "attn_q" in name else cfg.kv_heads
+        permuted = cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight"))
+        if quantized and info.ggml_type in AFFINE and isinstance(model.get_submodule(module), nn.Linear):
+            kept[module] = _quant_linear(affine_blocks(gguf.raw(name), info.ggml_type), permuted and rows)
+            continue
         t = gguf.tensor(name)
-        if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            t = unpermute_rope_rows(t, cfg.n_heads if "attn_q" in name else cfg.kv_heads)
-        state[our_name(name)] = t.to(dtype) if dtype is not None else t
-    model.load_state_dict(state, assign=True, strict=True)
+        if permuted:
+            t = unpermute_rope_rows(t, rows)
+        state[ours] = t.to(dtype) if dtype is not None else t
+    for module, linear in kept.items():
+        bias = state.pop(f"{module}.bias", None)
+        linear.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        parent, _, attr = module.rpartition(".")
+        setattr(model.get_submodule(parent), attr, linear)
+    model.load_state_dict(state, assign=True, strict=not kept)
+    if kept:  # every parameter but the kept layers' codes and scales came from the state
+        left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        if left:
+            raise GGUFError(f"{gguf.path}: no tensor for {left[0]} ({len(left)} in all)")
     return model.eval()
+
+
+def _quant_linear(blocks: AffineBlocks, permuted_heads: int | bool) -> QuantLinear:
+    """A `QuantLinear` holding `blocks` (rows un-permuted as `unpermute_rope_rows` does, over `permuted_heads`)."""
+    tensors = [None if a is None else torch.from_numpy(a) for a in (blocks.codes, blocks.scale, blocks.offset)]
+    if permuted_heads:
+        tensors = [None if t is None else unpermute_rope_rows(t, permuted_heads) for t in tensors]
+    codes, scale, offset = tensors
+    return QuantLinear(codes, scale, offset, bits=blocks.bits, signed=blocks.signed, group_size=blocks.group_size)

@@ -58,6 +58,7 @@ Quantizers (F32, F16, BF16, Q8_0, Q4_0) follow `quantize_row_*_ref` in ggml-quan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -446,3 +447,61 @@ def quantize(x: np.ndarray, qtype: GGMLType | str) -> np.ndarray:
         for start in range(0, flat.shape[0], step):
             out[start : start + step] = fn(flat[start : start + step])
     return out.view(np.uint8).reshape(*shape[:-1], shape[-1] // bs * ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Affine blocks: the codes and per-group scale and offset a block format stores (w = s · q + m), for layers that
+# keep the weights quantized (quant/weight_only.py). Each product is formed as `_deq_*` forms it, so s · q + m in
+# float32 is the dequantization above, bit for bit.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AffineBlocks:
+    """Rows of a block-quantized tensor as w[r, i] = scale[r, i // group_size] · codes[r, i] + offset[...]:
+    codes (rows, cols) int8 (4-bit types: -8..7 when `signed`, else 0..15), scale and offset (rows, cols /
+    group_size) float32 (offset None: none)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray | None
+    group_size: int
+    bits: int
+    signed: bool
+
+
+def _nibble_codes(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def affine_blocks(data: np.ndarray, qtype: GGMLType | str) -> AffineBlocks:
+    """The codes, scales and offsets of stored bytes (rows, row_bytes) of a Q8_0, Q4_0, Q4_1, Q4_K or Q6_K tensor."""
+    qtype = GGMLType.parse(qtype)
+    if qtype not in AFFINE:
+        raise NotImplementedError(f"{qtype.name} is not kept quantized; supported: {', '.join(t.name for t in AFFINE)}")
+    raw = np.ascontiguousarray(data).view(np.uint8)
+    rows = raw.shape[0] if raw.ndim > 1 else 1
+    b = raw.reshape(-1).view(LAYOUTS[qtype])
+    if qtype == GGMLType.Q8_0:
+        codes, scale, offset, group, bits, signed = b["qs"], _scale(b["d"]), None, QK, 8, True
+    elif qtype == GGMLType.Q4_0:
+        codes, scale, offset = _nibble_codes(b["qs"]).view(np.int8) - np.int8(8), _scale(b["d"]), None
+        group, bits, signed = QK, 4, True
+    elif qtype == GGMLType.Q4_1:
+        codes, scale, offset, group, bits, signed = _nibble_codes(b["qs"]), _scale(b["d"]), _scale(b["m"]), QK, 4, False
+    elif qtype == GGMLType.Q4_K:
+        sc, mn = _k_scales_mins(b["scales"])
+        codes, group, bits, signed = _four_bit_k_codes(b["qs"]), 32, 4, False
+        scale, offset = _scale(b["d"]) * sc.astype(_F32), -(_scale(b["dmin"]) * mn.astype(_F32))
+    else:  # Q6_K
+        n = b.shape[0]
+        ql = b["ql"].reshape(n, 2, 1, 64)
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, QK_K)
+        high = ((b["qh"].reshape(n, 2, 1, 32) >> _SHIFT_2BIT) & 3).reshape(n, QK_K)
+        codes = (low | (high << 4)).view(np.int8) - np.int8(32)
+        scale, offset, group, bits, signed = _scale(b["d"]) * b["scales"].astype(_F32), None, 16, 8, True
+    shaped = [None if t is None else np.ascontiguousarray(t).reshape(rows, -1) for t in (codes, scale, offset)]
+    return AffineBlocks(shaped[0].astype(np.int8, copy=False), shaped[1], shaped[2], group, bits, signed)
+
+
+AFFINE = frozenset({GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K})

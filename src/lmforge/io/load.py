@@ -29,12 +29,16 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     runtime = {name: overrides.pop(name) for name in RuntimeOptions.names() if name in overrides}
+    quantized = overrides.pop("quantized", False)
     tokenizer = None
     if path.is_file() and path.suffix == ".gguf":
         from lmforge.io.gguf_model import load_gguf_model
 
-        model, tokenizer = load_gguf_model(path, dtype=dtype, **overrides), load_tokenizer(path)
+        model = load_gguf_model(path, dtype=dtype, quantized=quantized, **overrides)
+        tokenizer = load_tokenizer(path)
     else:
+        if quantized:
+            raise ValueError(f"{path}: quantized=True keeps a GGUF file's quantized weights; this is not a GGUF file")
         model = load_hf(path, dtype=dtype, **overrides)
         with contextlib.suppress(FileNotFoundError):
             tokenizer = load_tokenizer(path)

