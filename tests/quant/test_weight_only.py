@@ -77,7 +77,7 @@ def test_int4_kernel_matches_the_exact_path_to_bfloat16(qtype):
     x = torch.randn(4, 7, 256)
     exact = layer(x)
     assert layer.kernel_ready and not layer.kernel
-    layer.kernel = True
+    layer.set_kernel(True)
     fast = layer(x)
     assert fast.shape == exact.shape and fast.dtype == torch.float32
     assert ((fast - exact).norm() / exact.norm()).item() < 2e-2  # bfloat16 activations and scales
@@ -145,3 +145,22 @@ def test_smollm2_q4_1_kept_quantized():
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         assert torch.equal(kept(ids), plain(ids))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_quantized_model_through_generate_and_the_engine(tmp_path, tok, compile):
+    """A Q4_0 file kept quantized, on the int4 kernel: the engine's tokens are generate's, eager and compiled."""
+    from lmforge.engine import LLM
+    from lmforge.infer.generate import generate
+    from lmforge.infer.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
+    path = save_gguf(Transformer(cfg).eval(), tok, tmp_path / "m.gguf", "q4_0")
+    model, _ = lmforge.load(path, quantized=True)
+    use_kernel(model)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]
+    want = [[e.token_id for e in generate(model, tok, p, params, compile=compile)] for p in prompts]
+    outs = LLM(model, tok, block_size=8, compile=compile).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == want

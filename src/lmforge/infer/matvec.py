@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.model.surgery import swap_modules
+from lmforge.model.surgery import swap_modules, view
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,4 +41,6 @@ class MatVecLinear(nn.Module):
 def matvec_view(model: nn.Module) -> nn.Module:
     """A copy of `model`'s module tree sharing all its parameters and buffers, with `MatVecLinear`s."""
     plain_linear = lambda _, m: type(m) is nn.Linear  # not its subclasses: they compute otherwise
+    if not any(plain_linear(n, m) for n, m in model.named_modules()):  # e.g. every linear quantized
+        return view(model)
     return swap_modules(model, plain_linear, lambda _, linear: MatVecLinear(linear), on_view=True).model

@@ -34,9 +34,9 @@ Forward, y = x Wᵀ + b, by one of two paths:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.infer.matvec import matvec
 from lmforge.quant.primitives import QuantError, pack_int4, unpack_int4
 
 __all__ = ["KERNEL_GROUPS", "QuantLinear", "use_kernel"]
@@ -82,8 +82,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("offset", None if offset is None else offset.float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kernel = False
-        self._packed: tuple[Tensor, Tensor] | None = None  # the int4 kernel's (weight, scales and zeros)
+        # the int4 kernel's weight and (scales, zeros), derived (not saved): set by `use_kernel`
+        self.register_buffer("kernel_weight", None, persistent=False)
+        self.register_buffer("kernel_scales", None, persistent=False)
+
+    @property
+    def kernel(self) -> bool:
+        """Whether the forward runs torch's int4 CPU kernel (module docstring); set it with `use_kernel`."""
+        return self.kernel_weight is not None
 
     def unpacked(self) -> Tensor:
         """The integer codes q (out, in): int8 (signed) or uint8 (unsigned)."""
@@ -115,25 +121,29 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.kernel:
+        if self.kernel_weight is None:  # one row under torch.compile: multiply and sum, the dequantization fused
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dequantize(x.dtype), bias)
-        weight, scales_and_zeros = self._kernel_weight()
+            return matvec(x, self.dequantize(x.dtype), bias)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, self.group_size, scales_and_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.kernel_weight, self.group_size, self.kernel_scales)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def _kernel_weight(self) -> tuple[Tensor, Tensor]:
-        if self._packed is None:
-            q = self.unpacked().to(torch.int32) + (8 if self.signed else 0)  # the kernel's unsigned codes
-            zero = 0 if self.offset is None else self.offset
-            zero = zero + (0 if self.signed else 8 * self.scale)
-            zero = torch.zeros_like(self.scale) + zero
-            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            scales_and_zeros = torch.stack([self.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-            self._packed = weight, scales_and_zeros
-        return self._packed
+    @torch.no_grad()
+    def set_kernel(self, on: bool) -> None:
+        """Repack the weight for torch's int4 CPU kernel (`on`; the layer must be `kernel_ready`) or drop it."""
+        if not on:
+            self.kernel_weight = self.kernel_scales = None
+            return
+        if not self.kernel_ready:
+            raise QuantError(f"the int4 CPU kernel takes 4-bit codes in groups of {KERNEL_GROUPS} on the CPU; this "
+                             f"layer is {self.extra_repr()}")  # fmt: skip
+        q = self.unpacked().to(torch.int32) + (8 if self.signed else 0)  # the kernel's unsigned codes
+        zero = torch.zeros_like(self.scale) if self.offset is None else self.offset.clone()
+        if not self.signed:
+            zero += 8 * self.scale
+        self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.kernel_scales = torch.stack([self.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
 
     def extra_repr(self) -> str:
         kind = f"int{self.bits}" + ("" if self.signed else " unsigned")
@@ -148,6 +158,6 @@ def use_kernel(model: nn.Module, on: bool = True) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.kernel = on and m.kernel_ready
+            m.set_kernel(on and m.kernel_ready)
             count += m.kernel
     return count
