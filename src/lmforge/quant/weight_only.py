@@ -28,7 +28,9 @@ Forward, y = x Wᵀ + b, by one of two paths:
                  + 8), s' = s and z' = m + 8 s (unsigned) or m (signed), activations and s', z' in bfloat16 (its
                  fast path), the result cast back; the weight is repacked into the kernel's layout once
 
-`QuantLinear.kernel` picks the path (default: dequantize); `use_kernel(model)` switches every layer that can.
+`use_kernel(model)` switches every layer that can to the kernel (default: dequantize). A quantized token embedding
+(`QuantEmbedding`, e.g. a GGUF file's Q8_0 table) dequantizes the rows it looks up, and as the tied LM head runs
+the product as a `QuantLinear` (`project`), so a tied head never exists in float.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from lmforge.infer.matvec import matvec
 from lmforge.quant.primitives import QuantError, pack_int4, unpack_int4
 
-__all__ = ["KERNEL_GROUPS", "QuantLinear", "use_kernel"]
+__all__ = ["KERNEL_GROUPS", "QuantEmbedding", "QuantLinear", "use_kernel"]
 
 KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
 
@@ -145,11 +147,41 @@ class QuantLinear(nn.Module):
         self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.kernel_scales = torch.stack([self.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
 
+    def project(self, x: Tensor) -> Tensor:
+        """x Wᵀ + b: the forward (an LM head's, as `Transformer.logits` calls it)."""
+        return self(x)
+
     def extra_repr(self) -> str:
         kind = f"int{self.bits}" + ("" if self.signed else " unsigned")
         return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
                 f"group_size={self.group_size}, offset={self.offset is not None}, bias={self.bias is not None}, "
                 f"kernel={self.kernel}")  # fmt: skip
+
+
+class QuantEmbedding(QuantLinear):
+    """A token embedding whose (V, d) table is a `QuantLinear`'s weight: `forward(ids)` dequantizes the rows it
+    looks up; `project(h)` is the tied LM head, h Wᵀ, computed as the layer computes it (`Transformer.logits`)."""
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.codes[ids]  # (..., d) codes, or (..., d / 2) packed bytes
+        if self.bits == 4:
+            rows = unpack_int4(rows.reshape(-1), rows.numel() * 2, signed=self.signed)
+        q = rows.reshape(*ids.shape, -1, self.group_size).float()
+        x = q * self.scale[ids][..., None]
+        if self.offset is not None:
+            x = x + self.offset[ids][..., None]
+        return x.reshape(*ids.shape, self.in_features)
+
+    def project(self, x: Tensor) -> Tensor:
+        return super().forward(x)
 
 
 def use_kernel(model: nn.Module, on: bool = True) -> int:
