@@ -49,7 +49,7 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:
 
 def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None, qtype: str = "f16") -> None:
     """Write `model` (and `tokenizer`, if given) as a Hugging Face directory that `transformers` loads,
-    or, when `path` ends in `.gguf`, as one GGUF file (`qtype`: f32, f16, q8_0 or q4_0; a tokenizer is
+    or, when `path` ends in `.gguf`, as one GGUF file (`qtype`: f32, f16, q8_0, q4_0 or q4_1; a tokenizer is
     required) that llama.cpp, transformers and `lmforge.load` read."""
     if str(path).endswith(".gguf"):
         from lmforge.io.gguf_export import save_gguf

@@ -39,8 +39,9 @@ ARCH_CONFIGS = {
     "qwen3": dict(arch="qwen3", qk_norm=True, head_dim=128, norm_eps=1e-6),
 }
 # Quantization error, as relative RMS error of all weight matrices: F16 rounds to 11 bits (<= 2^-11 / sqrt 3);
-# Q8_0 / Q4_0 keep 8 / 4 bits per weight with one scale per 32 Gaussian weights (measured 0.54% / 8.6%).
-WEIGHT_ERROR = {"f32": 0.0, "f16": 3e-4, "q8_0": 0.006, "q4_0": 0.095}
+# Q8_0 / Q4_0 / Q4_1 keep 8 / 4 / 4 bits per weight with one scale (and Q4_1 a minimum) per 32 Gaussian weights
+# (measured 0.54% / 8.6% / Q4_1 below).
+WEIGHT_ERROR = {"f32": 0.0, "f16": 3e-4, "q8_0": 0.006, "q4_0": 0.095, "q4_1": 0.095}
 # ... which these 2-layer random models amplify 2.4-4.6x (measured) in their logits' relative RMS error
 AMPLIFICATION = 6.0
 
@@ -120,7 +121,7 @@ def test_f32_round_trip_is_exact(tmp_path, arch, tokenizers):
     assert (tok2.bos_token, tok2.eos_token, tok2.chat_template) == ("<|im_start|>", "<|im_end|>", CHATML)
 
 
-@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
 def test_gguf_package_reads_the_file(tmp_path, qtype, tokenizers):
     """Names, ggml types and shapes as llama.cpp writes them, bytes equal to `gguf.quants.quantize`."""
     import gguf
@@ -130,7 +131,7 @@ def test_gguf_package_reads_the_file(tmp_path, qtype, tokenizers):
     reader = gguf.GGUFReader(path)
     fields = {name: f.contents() for name, f in reader.fields.items()}
     assert fields["general.architecture"] == "llama"
-    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[qtype]
+    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}[qtype]
     assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.rope.dimension_count"] == 16
     assert fields["tokenizer.ggml.pre"] == "llama-bpe" and fields["tokenizer.ggml.model"] == "gpt2"
     assert len(fields["tokenizer.ggml.tokens"]) == VOCAB and fields["tokenizer.ggml.tokens"][-1] == f"[PAD{VOCAB - 1}]"
@@ -149,7 +150,7 @@ def test_gguf_package_reads_the_file(tmp_path, qtype, tokenizers):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
 @pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
 def test_transformers_reads_the_model(tmp_path, arch, qtype, tokenizers):
     """transformers' GGUF loader (its own dequantization and config mapping) gives lmforge's logits."""

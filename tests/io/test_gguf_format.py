@@ -175,7 +175,7 @@ QUANT_CASES = quant_inputs()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the reference warns on overflowing scales
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("case", sorted(QUANT_CASES))
 def test_quantize_bit_exact(qtype, case):
     x = QUANT_CASES[case]

@@ -76,8 +76,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FILE_TYPES", "PRE_NAMES", "QTYPES", "gguf_metadata", "gguf_tensors", "save_gguf"]
 
-QTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
-FILE_TYPES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q8_0: 7}  # llama_ftype
+QTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0,
+          "q4_1": GGMLType.Q4_1}
+FILE_TYPES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q4_1: 3, GGMLType.Q8_0: 7}  # llama_ftype
 PRE_NAMES = {GPT2_PATTERN: "gpt-2", LLAMA3_PATTERN: "llama-bpe", DIGITS_GPT2_PATTERN: "smollm", QWEN2_PATTERN: "qwen2"}
 NORMAL, CONTROL, UNUSED = 1, 3, 5
 _GGUF_NAME = {v: k for k, v in {**_TOP_NAMES, **{f"@.{k}": f"@.{v}" for k, v in _BLOCK_NAMES.items()}}.items()}
@@ -343,7 +344,7 @@ def save_gguf(
 ) -> Path:
     """Write `model` and `tokenizer` as one GGUF file (atomically) and return its path.
 
-    `qtype` is f32, f16, q8_0 or q4_0 for the matrices (1-D tensors stay F32). `name` is
+    `qtype` is f32, f16, q8_0, q4_0 or q4_1 for the matrices (1-D tensors stay F32). `name` is
     general.name (default: the file's stem). `lmforge.load(path)` gives back the model (weights
     rounded through `qtype`) and the tokenizer.
     """

@@ -49,10 +49,11 @@ The float arithmetic below is done in float32 in the same order as ggml's refere
 (e.g. `(d * sc) * q - (dmin * m)`: two products then a difference), so results are
 bit-identical to llama.cpp's `dequantize_row_*` and to `gguf.quants.dequantize`.
 
-Quantizers (F32, F16, BF16, Q8_0, Q4_0) follow `quantize_row_*_ref` in ggml-quants.c:
+Quantizers (F32, F16, BF16, Q8_0, Q4_0, Q4_1) follow `quantize_row_*_ref` in ggml-quants.c:
 
 - Q8_0: `d = max|x| / 127`, `q = roundf(x / d)` (round half away from zero, via `x * (1/d)`).
 - Q4_0: `d = x[argmax |x|] / -8` (signed; the first index on ties), `q = min(15, trunc(x * (1/d) + 8.5))`.
+- Q4_1: `d = (max x - min x) / 15`, `m = min x`, `q = min(15, trunc((x - m) * (1/d) + 0.5))` (m in float32).
 - F16: IEEE round-to-nearest-even; BF16: round-to-nearest-even with NaN kept quiet.
 """
 
@@ -313,7 +314,7 @@ _DEQUANT = {
 }  # fmt: skip
 
 DEQUANTIZABLE = frozenset(_DEQUANT) | frozenset(PLAIN_DTYPES)
-QUANTIZABLE = frozenset({GGMLType.Q8_0, GGMLType.Q4_0}) | frozenset(PLAIN_DTYPES)
+QUANTIZABLE = frozenset({GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1}) | frozenset(PLAIN_DTYPES)
 
 
 def _bytes_to_elements(shape: tuple[int, ...], qtype: GGMLType) -> tuple[int, ...]:
@@ -408,6 +409,16 @@ def _q_q4_0(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _q_q4_1(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=LAYOUTS[GGMLType.Q4_1])
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = (hi - lo) / _F32(15)
+    q = np.minimum(np.trunc((x - lo) * _inverse(d) + _F32(0.5)).astype(np.uint8), 15)
+    out["qs"] = q[:, :16] | (q[:, 16:] << 4)
+    out["d"], out["m"] = _f16_bytes(d[:, 0]), _f16_bytes(lo[:, 0])
+    return out
+
+
 def _q_bf16(x: np.ndarray) -> np.ndarray:
     bits = x.view(np.uint32)
     is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
@@ -440,7 +451,7 @@ def quantize(x: np.ndarray, qtype: GGMLType | str) -> np.ndarray:
     flat = np.ascontiguousarray(x, dtype=_F32).reshape(-1, bs)
     if not np.isfinite(flat).all():
         raise ValueError(f"{qtype.name}: cannot quantize non-finite values")
-    fn = _q_q8_0 if qtype == GGMLType.Q8_0 else _q_q4_0
+    fn = {GGMLType.Q8_0: _q_q8_0, GGMLType.Q4_0: _q_q4_0, GGMLType.Q4_1: _q_q4_1}[qtype]
     out = np.empty(flat.shape[0], dtype=LAYOUTS[qtype])
     step = max(1, _TARGET_CHUNK // bs)
     with np.errstate(over="ignore", invalid="ignore"):  # 1/d overflows for subnormal scales, as in ggml
