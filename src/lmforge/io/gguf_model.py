@@ -35,7 +35,7 @@ from torch import nn
 from lmforge.config import ModelConfig, RopeScaling
 from lmforge.io.file_keys import KeyReader, check_layer_count, expect_shape, speaking_file
 from lmforge.io.gguf import GGUFError, GGUFFile
-from lmforge.io.gguf_quants import AFFINE, AffineBlocks, affine_blocks
+from lmforge.io.gguf_quants import AFFINE, PLAIN_DTYPES, AffineBlocks, affine_blocks
 from lmforge.model.transformer import Transformer
 from lmforge.quant.weight_only import QuantEmbedding, QuantLinear
 
@@ -228,6 +228,8 @@ def load_gguf_model(
         t = gguf.tensor(name)
         if permuted:
             t = unpermute_rope_rows(t, rows)
+        if quantized and info.ggml_type in PLAIN_DTYPES:  # the few float tensors, copied: the file is unmapped
+            t = t.clone()
         state[ours] = t.to(dtype) if dtype is not None else t
     for module, linear in kept.items():
         bias = state.pop(f"{module}.bias", None)
@@ -239,6 +241,8 @@ def load_gguf_model(
         left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
         if left:
             raise GGUFError(f"{gguf.path}: no tensor for {left[0]} ({len(left)} in all)")
+    if quantized:
+        gguf.close()  # nothing refers to the map: its pages leave the process's memory
     return model.eval()
 
 
