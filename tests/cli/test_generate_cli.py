@@ -91,3 +91,22 @@ def test_generate_with_an_adapter_prints_the_adapted_models_text(model_dir, tmp_
     assert result.stdout.startswith(want)
     bad = runner.invoke(app, [*args[:-1], str(tmp_path)])
     assert bad.exit_code != 0 and "adapter_config.json: not found" in bad.output
+
+
+def test_generate_quantized_keeps_a_gguf_files_weights_quantized(model_dir, tmp_path):
+    """--quantized: the Q4_0 file's weights stay quantized, on the int4 kernel; the text is generate's on that
+    model. A file that is not GGUF is refused."""
+    from lmforge.quant.weight_only import QuantLinear, use_kernel
+
+    model, tok = lmforge.load(model_dir)
+    path = tmp_path / "m.gguf"
+    lmforge.save(model, path, tokenizer=tok, qtype="q4_0")
+    kept, file_tok = lmforge.load(path, quantized=True)  # the file's tokenizer: rows past the vocab are [PAD] ids
+    layers = [m for m in kept.modules() if isinstance(m, QuantLinear)]
+    assert use_kernel(kept) == sum(m.out_features % 16 == 0 for m in layers) > 0  # the 300-row head: exact path
+    want = generate_text(kept, file_tok, "To be", SamplingParams(temperature=0, max_tokens=12))
+    result = runner.invoke(app, ["generate", str(path), "--prompt", "To be", "--max-tokens", "12", "--quantized"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(want)
+    bad = runner.invoke(app, ["generate", str(model_dir), "--prompt", "x", "--quantized"])
+    assert bad.exit_code == 1 and "is not a GGUF file" in " ".join(bad.stderr.split())

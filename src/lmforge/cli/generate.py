@@ -31,6 +31,12 @@ Adapter = Annotated[
     typer.Option(help="An adapter directory (PEFT's format, e.g. from `lmforge finetune`): LoRA is merged into the "
                  "model; a prompt or prefix leads every input."),
 ]
+Quantized = Annotated[
+    bool,
+    typer.Option(help="Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K weights quantized (4-bit layers on "
+                 "torch's int4 CPU kernel; with --compile about 2x float32's decode speed) instead of dequantizing "
+                 "them to float32."),
+]
 MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")]
@@ -50,9 +56,12 @@ Compile = Annotated[
 ]
 
 
-def load_model_for_cli(path: Path, dtype: str, adapter: Path | None = None) -> tuple[Any, Any]:
-    """The model (in `dtype`, one of DTYPES, with `adapter`: LoRA merged into its weights) and its tokenizer; a
-    model without a tokenizer is refused."""
+def load_model_for_cli(
+    path: Path, dtype: str, adapter: Path | None = None, quantized: bool = False
+) -> tuple[Any, Any]:
+    """The model (in `dtype`, one of DTYPES, with `adapter`: LoRA merged into its weights; `quantized`: a GGUF
+    file's quantized weights kept so, on the int4 kernel) and its tokenizer; a model without a tokenizer is
+    refused."""
     import torch
 
     import lmforge
@@ -60,9 +69,16 @@ def load_model_for_cli(path: Path, dtype: str, adapter: Path | None = None) -> t
 
     if dtype not in DTYPES:
         raise fail(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype), adapter=adapter)
+    if quantized and path.suffix != ".gguf":
+        raise fail(f"--quantized: {path} is not a GGUF file (it keeps a GGUF file's quantized weights)")
+    options = {"quantized": True} if quantized else {}
+    model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype), adapter=adapter, **options)
     if tokenizer is None:
         raise fail(f"{path}: has no tokenizer")
+    if quantized:
+        from lmforge.quant.weight_only import use_kernel
+
+        use_kernel(model)
     return merge_and_unload(model), tokenizer
 
 
@@ -139,13 +155,14 @@ def generate_command(
     dtype: DType = "float32",
     compile: Compile = False,
     adapter: Adapter = None,
+    quantized: Quantized = False,
 ) -> None:
     """Continue a prompt, streaming to stdout; speeds go to stderr."""
     params = _params(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
     )  # fmt: skip
-    m, tok = load_model_for_cli(model, dtype, adapter)
+    m, tok = load_model_for_cli(model, dtype, adapter, quantized)
     _, stats = _stream(m, tok, prompt, params, compile)
     sys.stdout.write("\n")
     _report(stats)
@@ -161,12 +178,13 @@ def chat_command(
     dtype: DType = "float32",
     compile: Compile = False,
     adapter: Adapter = None,
+    quantized: Quantized = False,
 ) -> None:
     """Chat with a model (its chat template, history kept). Type /reset to start over, /exit to quit."""
     from lmforge.infer.sampling import GenerationInputError
 
     params = _params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tok = load_model_for_cli(model, dtype, adapter)
+    m, tok = load_model_for_cli(model, dtype, adapter, quantized)
     if not getattr(tok, "chat_template", None):
         raise fail(f"{model}: the tokenizer has no chat template")
     start = [{"role": "system", "content": system}] if system else []

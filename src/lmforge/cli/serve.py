@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from lmforge.cli.errors import err, fail
-from lmforge.cli.generate import DType, Model, load_model_for_cli
+from lmforge.cli.generate import DType, Model, Quantized, load_model_for_cli
 
 SHUTDOWN_GRACE_S = 10
 
@@ -64,6 +64,7 @@ def serve_command(
         Path | None, typer.Option(help="A draft model (same tokenizer) for speculative decoding, instead of lookup.")
     ] = None,
     adapter: Adapters = None,
+    quantized: Quantized = False,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
     /metrics (Prometheus) and a chat page at /."""
@@ -75,7 +76,7 @@ def serve_command(
     name = served_model_name or (model.stem if model.suffix == ".gguf" else model.name)
     served = _served_adapters(adapter or [], name)
     merged = adapter[0] if adapter and not served else None  # one plain DIR: merged (or a prompt / prefix)
-    module, tokenizer = load_model_for_cli(model, dtype, None if merged is None else Path(merged))
+    module, tokenizer = load_model_for_cli(model, dtype, None if merged is None else Path(merged), quantized)
     if served:
         _stack(module, served)
     speculative = None

@@ -23,10 +23,11 @@ Forward, y = x Wᵀ + b, by one of two paths:
 
     dequantize   W in x's dtype from the codes at each call, then one matmul: exact (the float model's products
                  on the same weights); under torch.compile the dequantization fuses into the matmul's reads
-    kernel       (4-bit, G in 32..256, CPU) torch's packed int4 CPU matmul (`_weight_int4pack_mm_for_cpu`, the
-                 kernel gpt-fast and torchao use): W = s' (q' - 8) + z' with q' the unsigned code (a signed code
-                 + 8), s' = s and z' = m + 8 s (unsigned) or m (signed), activations and s', z' in bfloat16 (its
-                 fast path), the result cast back; the weight is repacked into the kernel's layout once
+    kernel       (4-bit, G in 32..256, out a multiple of 16, CPU) torch's packed int4 CPU matmul
+                 (`_weight_int4pack_mm_for_cpu`, the kernel gpt-fast and torchao use): W = s' (q' - 8) + z' with
+                 q' the unsigned code (a signed code + 8), s' = s and z' = m + 8 s (unsigned) or m (signed),
+                 activations and s', z' in bfloat16 (its fast path), the result cast back; the weight is repacked
+                 into the kernel's layout once
 
 `use_kernel(model)` switches every layer that can to the kernel (default: dequantize). A quantized token embedding
 (`QuantEmbedding`, e.g. a GGUF file's Q8_0 table) dequantizes the rows it looks up, and as the tied LM head runs
@@ -116,7 +117,8 @@ class QuantLinear(nn.Module):
     @property
     def kernel_ready(self) -> bool:
         """Whether torch's int4 CPU kernel can run this layer (module docstring)."""
-        return self.bits == 4 and self.group_size in KERNEL_GROUPS and self.codes.device.type == "cpu"
+        shape_ok = self.group_size in KERNEL_GROUPS and self.out_features % 16 == 0  # the kernel's tiles
+        return self.bits == 4 and shape_ok and self.codes.device.type == "cpu"
 
     def nbytes(self) -> int:
         """Bytes of the quantized weight: codes, scales and offsets (not the bias)."""
