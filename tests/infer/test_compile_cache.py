@@ -248,7 +248,7 @@ def test_the_cli_keeps_compilations_in_the_user_cache_unless_turned_off(monkeypa
             store.report("reused the compilation saved in X")
         return iter(())
 
-    monkeypatch.setattr(cli, "load_model_for_cli", lambda path, dtype, adapter=None: (None, None))
+    monkeypatch.setattr(cli, "load_model_for_cli", lambda path, dtype, adapter=None, quantized=False: (None, None))
     monkeypatch.setattr(gen, "generate", fake_generate)
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     args = ["generate", "model.gguf", "--prompt", "Hi", "--compile"]
