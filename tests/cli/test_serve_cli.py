@@ -11,28 +11,13 @@ from typer.testing import CliRunner
 
 import lmforge
 from lmforge.cli import app
-from lmforge.config import ModelConfig
 from lmforge.finetune.adapter_files import save_adapter
 from lmforge.finetune.lora import LoraConfig, add_adapter
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.transformer import Transformer
-from lmforge.tokenizer import train_bpe
 
 runner = CliRunner()
 PROMPT = [5, 9, 14, 3, 27, 8]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    text = "To be, or not to be, that is the question. " * 40
-    tok = train_bpe(texts=[text], vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], progress=False)
-    tok.eos_token = "<|im_end|>"
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128))
-    path = tmp_path_factory.mktemp("model")
-    lmforge.save(model, path, tokenizer=tok)
-    return path
 
 
 def lora_dir(model_dir, path, seed: int, **config):
