@@ -128,7 +128,7 @@ def test_quantized_load_gives_the_float_loads_logits(tmp_path, tok, qtype, arch)
 
 
 def test_quantized_flag_needs_a_gguf_file(tmp_path):
-    with pytest.raises(ValueError, match="not a GGUF file"):
+    with pytest.raises(ValueError, match="holds a float model"):
         lmforge.load(tmp_path, quantized=True)
 
 

@@ -101,7 +101,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _open_weights(path: Path) -> dict[str, SafetensorsFile]:
+def open_weights(path: Path) -> dict[str, SafetensorsFile]:
     """Checkpoint tensor name -> the file holding it (every header validated by SafetensorsFile)."""
     index = path / INDEX
     if index.is_file():
@@ -132,7 +132,7 @@ def read_model(path: str | Path, **overrides: Any) -> tuple[ModelConfig, dict[st
     size counts against the tensors present (`hf_arch.check_structure`). Returns (config, name -> file)."""
     path = Path(path)
     cfg = config_from_hf(read_config(path), where=str(path / "config.json")).replace(**overrides)
-    sources = _open_weights(path)
+    sources = open_weights(path)
     stored = _canonical(cfg.arch, sources)
     check_structure(cfg, {c: sources[n].shape(n) for c, n in stored.items()}, str(path / "config.json"))
     return cfg, sources
@@ -200,13 +200,25 @@ def save_hf(
     model: Transformer, path: str | Path, shard_bytes: int = SHARD_BYTES, tokenizer: Any | None = None
 ) -> None:
     """Write `config.json` and safetensors weights (sharded with an index above `shard_bytes`), and the
-    tokenizer's files when given. The directory is replaced whole (`atomic_directory`): a reader, or a process
-    killed mid-save, sees the old model or the new one, never a mix; other files already in it are kept, and
-    the old version's weight files and index are not."""
+    tokenizer's files when given (`write_model_directory`)."""
     tensors = hf_state_dict(model)
+    write_model_directory(path, tensors, hf_config(model, tensors), shard_bytes=shard_bytes, tokenizer=tokenizer)
+
+
+def hf_config(model: Transformer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The config.json of `model` as transformers reads it, its dtype that of the first of `tensors`."""
     config = config_to_hf(model.config)
     config["architectures"] = [HF_CLASSES[model.config.arch]]
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    return config
+
+
+def write_model_directory(path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], *,
+                          shard_bytes: int = SHARD_BYTES, tokenizer: Any | None = None) -> None:  # fmt: skip
+    """`config` as config.json and `tensors` as model.safetensors, or shards listed in an index above
+    `shard_bytes`, and the tokenizer's files when given. The directory is replaced whole (`atomic_directory`): a
+    reader, or a process killed mid-save, sees the old model or the new one, never a mix; other files already in
+    it are kept, and the old version's weight files and index are not."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

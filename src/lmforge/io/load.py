@@ -29,17 +29,27 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     runtime = {name: overrides.pop(name) for name in RuntimeOptions.names() if name in overrides}
-    quantized = overrides.pop("quantized", False)
+    quantized = overrides.pop("quantized", None)
     tokenizer = None
     if path.is_file() and path.suffix == ".gguf":
         from lmforge.io.gguf_model import load_gguf_model
 
-        model = load_gguf_model(path, dtype=dtype, quantized=quantized, **overrides)
+        model = load_gguf_model(path, dtype=dtype, quantized=bool(quantized), **overrides)
         tokenizer = load_tokenizer(path)
     else:
-        if quantized:
-            raise ValueError(f"{path}: quantized=True keeps a GGUF file's quantized weights; this is not a GGUF file")
-        model = load_hf(path, dtype=dtype, **overrides)
+        from lmforge.io.quantized import is_quantized_directory, load_quantized
+
+        if is_quantized_directory(path):
+            model = load_quantized(path, dtype=dtype, **overrides)
+            if quantized is False:
+                from lmforge.quant.modules import dequantize_model
+
+                dequantize_model(model, dtype)
+        elif quantized:
+            raise ValueError(f"{path}: quantized=True keeps a GGUF file's or a quantized model directory's "
+                             "quantized weights; this directory holds a float model")  # fmt: skip
+        else:
+            model = load_hf(path, dtype=dtype, **overrides)
         with contextlib.suppress(FileNotFoundError):
             tokenizer = load_tokenizer(path)
     _set_runtime(model, runtime)

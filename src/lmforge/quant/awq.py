@@ -78,10 +78,11 @@ from lmforge.model.cache import AttentionInputs
 from lmforge.model.mlp import MLP
 from lmforge.model.moe import ExpertLinear
 from lmforge.model.norm import LayerNorm, RMSNorm
-from lmforge.model.surgery import Where
+from lmforge.model.surgery import Where, swap_modules
 from lmforge.model.transformer import Block
 from lmforge.quant.calibration import for_each_block
 from lmforge.quant.primitives import QuantError, top_code
+from lmforge.quant.weight_only import QuantLinear
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -126,6 +127,12 @@ def pseudo_quantize(w: Tensor, bits: int = 4, group_size: int | None = 128) -> T
     range to hold 0 (so 0.0 is exact) and do not floor it, AWQ takes the group's own [min, max], floors max - min at
     1e-5 and clamps the zero point into 0..L (a group of one sign then clips at its far end, as AWQ's does); they
     also divide in float32, this in w's dtype promoted to float32 (float64 stays float64, the tests' reference)."""
+    q, step, zero = _grid_codes(w, bits, group_size)
+    return ((q - zero) * step).reshape(w.shape).to(w.dtype)
+
+
+def _grid_codes(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, Δ, z) of `pseudo_quantize` in the working dtype: q (rows · groups, g), Δ and z (rows · groups, 1)."""
     _check_bits_group(bits, group_size)
     if w.dim() != 2:
         raise QuantError(f"AWQ: pseudo_quantize takes a 2-D weight (out, in), got shape {tuple(w.shape)}")
@@ -135,8 +142,17 @@ def pseudo_quantize(w: Tensor, bits: int = 4, group_size: int | None = 128) -> T
     lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
     step = (hi - lo).clamp(min=RANGE_FLOOR) / top
     zero = (-torch.round(lo / step)).clamp(0, top)
-    q = torch.clamp(torch.round(rows / step) + zero, 0, top)
-    return ((q - zero) * step).reshape(w.shape).to(w.dtype)
+    return torch.clamp(torch.round(rows / step) + zero, 0, top), step, zero
+
+
+def packed_linear(linear: nn.Linear, bits: int = 4, group_size: int | None = 128) -> QuantLinear:
+    """`linear`'s Q(W) (module doc) as a `QuantLinear` holding AWQ's codes, steps and zero points (4 or 8 bits)."""
+    if bits not in (4, 8):
+        raise QuantError(f"AWQ: a packed layer holds 4- or 8-bit codes, not bits={bits}")
+    q, step, zero = _grid_codes(linear.weight, bits, group_size)
+    out, g = linear.out_features, group_size or linear.in_features
+    return QuantLinear.from_codes(q.view(out, -1).to(torch.uint8), step.view(out, -1).float(),
+                                  zero.view(out, -1).to(torch.uint8), linear.bias, bits=bits, group_size=g)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- scale search
@@ -412,13 +428,16 @@ def _attention_output(attn: nn.Module, inputs: AttentionInputs, h: Tensor) -> Te
 def awq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, group_size: int | None = 128,
                        n_grid: int = N_GRID, where: Where = "blocks.*", clip: bool = True,
                        max_shrink: float = MAX_SHRINK, n_sample_token: int = N_SAMPLE_TOKEN, batch_size: int = 8,
-                       progress: bool = True) -> AWQResult:  # fmt: skip
+                       progress: bool = True, pack: bool = False) -> AWQResult:  # fmt: skip
     """AWQ on an lmforge Transformer, in place: per block, search and fold the activation-aware scales, search and
     apply the clips, then write the pseudo-quantized weights Q(W) into the `nn.Linear`s that `where` selects
     (patterns or a predicate over module names, as in `model.surgery`; default: every projection in the blocks).
     `windows` (n, T) are calibration token ids (`quant.calibration.calibration_windows`). The model stays float
-    (fake quantization); packing the codes is another step. Unsupported layers raise `QuantError` before any work."""
+    (fake quantization), or with `pack` each quantized linear becomes its `QuantLinear` (`packed_linear`; 4 or 8
+    bits). Unsupported layers and options raise `QuantError` before any work."""
     _check_bits_group(bits, group_size)
+    if pack and bits not in (4, 8):
+        raise QuantError(f"AWQ: packed layers hold 4- or 8-bit codes, not bits={bits}")
     if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
         raise QuantError(f"AWQ: n_grid={n_grid!r} must be a positive integer")
     if n_sample_token < 1 or not 0 < max_shrink <= 1:
@@ -467,7 +486,10 @@ def awq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, grou
         for rel in sorted(names):
             linear = block.get_submodule(rel)
             with torch.no_grad():
-                linear.weight.copy_(pseudo_quantize(linear.weight, **options))
+                if pack:
+                    swap_modules(block, lambda n, _, r=rel: n == r, lambda _, old: packed_linear(old, **options))
+                else:
+                    linear.weight.copy_(pseudo_quantize(linear.weight, **options))
             result.quantized.append(f"blocks.{i}.{rel}")
 
     for_each_block(model, windows, process, batch_size=batch_size, progress=progress)

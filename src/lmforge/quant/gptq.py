@@ -74,10 +74,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmforge.model.surgery import Where
+from lmforge.model.surgery import Where, swap_modules
 from lmforge.quant.calibration import for_each_block, run_block
 from lmforge.quant.nf4 import linear_where
 from lmforge.quant.primitives import QuantError, top_code
+from lmforge.quant.weight_only import QuantLinear
 
 BITS = range(2, 9)
 _TINY = torch.finfo(torch.float32).tiny  # floor of a scale before dividing by it (as primitives)
@@ -120,6 +121,17 @@ class GPTQResult:
     weight: Tensor  # (out, in) the dequantized Q, (code - z) · s, in the dtype of the weight given
     loss: float  # Σ (w_i - q_i)² / (2 [H_F⁻¹]_ii) = ½ tr((W - Q) H (W - Q)ᵀ) with the damped H
     bits: int
+
+    def packed(self, bias: Tensor | None = None) -> QuantLinear:
+        """These codes as a `QuantLinear` (4 or 8 bits, groups of consecutive columns: g_idx[c] = c // g, which
+        act-order keeps with static groups)."""
+        groups = self.scale.shape[1]
+        size = self.codes.shape[1] // groups
+        _check(self.bits in (4, 8), f"GPTQ: a QuantLinear holds 4- or 8-bit codes, not bits={self.bits}")
+        _check(torch.equal(self.g_idx, torch.arange(self.codes.shape[1]) // size), "GPTQ: act-order without "
+               "static_groups permutes the groups; pack with static_groups=True (g_idx = column // group_size)")
+        return QuantLinear.from_codes(self.codes, self.scale.float(), self.zero_point, bias, bits=self.bits,
+                                      group_size=size)  # fmt: skip
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """(code - z) · s from codes, scales and g_idx (equal to `weight`), in `dtype` (default: weight's)."""
@@ -294,9 +306,11 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size:
 def gptq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, group_size: int | None = 128,
                         damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                         static_groups: bool = False, symmetric: bool = False, where: Where = "blocks.*",
-                        batch_size: int = 8, progress: bool = True) -> dict[str, GPTQResult]:  # fmt: skip
+                        batch_size: int = 8, progress: bool = True,
+                        pack: bool = False) -> dict[str, GPTQResult]:  # fmt: skip
     """Quantize, in place, every `nn.Linear` that `where` selects inside `model.blocks` with GPTQ calibrated on the
-    token `windows` (n, T), block by block (module doc); each linear's weight becomes its dequantized Q.
+    token `windows` (n, T), block by block (module doc); each linear's weight becomes its dequantized Q, or with
+    `pack` the linear becomes its `QuantLinear` (`GPTQResult.packed`: 4 or 8 bits; act-order with static groups).
 
     Per block: forward hooks on its selected linears accumulate their input Hessians while the block runs its inputs
     `batch_size` windows at a time; then each linear is quantized (`gptq_quantize`, same options) and written back.
@@ -307,6 +321,10 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, gro
     from tqdm.auto import tqdm
 
     _check_options(bits, group_size, damp, block_size, static_groups)
+    if pack:
+        _check(bits in (4, 8), f"GPTQ: packed layers hold 4- or 8-bit codes, not bits={bits}")
+        _check(static_groups or not act_order or group_size in (None, -1), "GPTQ: packing act-order needs "
+               "static_groups (groups of consecutive columns)")  # fmt: skip
     select = linear_where(where)
     names = {id(m): n for n, m in model.named_modules() if select(n, m)}
     in_blocks = {id(m) for m in model.blocks.modules()}
@@ -335,7 +353,11 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, *, bits: int = 4, gro
         bar = tqdm(layers.items(), desc=f"GPTQ block {i}", unit="linear", leave=False, disable=not progress)
         for name, linear in bar:
             result = gptq_quantize(linear.weight, accumulators.pop(name).hessian, **options)
-            linear.weight.copy_(result.weight)
+            if pack:
+                rel = name.removeprefix(f"blocks.{i}.")
+                swap_modules(block, lambda n, _, r=rel: n == r, lambda _, old, r=result: r.packed(old.bias))
+            else:
+                linear.weight.copy_(result.weight)
             results[name] = result
             bar.set_postfix(layer=name.rsplit(".", 1)[-1], loss=f"{result.loss:.3g}")
 

@@ -41,6 +41,8 @@ so adapters on earlier layers train. `quantize_model_llm_int8` swaps it in for a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,6 +50,7 @@ from torch import Tensor, nn
 from lmforge.configfile import check_finite
 from lmforge.model.surgery import Swap, Where, swap_modules
 from lmforge.quant.nf4 import linear_where
+from lmforge.utils.dtypes import dtype_name, dtype_named
 
 DEFAULT_THRESHOLD = 6.0  # τ: the paper's and bitsandbytes' outlier threshold for inference
 INT8_MAX = 127
@@ -156,6 +159,16 @@ class Int8Linear(nn.Module):
         """Quantize `linear`'s weight row-wise (keeping no reference to `linear`)."""
         codes, absmax, _ = vectorwise_quantize(linear.weight)
         return cls(codes, absmax, linear.bias, threshold, linear.weight.dtype)
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer from its state dict besides the tensors (`from_state`; quant/modules.py)."""
+        return {"threshold": self.threshold, "weight_dtype": dtype_name(self.weight_dtype)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], spec: dict[str, Any]) -> Int8Linear:
+        """The layer whose `state_dict()` is `state` and whose `spec()` is `spec` (a saved model's)."""
+        return cls(state["codes"], state["absmax"], state.get("bias"), spec["threshold"],
+                   dtype_named(spec["weight_dtype"]))  # fmt: skip
 
     @property
     def weight(self) -> Tensor:

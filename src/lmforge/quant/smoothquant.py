@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,7 @@ from lmforge.quant.calibration import for_each_block
 from lmforge.quant.llm_int8 import int8_matmul
 from lmforge.quant.nf4 import linear_where
 from lmforge.quant.primitives import QuantError, RangeObserver, dequantize_codes, qmax, symmetric_codes
+from lmforge.utils.dtypes import dtype_name, dtype_named
 
 DEFAULT_ALPHA = 0.5
 SCALE_FLOOR = 1e-5  # the reference's floor of the weight absmax and of s
@@ -298,6 +300,16 @@ class W8A8Linear(nn.Module):
         codes = symmetric_codes(w, scale[:, None], 8)
         return cls(codes, scale, linear.bias, activations=activations, input_scale=input_scale,
                    weight_dtype=w.dtype)  # fmt: skip
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer from its state dict besides the tensors (`from_state`; quant/modules.py)."""
+        return {"activations": self.activations, "weight_dtype": dtype_name(self.weight_dtype)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], spec: dict[str, Any]) -> W8A8Linear:
+        """The layer whose `state_dict()` is `state` and whose `spec()` is `spec` (a saved model's)."""
+        return cls(state["codes"], state["weight_scale"], state.get("bias"), activations=spec["activations"],
+                   input_scale=state.get("input_scale"), weight_dtype=dtype_named(spec["weight_dtype"]))  # fmt: skip
 
     @property
     def weight(self) -> Tensor:

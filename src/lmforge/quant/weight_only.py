@@ -36,6 +36,8 @@ the product as a `QuantLinear` (`project`), so a tied head never exists in float
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -62,6 +64,7 @@ class QuantLinear(nn.Module):
         bits: int,
         signed: bool = True,
         group_size: int,
+        packed: bool = False,
     ) -> None:
         super().__init__()
         if bits not in (4, 8):
@@ -69,6 +72,7 @@ class QuantLinear(nn.Module):
         if codes.dim() != 2:
             raise QuantError(f"QuantLinear takes (out, in) codes, got shape {tuple(codes.shape)}")
         out_features, in_features = codes.shape
+        in_features *= 2 if packed and bits == 4 else 1
         if group_size < 1 or in_features % group_size:
             raise QuantError(f"group_size={group_size} must divide the {in_features} input features")
         groups = (out_features, in_features // group_size)
@@ -80,14 +84,36 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.signed = signed
         byte = torch.int8 if signed else torch.uint8
-        packed = codes.to(byte) if bits == 8 else pack_int4(codes).view(out_features, in_features // 2)
-        self.register_buffer("codes", packed)
+        if packed:  # stored bytes, as `codes` holds them (a saved layer's state)
+            codes = codes.to(byte if bits == 8 else torch.uint8)
+        else:
+            codes = codes.to(byte) if bits == 8 else pack_int4(codes).view(out_features, in_features // 2)
+        self.register_buffer("codes", codes)
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("offset", None if offset is None else offset.float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         # the int4 kernel's weight and (scales, zeros), derived (not saved): set by `use_kernel`
         self.register_buffer("kernel_weight", None, persistent=False)
         self.register_buffer("kernel_scales", None, persistent=False)
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero_point: Tensor | None = None, bias: Tensor | None = None,
+                   *, bits: int, group_size: int) -> QuantLinear:  # fmt: skip
+        """A layer from the zero-point form W = (q - z) s of GPTQ, AWQ and `quant.primitives`: unsigned codes with
+        integer zero points z (stored as the offset m = -s z, so W = s q + m, equal to (q - z) s within one float32
+        rounding), or signed codes with no zero point (W = s q exactly)."""
+        offset = None if zero_point is None else -(scale.float() * zero_point.float())
+        return cls(codes, scale, offset, bias, bits=bits, signed=zero_point is None, group_size=group_size)
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer from its state dict besides the tensors (`from_state`; quant/modules.py)."""
+        return {"bits": self.bits, "signed": self.signed, "group_size": self.group_size}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], spec: dict[str, Any]) -> QuantLinear:
+        """The layer whose `state_dict()` is `state` and whose `spec()` is `spec` (a saved model's)."""
+        return cls(state["codes"], state["scale"], state.get("offset"), state.get("bias"), bits=spec["bits"],
+                   signed=spec["signed"], group_size=spec["group_size"], packed=True)  # fmt: skip
 
     @property
     def kernel(self) -> bool:
