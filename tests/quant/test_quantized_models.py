@@ -80,7 +80,7 @@ def test_rtn_model_swaps_every_projection_and_refuses_bad_options_first():
     plain = tiny()
     with pytest.raises(QuantError, match="not bits=3"):
         rtn_quantize_model(plain, bits=3)
-    with pytest.raises(QuantError, match="group_size=48 does not divide blocks.0.attn.q_proj's 64"):
+    with pytest.raises(QuantError, match=r"group_size=48 does not divide blocks\.0\.attn\.q_proj's 64"):
         rtn_quantize_model(plain, group_size=48)
     assert not quantized_layers(plain)  # nothing changed
 

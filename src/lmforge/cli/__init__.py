@@ -9,6 +9,7 @@
     finetune.py   `lmforge finetune` (finetune/run.py)
     speedrun.py   `lmforge speedrun` (train/speedrun.py)
     serve.py      `lmforge serve` (engine/server.py: the OpenAI-compatible HTTP server)
+    quantize.py   `lmforge quantize` (quant/methods.py)
 
 Every command is wrapped in `errors.reports_errors`: a user's mistake (a bad flag value, a missing path, a broken
 model or tokenizer file) prints one `error:` line naming the flag or the file, and exits 1. No library module
@@ -29,6 +30,7 @@ from lmforge.cli.export import export_command
 from lmforge.cli.finetune import finetune_command
 from lmforge.cli.generate import chat_command, generate_command
 from lmforge.cli.model import info_command, init_command
+from lmforge.cli.quantize import quantize_command
 from lmforge.cli.serve import serve_command
 from lmforge.cli.speedrun import speedrun_command
 from lmforge.cli.tokenizer import app as tokenizer_app
@@ -44,7 +46,8 @@ console = Console()
 app.add_typer(tokenizer_app, name="tokenizer")
 for name, command in (("generate", generate_command), ("chat", chat_command), ("export", export_command),
                       ("train", train_command), ("speedrun", speedrun_command), ("info", info_command),
-                      ("init", init_command), ("serve", serve_command), ("finetune", finetune_command)):  # fmt: skip
+                      ("init", init_command), ("serve", serve_command), ("finetune", finetune_command),
+                      ("quantize", quantize_command)):  # fmt: skip
     app.command(name)(reports_errors(command))
 
 

@@ -60,8 +60,8 @@ def load_model_for_cli(
     path: Path, dtype: str, adapter: Path | None = None, quantized: bool = False
 ) -> tuple[Any, Any]:
     """The model (in `dtype`, one of DTYPES, with `adapter`: LoRA merged into its weights; `quantized`: a GGUF
-    file's quantized weights kept so, on the int4 kernel) and its tokenizer; a model without a tokenizer is
-    refused."""
+    file's quantized weights kept so; the 4-bit layers of a quantized model on the int4 kernel) and its tokenizer;
+    a model without a tokenizer is refused."""
     import torch
 
     import lmforge
@@ -69,16 +69,19 @@ def load_model_for_cli(
 
     if dtype not in DTYPES:
         raise fail(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    if quantized and path.suffix != ".gguf":
-        raise fail(f"--quantized: {path} is not a GGUF file (it keeps a GGUF file's quantized weights)")
+    from lmforge.io.quantized import is_quantized_directory
+    from lmforge.quant.modules import quantized_layers
+    from lmforge.quant.weight_only import use_kernel
+
+    if quantized and path.suffix != ".gguf" and not is_quantized_directory(path):
+        raise fail(f"--quantized: {path} is not a GGUF file (it keeps a GGUF file's quantized weights; a model "
+                   "`lmforge quantize` wrote runs quantized without it)")  # fmt: skip
     options = {"quantized": True} if quantized else {}
     model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype), adapter=adapter, **options)
     if tokenizer is None:
         raise fail(f"{path}: has no tokenizer")
-    if quantized:
-        from lmforge.quant.weight_only import use_kernel
-
-        use_kernel(model)
+    if use_kernel(model) or quantized_layers(model):  # a quantized model: its 4-bit layers on the int4 kernel
+        return model, tokenizer  # an adapter stays unmerged (merging would round it into the codes)
     return merge_and_unload(model), tokenizer
 
 

@@ -10,7 +10,8 @@ adapted model then costs nothing extra); unmerging subtracts it back.
 
 QLoRA (Dettmers et al. 2023) is the same on a base whose W is stored in 4-bit NF4 (`quant.nf4.NF4Linear`,
 dequantized into bf16 at each forward), with float32 adapters: the frozen model's memory drops about 7x while the
-adapters train in full precision. Such a base is not merged into (4 bits would round the update away).
+adapters train in full precision. Such a base is not merged into (4 bits would round the update away). The same
+holds on any quantized base `lmforge quantize` writes or a GGUF file loads (QuantLinear, Int8Linear, W8A8Linear).
 
 rsLoRA (Kalajdzievski 2023): s = alpha / sqrt(r), which keeps the update's scale stable as r grows.
 
@@ -50,7 +51,10 @@ from torch import Tensor, nn
 from lmforge.configfile import check, check_finite, check_positive
 from lmforge.model.moe import ExpertLinear
 from lmforge.model.surgery import Where, swap_modules
+from lmforge.quant.llm_int8 import Int8Linear
 from lmforge.quant.nf4 import NF4Linear
+from lmforge.quant.smoothquant import W8A8Linear
+from lmforge.quant.weight_only import QuantLinear
 from lmforge.utils.errors import LmforgeError
 
 __all__ = [
@@ -142,14 +146,18 @@ def row_norm(weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(weight.float(), dim=-1).to(weight.dtype)
 
 
+QUANTIZED_BASES = (NF4Linear, QuantLinear, Int8Linear, W8A8Linear)  # frozen bases whose weight is codes
+
+
 class LoRALayer(nn.Module):
-    """A frozen `base` (nn.Linear, ExpertLinear, or QLoRA's NF4Linear) plus named adapters, `active` one of them or
-    None."""
+    """A frozen `base` (nn.Linear, ExpertLinear, or a quantized linear: QLoRA's NF4Linear, `lmforge quantize`'s
+    layers) plus named adapters, `active` one of them or None."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear | ExpertLinear | NF4Linear):
-            raise LoRAError(f"LoRA wraps nn.Linear, ExpertLinear and NF4Linear modules, not {type(base).__name__}")
+        if not isinstance(base, nn.Linear | ExpertLinear | QUANTIZED_BASES):
+            raise LoRAError(f"LoRA wraps nn.Linear, ExpertLinear and quantized linear modules, not "
+                            f"{type(base).__name__}")  # fmt: skip
         self.base = base
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
@@ -201,9 +209,10 @@ class LoRALayer(nn.Module):
             raise LoRAError(f"adapter {self.merged!r} is merged already; unmerge it first")
         if self.active is None:
             raise LoRAError("no active adapter to merge")
-        if isinstance(self.base, NF4Linear):
-            raise LoRAError("an adapter is not merged into a 4-bit (NF4) base, which would round it away: load "
-                            "the float model with the adapter (lmforge.load(base, adapter=DIR)) and merge that")
+        if isinstance(self.base, QUANTIZED_BASES):
+            raise LoRAError(f"an adapter is not merged into a quantized base ({type(self.base).__name__}), which "
+                            "would round it away: load the float model with the adapter (lmforge.load(base, "
+                            "adapter=DIR, quantized=False)) and merge that")  # fmt: skip
         adapter = self.adapters[self.active]
         with torch.no_grad():
             w = self.base_weight
@@ -260,7 +269,7 @@ def add_adapter(
         layer = old if isinstance(old, LoRALayer) else LoRALayer(old)
         if layer.base_weight.dim() not in (2, 3):
             raise LoRAError(f"{module_name}: a weight of shape {tuple(layer.base_weight.shape)} is not a linear map")
-        quantized = isinstance(layer.base, NF4Linear)  # QLoRA: float32 adapters on the bf16-computed 4-bit base
+        quantized = isinstance(layer.base, QUANTIZED_BASES)  # QLoRA: float32 adapters on a quantized base
         layer.adapters[name] = LoRAAdapter(layer.base_weight, config, torch.float32 if quantized else None)
         return layer.train(old.training)  # a new module trains by default; follow the model's mode
 
