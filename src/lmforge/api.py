@@ -49,8 +49,8 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:
 
 def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = None, qtype: str = "f16") -> None:
     """Write `model` (and `tokenizer`, if given) as a Hugging Face directory that `transformers` loads,
-    or, when `path` ends in `.gguf`, as one GGUF file (`qtype`: f32, f16, q8_0, q4_0 or q4_1; a tokenizer is
-    required) that llama.cpp, transformers and `lmforge.load` read. A model holding quantized layers
+    or, when `path` ends in `.gguf`, as one GGUF file (`qtype`: f32, f16, q8_0, q5_0, q4_0, q4_1 or q4_k; a
+    tokenizer is required) that llama.cpp, transformers and `lmforge.load` read. A model holding quantized layers
     (`lmforge quantize`, a GGUF file loaded quantized) is written as it is held, in lmforge's quantized layout
     (io/quantized.py, which `lmforge.load` reads back bit for bit), or dequantized into the GGUF `qtype`."""
     if str(path).endswith(".gguf"):

@@ -337,7 +337,7 @@ def test_writer_rejects_bad_input_atomically(tmp_path):
     path = tmp_path / "bad.gguf"
     x = np.zeros((2, 32), np.float32)
     cases = [
-        ({}, {"t": (x, "Q5_0")}, "not supported"),
+        ({}, {"t": (x, "Q5_1")}, "not supported"),
         ({}, {"t": (np.zeros((2, 48), np.float32), "Q8_0")}, "multiple"),
         ({}, {"x" * 64: (x, "F32")}, "longer"),
         ({"k": GGUFValue(300, GGUFValueType.UINT8)}, {}, "out of range"),

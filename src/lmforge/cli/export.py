@@ -17,7 +17,9 @@ console = Console()
 def export_command(
     model: Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")],
     out: Annotated[Path, typer.Argument(help="The GGUF file to write.")],
-    qtype: Annotated[str, typer.Option(help="Type of the weight matrices: f32, f16, q8_0, q4_0 or q4_1.")] = "f16",
+    qtype: Annotated[
+        str, typer.Option(help="Type of the weight matrices: f32, f16, q8_0, q5_0, q4_0, q4_1 or q4_k.")
+    ] = "f16",
 ) -> None:
     """Export a model and its tokenizer as GGUF (llama.cpp's format; llama, qwen2 and qwen3 models)."""
     import lmforge

@@ -5,7 +5,8 @@ Metadata written (`{arch}` = llama, qwen2 or qwen3, the `ModelConfig.arch`; inte
 floats as f32, the types llama.cpp checks):
 
     general.architecture = arch    general.name    general.quantization_version = 2
-    general.file_type             0 F32, 1 F16, 7 Q8_0, 2 Q4_0 (llama.cpp's `llama_ftype`)
+    general.file_type             0 F32, 1 F16, 7 Q8_0, 2 Q4_0, 3 Q4_1, 8 Q5_0, 14 Q4_K (Q4_K_S)
+                                  (llama.cpp's `llama_ftype`)
     {arch}.vocab_size <- vocab_size                 {arch}.context_length <- max_seq_len
     {arch}.embedding_length <- d_model              {arch}.block_count <- n_layers
     {arch}.feed_forward_length <- d_ff              {arch}.rope.freq_base <- rope_theta
@@ -37,8 +38,9 @@ Tensors (lmforge parameter -> GGUF name; PyTorch's (out, in) row-major bytes are
     blocks.N.attn.{q,k}_norm -> blk.N.attn_{q,k}_norm   blocks.N.mlp.{gate,up,down}_proj -> blk.N.ffn_*
 
 Types, as llama.cpp's converter: 1-D tensors (norms, biases) are always F32; every matrix,
-token_embd included, gets the requested type; a matrix whose rows are not a whole number of
-32-weight blocks falls back to F16.
+token_embd included, gets the requested type; a matrix whose rows are not whole blocks of it
+falls back as llama.cpp's quantizer does (llama-quant.cpp): Q4_K (256-weight blocks) to Q5_0,
+and to F16 where the rows are not whole 32-weight blocks either.
 
 For `llama`, the rows of q and k are permuted per head, row j·d/2 + i -> row 2i + j, so that
 llama.cpp's RoPE over adjacent pairs equals the "half" rotation of the model (llama.cpp's
@@ -64,6 +66,7 @@ from lmforge.config import ModelConfig
 from lmforge.io.gguf import GGUFValue, GGUFValueType, write_gguf
 from lmforge.io.gguf_model import _BLOCK_NAMES, _TOP_NAMES, ARCHES, config_from_gguf
 from lmforge.io.gguf_quants import QK, GGMLType
+from lmforge.quant.modules import dense_state_dict
 from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.formats import bytes_to_unicode
 from lmforge.tokenizer.gguf_vocab import QWEN2_PATTERN
@@ -76,14 +79,19 @@ if TYPE_CHECKING:
 
 __all__ = ["FILE_TYPES", "PRE_NAMES", "QTYPES", "gguf_metadata", "gguf_tensors", "save_gguf"]
 
-QTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0,
-          "q4_1": GGMLType.Q4_1}
-FILE_TYPES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q4_1: 3, GGMLType.Q8_0: 7}  # llama_ftype
+QTYPES = {
+    "f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1,
+    "q5_0": GGMLType.Q5_0, "q4_k": GGMLType.Q4_K,
+}  # fmt: skip
+FILE_TYPES = {  # llama_ftype (14: LLAMA_FTYPE_MOSTLY_Q4_K_S)
+    GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q4_1: 3, GGMLType.Q8_0: 7, GGMLType.Q5_0: 8,
+    GGMLType.Q4_K: 14,
+}  # fmt: skip
+FALLBACKS = {GGMLType.Q4_K: GGMLType.Q5_0}  # llama-quant.cpp's `tensor_type_fallback`, for rows of whole 32-blocks
 PRE_NAMES = {GPT2_PATTERN: "gpt-2", LLAMA3_PATTERN: "llama-bpe", DIGITS_GPT2_PATTERN: "smollm", QWEN2_PATTERN: "qwen2"}
 NORMAL, CONTROL, UNUSED = 1, 3, 5
 _GGUF_NAME = {v: k for k, v in {**_TOP_NAMES, **{f"@.{k}": f"@.{v}" for k, v in _BLOCK_NAMES.items()}}.items()}
 _U32, _F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-
 
 
 class GGUFExportError(LmforgeError):
@@ -194,19 +202,22 @@ def gguf_name(ours: str) -> str | None:
 
 
 def tensor_type(shape: tuple[int, ...], qtype: GGMLType) -> GGMLType:
-    """llama.cpp's choice: F32 for 1-D tensors; F16 for matrices whose rows are not whole blocks."""
+    """llama.cpp's choice: F32 for 1-D tensors; for matrices whose rows are not whole blocks of `qtype`, its
+    fallback (Q4_K -> Q5_0) when the rows are whole 32-weight blocks, else F16."""
     if len(shape) < 2:
         return GGMLType.F32
-    if qtype.block_size > 1 and shape[-1] % QK:
-        return GGMLType.F16
-    return qtype
+    if shape[-1] % qtype.block_size == 0:
+        return qtype
+    if qtype in FALLBACKS and shape[-1] % QK == 0:
+        return FALLBACKS[qtype]
+    return GGMLType.F16
 
 
 def gguf_tensors(model: Transformer, qtype: str | GGMLType = "f16") -> dict[str, tuple[torch.Tensor, GGMLType]]:
     """GGUF name -> (float32 weights in GGUF row order, ggml type), in llama.cpp's order."""
     gtype, cfg = _qtype(qtype), model.config
     out: dict[str, tuple[torch.Tensor, GGMLType]] = {}
-    state = model.state_dict()
+    state = dense_state_dict(model)  # a quantized layer's weight dequantized, then quantized to `qtype`
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     last = ("norm.weight", "lm_head.weight")  # llama.cpp's order: token_embd, the blocks, output_norm, output
@@ -344,7 +355,7 @@ def save_gguf(
 ) -> Path:
     """Write `model` and `tokenizer` as one GGUF file (atomically) and return its path.
 
-    `qtype` is f32, f16, q8_0, q4_0 or q4_1 for the matrices (1-D tensors stay F32). `name` is
+    `qtype` is f32, f16, q8_0, q4_0, q4_1, q5_0 or q4_k for the matrices (1-D tensors stay F32). `name` is
     general.name (default: the file's stem). `lmforge.load(path)` gives back the model (weights
     rounded through `qtype`) and the tokenizer.
     """

@@ -49,11 +49,20 @@ The float arithmetic below is done in float32 in the same order as ggml's refere
 (e.g. `(d * sc) * q - (dmin * m)`: two products then a difference), so results are
 bit-identical to llama.cpp's `dequantize_row_*` and to `gguf.quants.dequantize`.
 
-Quantizers (F32, F16, BF16, Q8_0, Q4_0, Q4_1) follow `quantize_row_*_ref` in ggml-quants.c:
+Quantizers (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K) follow `quantize_row_*_ref` in ggml-quants.c:
 
 - Q8_0: `d = max|x| / 127`, `q = roundf(x / d)` (round half away from zero, via `x * (1/d)`).
 - Q4_0: `d = x[argmax |x|] / -8` (signed; the first index on ties), `q = min(15, trunc(x * (1/d) + 8.5))`.
 - Q4_1: `d = (max x - min x) / 15`, `m = min x`, `q = min(15, trunc((x - m) * (1/d) + 0.5))` (m in float32).
+- Q5_0: `d = x[argmax |x|] / -16`, `q = min(31, trunc(x * (1/d) + 16.5))`.
+- Q4_K: each 32-weight sub-block is fitted as `x ≈ s * q - m` (`make_qkx2_quants`, q in 0..15, m >= 0) under
+  weights `w = sqrt(Σx²/32) + |x|`: with `lo = min(min x, 0)`, start from `q = nearest(15 (x - lo) / (max x - lo))`,
+  `s = (max x - lo) / 15`; then for k = 0..20 code `q = clamp(nearest((14 + k/10) (x - lo) / (max x - lo)), 0, 15)`,
+  solve the weighted least squares for (s, lo) (`lo > 0`: `lo = 0`, `s = Σwqx / Σwq²`) and keep it, as the new
+  `lo` too, when `Σw (s q + lo - x)²` is lower. The super-block stores `d = f16(max s / 63)` and 6-bit
+  `sc = min(63, nearest(63 s / max s))` (likewise `dmin` and `m` from the mins `-lo`), and each weight is coded
+  again with them: `q = clamp(nearest((x + dmin * m) / (d * sc)), 0, 15)` (where `d * sc = 0` the fit's q stay).
+  `nearest` is ggml's `nearest_int` (round half to even, from the bits of `v + 1.5·2^23`); sums run in C's order.
 - F16: IEEE round-to-nearest-even; BF16: round-to-nearest-even with NaN kept quiet.
 """
 
@@ -314,7 +323,6 @@ _DEQUANT = {
 }  # fmt: skip
 
 DEQUANTIZABLE = frozenset(_DEQUANT) | frozenset(PLAIN_DTYPES)
-QUANTIZABLE = frozenset({GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1}) | frozenset(PLAIN_DTYPES)
 
 
 def _bytes_to_elements(shape: tuple[int, ...], qtype: GGMLType) -> tuple[int, ...]:
@@ -399,12 +407,26 @@ def _q_q8_0(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _signed_absmax(x: np.ndarray) -> np.ndarray:
+    """The signed value of max |x| per block, (n, 1); the first index on ties."""
+    return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+
+
 def _q_q4_0(x: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape[0], dtype=LAYOUTS[GGMLType.Q4_0])
-    peak = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)  # signed value of max |x|
-    d = peak / _F32(-8)
+    d = _signed_absmax(x) / _F32(-8)
     q = np.minimum(np.trunc(x * _inverse(d) + _F32(8.5)).astype(np.uint8), 15)
     out["qs"] = q[:, :16] | (q[:, 16:] << 4)
+    out["d"] = _f16_bytes(d[:, 0])
+    return out
+
+
+def _q_q5_0(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=LAYOUTS[GGMLType.Q5_0])
+    d = _signed_absmax(x) / _F32(-16)
+    q = np.minimum(np.trunc(x * _inverse(d) + _F32(16.5)).astype(np.uint8), 31)
+    out["qs"] = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    out["qh"] = np.packbits(q >> 4, axis=1, bitorder="little")  # bit i of the u32 = bit 4 of weight i
     out["d"] = _f16_bytes(d[:, 0])
     return out
 
@@ -419,12 +441,112 @@ def _q_q4_1(x: np.ndarray) -> np.ndarray:
     return out
 
 
+# Q4_K: ggml's `make_qkx2_quants` and `quantize_row_q4_K_ref`. The sub-blocks lie in columns, (32, n): weight i of
+# every sub-block is one contiguous row, so a C loop over i (its float32 sums, in their order) is a loop over rows.
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's `nearest_int`: the low 23 bits of the float32 v + 1.5·2^23, less 2^22 (round half to even for
+    |v| < 2^22; what C computes for any other v, inf and nan included)."""
+    return ((v + _F32(12582912)).view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def _ordered_sum(terms: np.ndarray) -> np.ndarray:
+    """Sum over the rows, first to last, as the C loop adds (np.sum may pair terms up, which rounds differently)."""
+    total = terms[0].copy()
+    for row in terms[1:]:
+        total += row
+    return total
+
+
+def _affine_codes(iscale: np.ndarray, x: np.ndarray, lo: np.ndarray, nmax: int) -> np.ndarray:
+    """clamp(nearest_int(iscale · (x - lo)), 0, nmax) as float32."""
+    return np.clip(_nearest_int(iscale * (x - lo)), 0, nmax).astype(_F32)
+
+
+def _weighted_error(w: np.ndarray, x: np.ndarray, scale: np.ndarray, lo: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """sum_i w_i (scale · q_i + lo - x_i)^2."""
+    diff = scale * codes + lo - x
+    return _ordered_sum(w * (diff * diff))
+
+
+def _make_qkx2_quants(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sub-blocks x, weights w (32, n) -> scale (n,), min (n,) and codes (32, n) with x ≈ scale · q - min.
+
+    A trial fit replaces the best only when its error compares lower, so a nan scale or min is never kept."""
+    lo, hi = np.minimum(x.min(axis=0), 0), x.max(axis=0)
+    flat = hi == lo  # all weights equal lo: codes 0, scale 0
+    sum_w, sum_x = _ordered_sum(w), _ordered_sum(w * x)
+    iscale = _F32(nmax) / (hi - lo)
+    scale = np.where(flat, _F32(0), _F32(1) / iscale)
+    codes = np.where(flat, _F32(0), _affine_codes(iscale, x, lo, nmax))
+    best = _weighted_error(w, x, scale, lo, codes)
+    for step in range(nstep + 1):
+        iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax)) / (hi - lo)  # lo: the best fit so far
+        trial = _affine_codes(iscale, x, lo, nmax)
+        wq = w * trial
+        sum_q, sum_q2, sum_xq = _ordered_sum(wq), _ordered_sum(wq * trial), _ordered_sum(wq * x)
+        det = sum_w * sum_q2 - sum_q * sum_q
+        trial_scale = (sum_w * sum_xq - sum_x * sum_q) / det
+        trial_lo = (sum_q2 * sum_x - sum_q * sum_xq) / det
+        positive = trial_lo > 0
+        trial_scale = np.where(positive, sum_xq / sum_q2, trial_scale)
+        trial_lo = np.where(positive, _F32(0), trial_lo)
+        error = _weighted_error(w, x, trial_scale, trial_lo, trial)
+        better = ~flat & (det > 0) & (error < best)
+        codes, best = np.where(better, trial, codes), np.where(better, error, best)
+        scale, lo = np.where(better, trial_scale, scale), np.where(better, trial_lo, lo)
+    return scale, -lo, codes
+
+
+def _six_bit(values: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """min(63, (uint8) nearest_int(63 / top · v)) per sub-block; 0 where top <= 0."""
+    inv = np.where(top > 0, _F32(63) / top, _F32(0))[:, None]
+    return np.minimum(_nearest_int(inv * values) & 0xFF, 63).astype(np.uint8)
+
+
+def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """8 6-bit scales and mins (n, 8) -> 12 bytes: the inverse of `_k_scales_mins`."""
+    low_sc = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    low_mn = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    return np.concatenate([low_sc, low_mn, (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)], axis=1)
+
+
+def _q_q4_k(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    out = np.empty(n, dtype=LAYOUTS[GGMLType.Q4_K])
+    subs = np.ascontiguousarray(x.reshape(n * 8, 32).T)  # (32, 8n), sub-block 8b + s of super-block b
+    av_x = np.sqrt(_ordered_sum(subs * subs) / _F32(32))
+    scales, mins, codes = _make_qkx2_quants(subs, av_x + np.abs(subs), 15, -1.0, 0.1, 20)
+    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+    max_scale, max_min = np.maximum(scales.max(axis=1), 0), np.maximum(mins.max(axis=1), 0)
+    sc, mn = _six_bit(scales, max_scale), _six_bit(mins, max_min)
+    out["d"], out["dmin"] = _f16_bytes(max_scale / _F32(63)), _f16_bytes(max_min / _F32(63))
+    out["scales"] = _pack_k_scales(sc, mn)
+    sub_d = (_scale(out["d"]) * sc.astype(_F32)).reshape(-1)  # the stored scales, as the dequantization forms them
+    sub_m = (_scale(out["dmin"]) * mn.astype(_F32)).reshape(-1)
+    requantized = np.clip(_nearest_int((subs + sub_m) / sub_d), 0, 15).astype(_F32)
+    codes = np.where(sub_d != 0, requantized, codes).astype(np.uint8)  # a zero scale keeps the fit's codes
+    q = codes.T.reshape(n, 4, 2, 32)
+    out["qs"] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+    return out
+
+
 def _q_bf16(x: np.ndarray) -> np.ndarray:
     bits = x.view(np.uint32)
     is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
     rounded = (bits.astype(np.uint64) + (0x7FFF + ((bits >> 16) & 1))) >> 16
     quiet_nan = (bits >> 16) | 0x40
     return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
+
+
+_QUANT = {
+    GGMLType.Q8_0: _q_q8_0, GGMLType.Q4_0: _q_q4_0, GGMLType.Q4_1: _q_q4_1, GGMLType.Q5_0: _q_q5_0,
+    GGMLType.Q4_K: _q_q4_k,
+}  # fmt: skip
+QUANTIZABLE = frozenset(_QUANT) | frozenset(PLAIN_DTYPES)
 
 
 def quantize(x: np.ndarray, qtype: GGMLType | str) -> np.ndarray:
@@ -451,10 +573,11 @@ def quantize(x: np.ndarray, qtype: GGMLType | str) -> np.ndarray:
     flat = np.ascontiguousarray(x, dtype=_F32).reshape(-1, bs)
     if not np.isfinite(flat).all():
         raise ValueError(f"{qtype.name}: cannot quantize non-finite values")
-    fn = {GGMLType.Q8_0: _q_q8_0, GGMLType.Q4_0: _q_q4_0, GGMLType.Q4_1: _q_q4_1}[qtype]
+    fn = _QUANT[qtype]
     out = np.empty(flat.shape[0], dtype=LAYOUTS[qtype])
     step = max(1, _TARGET_CHUNK // bs)
-    with np.errstate(over="ignore", invalid="ignore"):  # 1/d overflows for subnormal scales, as in ggml
+    # 1/d overflows for subnormal scales, and a zero range divides by zero: the results are ggml's
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for start in range(0, flat.shape[0], step):
             out[start : start + step] = fn(flat[start : start + step])
     return out.view(np.uint8).reshape(*shape[:-1], shape[-1] // bs * ts)
