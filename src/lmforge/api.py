@@ -20,9 +20,13 @@ def load(
     """Load a model directory and return `(model, tokenizer)`.
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
-    it has them; the tokenizer is None when it has none) or a GGUF file (llama.cpp; weights are
-    dequantized to float32, or with `quantized=True` the blocks' Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K linear weights
-    stay quantized: `lmforge.quant.weight_only`). `dtype` casts floating-point weights. `adapter` is a PEFT
+    it has them; the tokenizer is None when it has none), a directory `lmforge quantize` wrote (its quantized
+    layers kept: `lmforge.io.quantized`), or a GGUF file (llama.cpp). A GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K /
+    Q6_K matrices stay quantized (`lmforge.quant.weight_only`: the same logits as the dequantized model, bit for
+    bit; `use_kernel(model)` runs the 4-bit ones on torch's int4 CPU kernel) unless a float `dtype` is asked for,
+    which dequantizes every weight into it. `quantized=False` dequantizes a quantized model into `dtype` (default
+    float32); `quantized=True` keeps it quantized whatever `dtype` (which then casts the other float tensors).
+    `dtype` casts floating-point weights. `adapter` is a PEFT
     adapter directory (adapter_config.json + adapter_model.safetensors, from `lmforge finetune` or `peft`): a
     LoRA / rsLoRA / DoRA adapter is added as the active adapter "default" (`lmforge.finetune.lora`:
     `merge_and_unload` folds it into the weights), a prompt or prefix as `model.embed` / `model.prefix_encoder`

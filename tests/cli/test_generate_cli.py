@@ -94,4 +94,4 @@ def test_generate_quantized_keeps_a_gguf_files_weights_quantized(model_dir, tmp_
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(want)
     bad = runner.invoke(app, ["generate", str(model_dir), "--prompt", "x", "--quantized"])
-    assert bad.exit_code == 1 and "holds a float model" in " ".join(bad.stderr.split())
+    assert bad.exit_code == 1 and "is not a GGUF file" in " ".join(bad.stderr.split())

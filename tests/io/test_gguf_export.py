@@ -20,6 +20,7 @@ from lmforge.config import ModelConfig
 from lmforge.io.gguf_export import GGUFExportError, gguf_tensors, permute_rope_rows, save_gguf
 from lmforge.io.gguf_model import unpermute_rope_rows
 from lmforge.model.transformer import Transformer
+from lmforge.quant.modules import dense_state_dict
 from lmforge.tokenizer.bpe import Tokenizer, train_bpe
 from lmforge.tokenizer.gguf_vocab import QWEN2_PATTERN
 from lmforge.tokenizer.pretokenize import GPT2_PATTERN, LLAMA3_PATTERN, SplitRule
@@ -90,7 +91,7 @@ def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_quantization_error(back: Transformer, model: Transformer, qtype: str, ids: torch.Tensor) -> None:
     """`back` (read from a `qtype` file) differs from `model` by no more than `qtype`'s rounding."""
-    mine, theirs = back.state_dict(), model.state_dict()
+    mine, theirs = dense_state_dict(back), model.state_dict()  # a GGUF file loads quantized: its dequantized weights
     names = [n for n, t in theirs.items() if t.dim() == 2]
     weights = relative_rms(torch.cat([mine[n].ravel() for n in names]), torch.cat([theirs[n].ravel() for n in names]))
     assert weights <= WEIGHT_ERROR[qtype], (qtype, weights)

@@ -9,6 +9,7 @@
     finetune.py   `lmforge finetune` (finetune/run.py)
     speedrun.py   `lmforge speedrun` (train/speedrun.py)
     serve.py      `lmforge serve` (engine/server.py: the OpenAI-compatible HTTP server)
+    eval.py       `lmforge eval ppl` (eval/perplexity.py: llama.cpp's perplexity)
     quantize.py   `lmforge quantize` (quant/methods.py)
 
 Every command is wrapped in `errors.reports_errors`: a user's mistake (a bad flag value, a missing path, a broken
@@ -26,6 +27,7 @@ from rich.console import Console
 
 import lmforge
 from lmforge.cli.errors import fail, reports_errors
+from lmforge.cli.eval import app as eval_app
 from lmforge.cli.export import export_command
 from lmforge.cli.finetune import finetune_command
 from lmforge.cli.generate import chat_command, generate_command
@@ -44,6 +46,7 @@ app = typer.Typer(
 )
 console = Console()
 app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(eval_app, name="eval")
 for name, command in (("generate", generate_command), ("chat", chat_command), ("export", export_command),
                       ("train", train_command), ("speedrun", speedrun_command), ("info", info_command),
                       ("init", init_command), ("serve", serve_command), ("finetune", finetune_command),

@@ -44,7 +44,11 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest s
 MinP = Annotated[float, typer.Option(help="Drop tokens below min_p times the top probability.")]
 RepetitionPenalty = Annotated[float, typer.Option(help="CTRL-style penalty on tokens already seen (1: off).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed in [0, 2**64), for reproducible sampling.")]
-DType = Annotated[str, typer.Option(help="Weights' dtype: " + ", ".join(DTYPES) + ".")]
+DType = Annotated[
+    str | None,
+    typer.Option(help="Weights' dtype: " + ", ".join(DTYPES) + " (default: a GGUF file or a quantized model as "
+                 "stored, quantized; other models float32)."),
+]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
 Compile = Annotated[
     bool,
@@ -57,27 +61,29 @@ Compile = Annotated[
 
 
 def load_model_for_cli(
-    path: Path, dtype: str, adapter: Path | None = None, quantized: bool = False
+    path: Path, dtype: str | None, adapter: Path | None = None, quantized: bool = False
 ) -> tuple[Any, Any]:
-    """The model (in `dtype`, one of DTYPES, with `adapter`: LoRA merged into its weights; `quantized`: a GGUF
-    file's quantized weights kept so; the 4-bit layers of a quantized model on the int4 kernel) and its tokenizer;
-    a model without a tokenizer is refused."""
+    """The model and its tokenizer (a model without one is refused): in `dtype` (one of DTYPES; None: a GGUF file or
+    a `lmforge quantize` directory as stored, quantized, and any other model in float32), with `adapter` (LoRA
+    merged into a float model's weights, kept unmerged on a quantized one); `quantized` keeps a GGUF file's
+    quantized weights whatever `dtype`. The 4-bit layers of a quantized model run on the int4 kernel."""
     import torch
 
     import lmforge
     from lmforge.finetune.lora import merge_and_unload
-
-    if dtype not in DTYPES:
-        raise fail(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     from lmforge.io.quantized import is_quantized_directory
     from lmforge.quant.modules import quantized_layers
     from lmforge.quant.weight_only import use_kernel
 
-    if quantized and path.suffix != ".gguf" and not is_quantized_directory(path):
+    if dtype is not None and dtype not in DTYPES:
+        raise fail(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    stored_quantized = path.suffix == ".gguf" or is_quantized_directory(path)
+    if quantized and not stored_quantized:
         raise fail(f"--quantized: {path} is not a GGUF file (it keeps a GGUF file's quantized weights; a model "
                    "`lmforge quantize` wrote runs quantized without it)")  # fmt: skip
     options = {"quantized": True} if quantized else {}
-    model, tokenizer = lmforge.load(path, dtype=getattr(torch, dtype), adapter=adapter, **options)
+    torch_dtype = getattr(torch, dtype) if dtype is not None else None if stored_quantized else torch.float32
+    model, tokenizer = lmforge.load(path, dtype=torch_dtype, adapter=adapter, **options)
     if tokenizer is None:
         raise fail(f"{path}: has no tokenizer")
     if use_kernel(model) or quantized_layers(model):  # a quantized model: its 4-bit layers on the int4 kernel
@@ -155,7 +161,7 @@ def generate_command(
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
     stop: Stop = None,
-    dtype: DType = "float32",
+    dtype: DType = None,
     compile: Compile = False,
     adapter: Adapter = None,
     quantized: Quantized = False,
@@ -178,7 +184,7 @@ def chat_command(
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
     seed: Seed = None,
-    dtype: DType = "float32",
+    dtype: DType = None,
     compile: Compile = False,
     adapter: Adapter = None,
     quantized: Quantized = False,

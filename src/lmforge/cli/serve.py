@@ -52,7 +52,7 @@ def serve_command(
     swap_space_gib: Annotated[
         float, typer.Option(min=0, help="Host memory (GiB) preempted requests swap their KV blocks to (0: recompute).")
     ] = 4.0,
-    dtype: DType = "float32",
+    dtype: DType = None,
     compile: Annotated[
         bool, typer.Option(help="Compile the decode step: one graph per batch-size bucket (a slower start).")
     ] = False,

@@ -36,7 +36,8 @@ class LLM:
 
     `engine_options` are `Engine`'s (max_num_seqs, max_model_len, block_size, num_blocks, max_num_batched_tokens,
     enable_prefix_caching, kv_cache_gib, swap_space_gib, speculative_config, compile), passed on unchanged; `dtype`
-    casts the model's weights."""
+    casts the model's weights. A path loads as `lmforge.load` does (a GGUF file kept quantized unless a float
+    `dtype` is given), its 4-bit layers on the int4 CPU kernel."""
 
     def __init__(
         self,
@@ -47,7 +48,10 @@ class LLM:
         **engine_options: Any,
     ) -> None:
         if isinstance(model, str | Path):
+            from lmforge.quant.weight_only import use_kernel
+
             model, found = loading.load_model(model, dtype)
+            use_kernel(model)  # a quantized file's 4-bit layers on torch's int4 CPU kernel
             tokenizer = tokenizer or found
         elif dtype is not None:
             model = model.to(dtype)

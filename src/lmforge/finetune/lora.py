@@ -155,7 +155,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear | ExpertLinear | QUANTIZED_BASES):
+        if not isinstance(base, (nn.Linear, ExpertLinear, *QUANTIZED_BASES)):
             raise LoRAError(f"LoRA wraps nn.Linear, ExpertLinear and quantized linear modules, not "
                             f"{type(base).__name__}")  # fmt: skip
         self.base = base
@@ -210,9 +210,10 @@ class LoRALayer(nn.Module):
         if self.active is None:
             raise LoRAError("no active adapter to merge")
         if isinstance(self.base, QUANTIZED_BASES):
-            raise LoRAError(f"an adapter is not merged into a quantized base ({type(self.base).__name__}), which "
-                            "would round it away: load the float model with the adapter (lmforge.load(base, "
-                            "adapter=DIR, quantized=False)) and merge that")  # fmt: skip
+            bits = getattr(self.base, "bits", 4 if isinstance(self.base, NF4Linear) else 8)
+            raise LoRAError(f"an adapter is not merged into a quantized base ({type(self.base).__name__}, {bits}-bit "
+                            "codes), which would round it away: load the float model with the adapter "
+                            "(lmforge.load(base, adapter=DIR, quantized=False)) and merge that")  # fmt: skip
         adapter = self.adapters[self.active]
         with torch.no_grad():
             w = self.base_weight

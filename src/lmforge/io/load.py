@@ -34,7 +34,8 @@ def load_model(
     if path.is_file() and path.suffix == ".gguf":
         from lmforge.io.gguf_model import load_gguf_model
 
-        model = load_gguf_model(path, dtype=dtype, quantized=bool(quantized), **overrides)
+        keep = dtype is None if quantized is None else quantized  # quantized unless a float dtype is asked for
+        model = load_gguf_model(path, dtype=dtype, quantized=keep, **overrides)
         tokenizer = load_tokenizer(path)
     else:
         from lmforge.io.quantized import is_quantized_directory, load_quantized
