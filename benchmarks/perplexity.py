@@ -42,7 +42,7 @@ from lmforge.eval.perplexity import (
 def lmforge_model(path: Path, quantized: bool) -> tuple[torch.nn.Module, object]:
     """The model as `lmforge eval ppl` loads it: float32, or (`quantized`) the GGUF's blocks on the int4 kernel."""
     if not quantized:
-        return lmforge.load(path)
+        return lmforge.load(path, dtype=torch.float32)
     from lmforge.quant.weight_only import use_kernel
 
     model, tok = lmforge.load(path, quantized=True)

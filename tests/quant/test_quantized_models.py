@@ -221,3 +221,22 @@ def test_broken_quantized_directories_name_what_is_wrong(tmp_path, tok):
         {"blocks.9.attn.q_proj": q["layers"]["blocks.0.attn.q_proj"]}))
     assert "missing tensor 'blocks.0.attn.q_proj.weight' (1 missing, 3 unexpected)" in broken(lambda q: q["layers"].pop(
         "blocks.0.attn.q_proj"))
+
+
+def test_per_row_int8_layers_run_torchs_int8_kernel():
+    """absmax int8 with one scale per row (`int8`) on `_weight_int8pack_mm` (bfloat16 activations: the exact
+    path's result within bfloat16 rounding); 4-bit layers take the int4 kernel and grouped 8-bit ones the exact path."""
+    from lmforge.quant.weight_only import use_kernel
+
+    model = tiny()
+    rtn_quantize_model(model, bits=8, group_size=None, symmetric=True, where="blocks.0.*")
+    rtn_quantize_model(model, bits=8, group_size=32, where="blocks.1.attn.*")
+    rtn_quantize_model(model, bits=4, group_size=32, where="blocks.1.mlp.*")
+    want = logits(model, IDS)
+    assert use_kernel(model) == 7 + 3
+    assert not model.blocks[1].attn.q_proj.kernel and model.blocks[0].attn.q_proj.kernel
+    layer = model.blocks[0].mlp.up_proj
+    x = torch.randn(5, layer.in_features)
+    exact = x @ layer.weight.t()
+    assert ((layer(x) - exact).norm() / exact.norm()).item() < 1e-2
+    assert ((logits(model, IDS) - want).norm() / want.norm()).item() < 2e-2

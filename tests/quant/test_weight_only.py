@@ -49,7 +49,7 @@ def test_gguf_blocks_are_the_dequantized_weight_bit_for_bit(qtype):
     assert torch.equal(layer.weight, want)
     x = torch.randn(3, 512)
     assert torch.equal(layer(x), x @ want.t())
-    bits = {GGMLType.Q8_0: 8, GGMLType.Q6_K: 8}.get(qtype, 4)
+    bits = {GGMLType.Q8_0: 8, GGMLType.Q5_0: 8, GGMLType.Q6_K: 8}.get(qtype, 4)
     assert layer.nbytes() == 8 * 512 * bits // 8 + layer.scale.numel() * 4 * (1 + (blocks.offset is not None))
 
 
@@ -91,8 +91,8 @@ def test_bad_layouts_are_refused():
         QuantLinear(codes, scale, bits=8, group_size=48)
     with pytest.raises(QuantError, match=r"scale has shape \(4, 2\); \(4, 4\) expected"):
         QuantLinear(codes, scale, bits=8, group_size=16)
-    with pytest.raises(NotImplementedError, match="Q5_0 is not kept quantized"):
-        affine_blocks(np.zeros((1, 22), np.uint8), "q5_0")
+    with pytest.raises(NotImplementedError, match="Q5_1 is not kept quantized"):
+        affine_blocks(np.zeros((1, 24), np.uint8), "q5_1")
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ Adapter = Annotated[
 ]
 Quantized = Annotated[
     bool,
-    typer.Option(help="Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K weights quantized (4-bit layers on "
+    typer.Option(help="Keep a GGUF file's Q8_0 / Q5_0 / Q4_0 / Q4_1 / Q4_K / Q6_K weights quantized (4-bit layers on "
                  "torch's int4 CPU kernel; with --compile about 2x float32's decode speed) instead of dequantizing "
                  "them to float32."),
 ]

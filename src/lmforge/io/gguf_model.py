@@ -192,12 +192,12 @@ def our_name(name: str) -> str | None:
 
 
 def load_gguf_model(
-    path: str | Path, dtype: torch.dtype | None = None, *, quantized: bool = False, **overrides: Any
+    path: str | Path | GGUFFile, dtype: torch.dtype | None = None, *, quantized: bool = False, **overrides: Any
 ) -> Transformer:
     """Load the model in a GGUF file: dequantized to float32, then cast to `dtype`; with `quantized`, the linear
-    weights and the token embedding in Q8_0, Q4_0, Q4_1, Q4_K or Q6_K stay quantized (`quant.weight_only`: the same
-    weights bit for bit) and only the rest is dequantized."""
-    gguf = GGUFFile(path)
+    weights and the token embedding in Q8_0, Q5_0, Q4_0, Q4_1, Q4_K or Q6_K stay quantized (`quant.weight_only`: the
+    same weights bit for bit) and only the rest is dequantized. `path` may be an open `GGUFFile`."""
+    gguf = path if isinstance(path, GGUFFile) else GGUFFile(path)  # an open file: read once with its tokenizer
     cfg = config_from_gguf(gguf).replace(**overrides)
     check_structure(gguf, cfg)
     with torch.device("meta"):

@@ -609,7 +609,8 @@ def _nibble_codes(qs: np.ndarray) -> np.ndarray:
 
 
 def affine_blocks(data: np.ndarray, qtype: GGMLType | str) -> AffineBlocks:
-    """The codes, scales and offsets of stored bytes (rows, row_bytes) of a Q8_0, Q4_0, Q4_1, Q4_K or Q6_K tensor."""
+    """The codes, scales and offsets of stored bytes (rows, row_bytes) of a Q8_0, Q5_0, Q4_0, Q4_1, Q4_K or Q6_K
+    tensor."""
     qtype = GGMLType.parse(qtype)
     if qtype not in AFFINE:
         raise NotImplementedError(f"{qtype.name} is not kept quantized; supported: {', '.join(t.name for t in AFFINE)}")
@@ -623,6 +624,9 @@ def affine_blocks(data: np.ndarray, qtype: GGMLType | str) -> AffineBlocks:
         group, bits, signed = QK, 4, True
     elif qtype == GGMLType.Q4_1:
         codes, scale, offset, group, bits, signed = _nibble_codes(b["qs"]), _scale(b["d"]), _scale(b["m"]), QK, 4, False
+    elif qtype == GGMLType.Q5_0:  # 5-bit codes held in 8 (Q4_K's fallback for rows that are not 256-multiples)
+        codes, scale, offset = _q5_codes(b).view(np.int8) - np.int8(16), _scale(b["d"]), None
+        group, bits, signed = QK, 8, True
     elif qtype == GGMLType.Q4_K:
         sc, mn = _k_scales_mins(b["scales"])
         codes, group, bits, signed = _four_bit_k_codes(b["qs"]), 32, 4, False
@@ -638,4 +642,4 @@ def affine_blocks(data: np.ndarray, qtype: GGMLType | str) -> AffineBlocks:
     return AffineBlocks(shaped[0].astype(np.int8, copy=False), shaped[1], shaped[2], group, bits, signed)
 
 
-AFFINE = frozenset({GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K})
+AFFINE = frozenset({GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K})

@@ -32,11 +32,13 @@ def load_model(
     quantized = overrides.pop("quantized", None)
     tokenizer = None
     if path.is_file() and path.suffix == ".gguf":
+        from lmforge.io.gguf import GGUFFile
         from lmforge.io.gguf_model import load_gguf_model
 
+        gguf = GGUFFile(path)  # parsed once, for the tokenizer and the model
+        tokenizer = _gguf_tokenizer(gguf)
         keep = dtype is None if quantized is None else quantized  # quantized unless a float dtype is asked for
-        model = load_gguf_model(path, dtype=dtype, quantized=keep, **overrides)
-        tokenizer = load_tokenizer(path)
+        model = load_gguf_model(gguf, dtype=dtype, quantized=keep, **overrides)
     else:
         from lmforge.io.quantized import is_quantized_directory, load_quantized
 
@@ -74,10 +76,16 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:
 
     if Path(path).suffix == ".gguf" and Path(path).is_file():
         from lmforge.io.gguf import GGUFFile
-        from lmforge.tokenizer.gguf_vocab import tokenizer_from_gguf
 
         with GGUFFile(path) as gguf:
-            tok = tokenizer_from_gguf(gguf.metadata, str(path))
-        tok.source = str(path)
-        return tok
+            return _gguf_tokenizer(gguf)
     return load_any(path, **kwargs)
+
+
+def _gguf_tokenizer(gguf: Any) -> BaseTokenizer:
+    """The tokenizer of an open `GGUFFile`."""
+    from lmforge.tokenizer.gguf_vocab import tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(gguf.metadata, str(gguf.path))
+    tok.source = str(gguf.path)
+    return tok

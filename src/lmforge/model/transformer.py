@@ -74,7 +74,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, self.runtime) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        if self.embed.weight.device.type != "meta":  # a loader builds on meta and assigns the checkpoint's tensors
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: matrices N(0, 0.02), residual output projections N(0, 0.02/sqrt(2L)),

@@ -11,6 +11,7 @@ q is 8-bit (int8 -128..127, or uint8 0..255 unsigned), or 4-bit, packed two per 
 point z is the offset m = -s z (s (q - z) = s q - s z); llama.cpp's blocks map on exactly (io/gguf_quants.py):
 
     Q8_0   G = 32   int8 q = qs                    s = d
+    Q5_0   G = 32   int8 q = code - 16 (5 bits)    s = d
     Q4_0   G = 32   signed 4-bit q = code - 8      s = d
     Q4_1   G = 32   unsigned 4-bit q = code        s = d,        m = m
     Q4_K   G = 32   unsigned 4-bit q               s = d · sc,   m = -(dmin · mn)     (the 6-bit sub-block scales)
@@ -19,7 +20,7 @@ point z is the offset m = -s z (s (q - z) = s q - s z); llama.cpp's blocks map o
 with the float products formed as ggml forms them and the dequantized weight computed as one product and one sum
 in float32, so `weight` is bit-identical to llama.cpp's dequantization (and to the float model lmforge loads).
 
-Forward, y = x Wᵀ + b, by one of two paths:
+Forward, y = x Wᵀ + b, by one of three paths:
 
     dequantize   W in x's dtype from the codes at each call, then one matmul: exact (the float model's products
                  on the same weights); under torch.compile the dequantization fuses into the matmul's reads
@@ -28,8 +29,11 @@ Forward, y = x Wᵀ + b, by one of two paths:
                  q' the unsigned code (a signed code + 8), s' = s and z' = m + 8 s (unsigned) or m (signed),
                  activations and s', z' in bfloat16 (its fast path), the result cast back; the weight is repacked
                  into the kernel's layout once
+    int8 kernel  (signed 8-bit, one scale per row: G = in, no offset, CPU) torch's int8 weight-only CPU matmul
+                 (`_weight_int8pack_mm`): y_o = s_o Σ_i q_oi x_i, x and s in bfloat16 (its fast path: in float32
+                 it runs ~10x slower than the exact path), the codes used as they are held
 
-`use_kernel(model)` switches every layer that can to the kernel (default: dequantize). A quantized token embedding
+`use_kernel(model)` switches every layer that can to a kernel (default: dequantize). A quantized token embedding
 (`QuantEmbedding`, e.g. a GGUF file's Q8_0 table) dequantizes the rows it looks up, and as the tied LM head runs
 the product as a `QuantLinear` (`project`), so a tied head never exists in float.
 """
@@ -117,7 +121,7 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel(self) -> bool:
-        """Whether the forward runs torch's int4 CPU kernel (module docstring); set it with `use_kernel`."""
+        """Whether the forward runs one of torch's CPU kernels (module docstring); set it with `use_kernel`."""
         return self.kernel_weight is not None
 
     def unpacked(self) -> Tensor:
@@ -142,9 +146,12 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel_ready(self) -> bool:
-        """Whether torch's int4 CPU kernel can run this layer (module docstring)."""
-        shape_ok = self.group_size in KERNEL_GROUPS and self.out_features % 16 == 0  # the kernel's tiles
-        return self.bits == 4 and shape_ok and self.codes.device.type == "cpu"
+        """Whether torch's int4 or int8 CPU kernel can run this layer (module docstring)."""
+        if self.codes.device.type != "cpu":
+            return False
+        if self.bits == 8:
+            return self.signed and self.offset is None and self.group_size == self.in_features
+        return self.group_size in KERNEL_GROUPS and self.out_features % 16 == 0  # the int4 kernel's tiles
 
     def nbytes(self) -> int:
         """Bytes of the quantized weight: codes, scales and offsets (not the bias)."""
@@ -155,19 +162,27 @@ class QuantLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return matvec(x, self.dequantize(x.dtype), bias)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.kernel_weight, self.group_size, self.kernel_scales)
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.kernel_weight, self.kernel_scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.kernel_weight, self.group_size,
+                                                           self.kernel_scales)  # fmt: skip
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     @torch.no_grad()
     def set_kernel(self, on: bool) -> None:
-        """Repack the weight for torch's int4 CPU kernel (`on`; the layer must be `kernel_ready`) or drop it."""
+        """Set up torch's int4 or int8 CPU kernel (`on`; the layer must be `kernel_ready`: a 4-bit weight is
+        repacked once) or drop it."""
         if not on:
             self.kernel_weight = self.kernel_scales = None
             return
         if not self.kernel_ready:
-            raise QuantError(f"the int4 CPU kernel takes 4-bit codes in groups of {KERNEL_GROUPS} on the CPU; this "
-                             f"layer is {self.extra_repr()}")  # fmt: skip
+            raise QuantError(f"the CPU kernels take 4-bit codes in groups of {KERNEL_GROUPS} or signed 8-bit codes "
+                             f"with one scale per row, on the CPU; this layer is {self.extra_repr()}")  # fmt: skip
+        if self.bits == 8:
+            self.kernel_weight, self.kernel_scales = self.codes, self.scale[:, 0].to(torch.bfloat16).contiguous()
+            return
         q = self.unpacked().to(torch.int32) + (8 if self.signed else 0)  # the kernel's unsigned codes
         zero = torch.zeros_like(self.scale) if self.offset is None else self.offset.clone()
         if not self.signed:
@@ -213,8 +228,8 @@ class QuantEmbedding(QuantLinear):
 
 
 def use_kernel(model: nn.Module, on: bool = True) -> int:
-    """Run every `QuantLinear` of `model` that can through torch's int4 CPU kernel (`on`), or back through the exact
-    dequantize path; returns how many layers run the kernel."""
+    """Run every `QuantLinear` of `model` that can through torch's int4 or int8 CPU kernel (`on`), or back through
+    the exact dequantize path; returns how many layers run a kernel."""
     count = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
