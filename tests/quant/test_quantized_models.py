@@ -25,7 +25,6 @@ from lmforge.quant.primitives import QuantError, quantize_asymmetric, quantize_s
 from lmforge.quant.rtn import rtn_linear, rtn_quantize_model
 from lmforge.quant.smoothquant import W8A8Linear, quantize_model_smoothquant
 from lmforge.quant.weight_only import QuantLinear
-from lmforge.tokenizer.bpe import train_bpe
 
 CFG = dict(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
 PROJECTIONS = 2 * 7
@@ -127,14 +126,6 @@ def test_awq_packed_model_gives_the_fake_quantized_logits(windows):
 
 
 # ----------------------------------------------------------------------------------------------------- save, load
-
-
-@pytest.fixture(scope="module")
-def tok():
-    t = train_bpe(["to be or not to be, that is the question " * 40], vocab_size=300,
-                  special_tokens=["<|endoftext|>"], progress=False)  # fmt: skip
-    t.eos_token = "<|endoftext|>"
-    return t
 
 
 def quantized_variants(windows):

@@ -23,7 +23,6 @@ from lmforge.io.gguf_quants import AFFINE, LAYOUTS, GGMLType, affine_blocks, deq
 from lmforge.model.transformer import Transformer
 from lmforge.quant.primitives import QuantError, quantize_asymmetric, quantize_symmetric
 from lmforge.quant.weight_only import QuantEmbedding, QuantLinear, use_kernel
-from lmforge.tokenizer.bpe import train_bpe
 
 
 def random_blocks(qtype: GGMLType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -94,13 +93,6 @@ def test_bad_layouts_are_refused():
     with pytest.raises(NotImplementedError, match="Q5_1 is not kept quantized"):
         affine_blocks(np.zeros((1, 24), np.uint8), "q5_1")
 
-
-@pytest.fixture(scope="module")
-def tok():
-    t = train_bpe(["to be or not to be, that is the question " * 40], vocab_size=300,
-                  special_tokens=["<|endoftext|>"], progress=False)  # fmt: skip
-    t.eos_token = "<|endoftext|>"
-    return t
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
