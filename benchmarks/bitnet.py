@@ -8,7 +8,8 @@ token shards. The model and hyper-parameters are the speedrun's "cpu" preset (d 
 heads, d_ff 512, seq 128, batch 16, AdamW lr 3e-3, wd 0.1, betas 0.9/0.95) unless flags change them, trained
 step-driven (cosine, 5% warmup) with the shared Trainer (`train.run.build_trainer`): both runs start from the
 same initial weights (train.seed), see the same batches and evaluate on the same validation windows. The BitNet
-run swaps every linear layer under blocks.* (not the embedding or the LM head, as in the paper) before training.
+run sets `[quant] method = "bitnet"`, which swaps every linear layer under blocks.* (not the embedding or the LM
+head, as in the paper) before training (train/run.py).
 
     python benchmarks/bitnet.py [--steps 200] [--eval-every 50] [--stories 5000] [--d-model 192] [--layers 4]
                                 [--heads 6] [--kv-heads 2] [--d-ff 512] [--lr 3e-3] [--bitnet-lr LR] [--out DIR]
@@ -26,12 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from lmforge import Transformer
 from lmforge.data.shards import text_files, write_shards
 from lmforge.data.stories import write_corpus
-from lmforge.quant.bitnet import BitLinear, bitnet_model
+from lmforge.quant.bitnet import BitLinear
 from lmforge.tokenizer import train_bpe
 from lmforge.train.config import from_dict
 from lmforge.train.run import build_trainer
@@ -71,7 +70,7 @@ def prepare_data(out: Path, n_stories: int, vocab: int):
     return tok, 64 * -(-tok.vocab_size // 64), stats["bits_per_byte"]
 
 
-def config(args: argparse.Namespace, out: Path, vocab: int, lr: float):
+def config(args: argparse.Namespace, out: Path, vocab: int, lr: float, ternary: bool):
     model = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "n_kv_heads": args.kv_heads,
              "d_ff": args.d_ff}  # fmt: skip
     return from_dict({
@@ -83,19 +82,16 @@ def config(args: argparse.Namespace, out: Path, vocab: int, lr: float):
                      "min_lr_ratio": 0.1},
         "train": {"max_steps": args.steps, "eval_every": args.eval_every, "eval_steps": args.eval_steps,
                   "log_every": 10, "checkpoint_every": 0, "keep_last": 1, "out_dir": str(out), "seed": args.seed},
+        "quant": {"method": "bitnet" if ternary else "none"},
     })  # fmt: skip
 
 
 def train(args: argparse.Namespace, out: Path, tok, vocab: int, ternary: bool) -> tuple[dict[int, float], float, int]:
     """One run: ({step: validation bits/byte}, training seconds, parameters held ternary)."""
     lr = args.bitnet_lr if ternary and args.bitnet_lr is not None else args.lr
-    cfg = config(args, out, vocab, lr)
-    torch.manual_seed(cfg.train.seed)  # the initial weights build_trainer would make: the same for both runs
-    model = Transformer(cfg.model)
-    if ternary:
-        bitnet_model(model)
-    n_ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
-    trainer = build_trainer(cfg, tok, progress=False, model=model)
+    cfg = config(args, out, vocab, lr, ternary)
+    trainer = build_trainer(cfg, tok, progress=False)  # train.seed: the same initial weights for both runs
+    n_ternary = sum(m.weight.numel() for m in trainer.model.modules() if isinstance(m, BitLinear))
     start = time.perf_counter()
     trainer.fit(resume=False)
     seconds = time.perf_counter() - start
@@ -112,7 +108,7 @@ def main() -> None:
               f"entropy floor {floor:.4f} bits/byte")  # fmt: skip
         fp, fp_s, _ = train(args, root / "fp", tok, vocab, ternary=False)
         tern, tern_s, n_ternary = train(args, root / "bitnet", tok, vocab, ternary=True)
-    n_params = sum(p.numel() for p in Transformer(config(args, root / "fp", vocab, args.lr).model).parameters())
+    n_params = sum(p.numel() for p in Transformer(config(args, root / "fp", vocab, args.lr, False).model).parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, {n_ternary / 1e6:.2f}M of them ternary in the BitNet run "
           f"({n_ternary / n_params:.0%}; the rest: embedding, LM head, norms)")  # fmt: skip
     print(f"steps {args.steps}, batch {args.batch_size} x {args.seq_len}, lr {args.lr}"

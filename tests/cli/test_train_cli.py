@@ -68,6 +68,48 @@ def test_config_errors_name_the_field(shards, tmp_path):
     assert result.exit_code == 1 and "data.shards" in result.stderr
 
 
+@pytest.mark.parametrize("method", ["qat", "bitnet"])
+def test_quantization_aware_training_exports_the_weights_it_trained(shards, tmp_path, method):
+    """[quant]: the blocks' projections train as QAT (4-bit, groups of 32) or BitNet b1.58 layers over the model's
+    own parameters (the checkpoint has the plain names), and the export holds the quantized weights baked in:
+    the checkpoint's latent weights put through the same layers."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.checkpoint import load_checkpoint
+    from lmforge.train.config import load_train_config
+    from lmforge.train.run import baked
+
+    out = tmp_path / "run"
+    quant = ["--set=quant.bits=4", "--set=quant.group_size=32"] if method == "qat" else []
+    quick = ["--set=train.max_steps=10", "--set=train.eval_every=10", f"--set=quant.method={method}", *quant]
+    result = runner.invoke(app, args(shards, out, *quick))
+    assert result.exit_code == 0, result.output
+    cfg = load_train_config(out / "config.toml")
+    assert cfg.quant.method == method
+    latent = Transformer(cfg.model)
+    load_checkpoint(out / "checkpoints" / "step_00000010.pt", latent, restore_rng=False)
+    want = baked(latent, cfg.quant).state_dict()
+    exported, _ = lmforge.load(out / "hf")
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+    weight = exported.blocks[0].mlp.up_proj.weight
+    if method == "bitnet":
+        assert torch.unique(weight).numel() <= 3  # ternary: {-s, 0, s}
+    else:  # on its own 4-bit grid: fake-quantizing it again changes nothing
+        from lmforge.quant.qat import FakeQuantLinear
+
+        again = FakeQuantLinear(torch.nn.Parameter(weight.detach().clone()), bits=4, group_size=32)
+        torch.testing.assert_close(again.fake_quantized_weight().detach(), weight, rtol=1e-6, atol=1e-7)
+
+
+def test_quant_options_belong_to_their_method(shards, tmp_path):
+    result = runner.invoke(app, args(shards, tmp_path / "r", "--set=quant.method=bitnet", "--set=quant.bits=2"))
+    assert result.exit_code == 1 and "quant.bits" in result.stderr and "'qat'" in " ".join(result.stderr.split())
+    result = runner.invoke(app, args(shards, tmp_path / "r", "--set=quant.method=gptq"))
+    assert result.exit_code == 1 and "quant.method" in result.stderr
+    result = runner.invoke(app, args(shards, tmp_path / "r", "--set=quant.method=qat", "--set=quant.group_size=48"))
+    assert result.exit_code == 1 and "group_size" in result.stderr
+
+
 def losses_of(run) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
 

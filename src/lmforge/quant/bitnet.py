@@ -42,9 +42,10 @@ from torch import Tensor, nn
 from lmforge.configfile import check
 from lmforge.model.surgery import Swap, Where, swap_modules
 from lmforge.quant.nf4 import linear_where
+from lmforge.quant.qat import baked_linear
 
-__all__ = ["EPS", "BitLinear", "activation_quant", "activation_quantize", "bitnet_model", "ternary_quantize",
-           "weight_quant"]  # fmt: skip
+__all__ = ["EPS", "BitLinear", "activation_quant", "activation_quantize", "bitnet_model", "convert_bitnet",
+           "ternary_quantize", "weight_quant"]  # fmt: skip
 
 EPS = 1e-5  # the floor of γ and of a token's absmax (the reference code's clamp)
 
@@ -120,3 +121,12 @@ def bitnet_model(model: nn.Module, where: Where = "blocks.*") -> Swap:
     unchanged). Returns the `Swap` (`restore()` gives back float layers holding the latent weights). Expert
     matrices (`ExpertLinear`) are not `nn.Linear` and stay as they are."""
     return swap_modules(model, linear_where(where), lambda _, old: BitLinear.from_linear(old))
+
+
+def convert_bitnet(model: nn.Module) -> nn.Module:
+    """Replace, in place, every `BitLinear` of `model` by an `nn.Linear` whose weight is W̃ = s_W C_W (the ternary
+    weight the forward uses, baked in; bias unchanged): what an export holds. The per-token int8 activations are
+    not part of a plain linear (an inference path applies its own). Returns the model."""
+    factory = lambda _, old: baked_linear(old, weight_quant(old.weight))
+    swap_modules(model, lambda _, m: isinstance(m, BitLinear), factory)
+    return model

@@ -67,7 +67,7 @@ from lmforge.quant.primitives import (
     top_code,
 )
 
-__all__ = ["FakeQuantLinear", "convert_qat", "fake_quantize", "fake_quantize_per_token", "prepare_qat"]
+__all__ = ["FakeQuantLinear", "baked_linear", "convert_qat", "fake_quantize", "fake_quantize_per_token", "prepare_qat"]
 
 QAT_BITS = range(2, 9)  # the widths fake quantization takes (primitives stores 4 and 8: `quantized()` needs those)
 _TINY = torch.finfo(torch.float32).tiny  # primitives' floor of a scale before dividing by it
@@ -242,16 +242,17 @@ def convert_qat(model: nn.Module) -> nn.Module:
     weight, baked in; bias unchanged): the float model the QAT forward computed, without the activation fake
     quantization (an inference path applies its own). Returns the model; raises `SurgeryError` if it has none."""
 
-    def factory(_: str, old: nn.Module) -> nn.Linear:
-        assert isinstance(old, FakeQuantLinear)
-        w = old.weight
-        linear = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device=w.device,
-                           dtype=w.dtype)  # fmt: skip
-        with torch.no_grad():
-            linear.weight.copy_(old.fake_quantized_weight())
-            if old.bias is not None:
-                linear.bias.copy_(old.bias)
-        return linear
-
+    factory = lambda _, old: baked_linear(old, old.fake_quantized_weight())
     swap_modules(model, lambda _, m: isinstance(m, FakeQuantLinear), factory)
     return model
+
+
+@torch.no_grad()
+def baked_linear(layer: nn.Module, weight: Tensor) -> nn.Linear:
+    """An `nn.Linear` holding `weight` (a quantization-aware layer's effective weight) and `layer`'s bias."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
+                       dtype=layer.weight.dtype)  # fmt: skip
+    linear.weight.copy_(weight)
+    if layer.bias is not None:
+        linear.bias.copy_(layer.bias)
+    return linear

@@ -1,6 +1,6 @@
 """Training configuration: a TOML file plus dotted `--set` overrides, validated field by field.
 
-A run is described by one `TrainConfig`, made of six frozen sections; each maps to one TOML table:
+A run is described by one `TrainConfig`, made of seven frozen sections; each maps to one TOML table:
 
     [model]      a `lmforge.config.ModelConfig`: `preset` (default "tiny", "none" for the bare ModelConfig
                  defaults) plus any ModelConfig field; nested tables [model.moe], [model.mla], [model.rope_scaling]
@@ -9,6 +9,7 @@ A run is described by one `TrainConfig`, made of six frozen sections; each maps 
     [schedule]   lr schedule (see `lmforge.train.schedule.Schedule`); total_steps defaults to train.max_steps
     [train]      the loop: steps, precision, compile, losses, eval / sample / log / checkpoint cadence, out_dir
     [dist]       torch.distributed backend, strategy (DDP, FSDP2, or DDP + ZeRO-1) and FSDP2's mixed precision
+    [quant]      quantization-aware training: method "qat" (bits, group_size, activations) or "bitnet"
 
 Every field has a default, so an empty file (or no file) is a tiny CPU run. Example `run.toml`:
 
@@ -99,7 +100,8 @@ CONFIG_FILE = "config.toml"
 MAX_LR = 10.0  # a learning rate above it can only diverge
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names -> dtypes
 PRECISIONS = tuple(DTYPES)
-SCHEDULE_BY = ("step", "time")  # what drives the lr schedule and ends the run: the step count, or the clock
+SCHEDULE_BY = ("step", "time")
+QUANT_METHODS = ("none", "qat", "bitnet")  # what drives the lr schedule and ends the run: the step count, or the clock
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,6 +288,35 @@ class DistConfig:
         return {name: DTYPES[v] if (v := getattr(self, name)) else None for name in ("param_dtype", "reduce_dtype")}
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """[quant]: quantization-aware training of the blocks' projections (the embeddings and the head stay float).
+    "qat": fake-quantized weights (and optionally activations) with a straight-through estimator (quant/qat.py);
+    "bitnet": BitNet b1.58, absmean ternary weights and per-token int8 activations (quant/bitnet.py). The layers
+    train over the model's own parameters (checkpoints keep their names); the export bakes the quantized weights
+    into plain linears (train/run.py)."""
+
+    method: str = "none"  # "none", "qat" or "bitnet"
+    bits: int = 4  # qat: weight bits (2..8)
+    group_size: int | None = 128  # qat: input columns per weight scale; none: one scale per output row
+    activations: int | None = None  # qat: per-token activation bits (2..8); none: float activations
+
+    def __post_init__(self) -> None:
+        check_choice("quant.method", self.method, QUANT_METHODS)
+        check_integer("quant.bits", self.bits, 2)
+        check(self.bits <= 8, "quant.bits", self.bits, "must be in 2..8")
+        if self.group_size is not None:
+            check_integer("quant.group_size", self.group_size, 1)
+        if self.activations is not None:
+            check_integer("quant.activations", self.activations, 2)
+            check(self.activations <= 8, "quant.activations", self.activations, "must be in 2..8")
+        qat_only = {"bits": 4, "group_size": 128, "activations": None}
+        for name, default in qat_only.items():
+            value = getattr(self, name)
+            check(self.method == "qat" or value == default, f"quant.{name}", value,
+                  f"is an option of quant.method = 'qat', not {self.method!r}")  # fmt: skip
+
+
 def _tiny() -> ModelConfig:
     return PRESETS["tiny"]
 
@@ -300,6 +331,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:  # checks that span sections (or the trainer's keyword form does not have)
         self.schedule.build(self.train.max_steps)

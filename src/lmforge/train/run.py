@@ -4,9 +4,10 @@
     build_trainer   TrainConfig (+ the tokenizer data.tokenizer names) -> Trainer: token shards -> train/val
                     loaders (the global batch split over torchrun's ranks), the model's language-model objective
                     wrapped for dist.strategy, the optimizer over its parameters (sharded for zero1), the
-                    schedule; [train] goes to the Trainer whole, the rest through `TrainConfig.trainer_options`
+                    schedule; [train] goes to the Trainer whole, the rest through `TrainConfig.trainer_options`;
+                    [quant] swaps the blocks' projections for QAT or BitNet layers first (`quantization_aware`)
     export_run      the trained model -> run_dir/hf (Hugging Face) and run_dir/model.gguf (F16, when GGUF can
-                    hold it)
+                    hold it); after [quant] training, with the quantized weights baked in (`baked`)
     run_training    both, with the resolved config saved and the run resumed from its newest checkpoint: what
                     `lmforge train` runs (`lmforge.cli.train` only parses flags and prints the result)
     initial_model   `--init MODEL`: the weights a run starts from (continued pre-training): a Hugging Face
@@ -33,9 +34,11 @@ from lmforge.io.gguf_export import save_gguf
 from lmforge.io.hf import save_hf
 from lmforge.io.load import load_model, load_tokenizer
 from lmforge.model.transformer import Transformer
+from lmforge.quant.bitnet import BitLinear, bitnet_model, convert_bitnet
+from lmforge.quant.qat import FakeQuantLinear, convert_qat, prepare_qat
 from lmforge.train import distributed
 from lmforge.train.checkpoint import gather_model, latest_checkpoint, list_checkpoints, load_checkpoint
-from lmforge.train.config import CONFIG_FILE, TrainConfig, load_train_config, save_resolved
+from lmforge.train.config import CONFIG_FILE, QuantConfig, TrainConfig, load_train_config, save_resolved
 from lmforge.train.distributed import DistInfo
 from lmforge.train.objective import LanguageModelObjective
 from lmforge.train.optim import build_optimizer
@@ -93,6 +96,7 @@ def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool, model: 
 
     torch.manual_seed(loop.seed)
     model = (Transformer(cfg.model) if model is None else model).to(info.device)
+    quantization_aware(model, cfg.quant)
     strategy = cfg.dist.strategy
     objective = distributed.parallelize(LanguageModelObjective.from_loop(model, loop), strategy, info,
                                         **cfg.dist.parallel_options())  # fmt: skip
@@ -101,6 +105,24 @@ def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool, model: 
     optimizer = distributed.shard_optimizer(optimizer, strategy, info)
     return Trainer(model, optimizer, cfg.lr_schedule(), train_data, objective, loop, val_data=val_data,
                    tokenizer=tokenizer, progress=progress, dist=info, **cfg.trainer_options())  # fmt: skip
+
+
+def quantization_aware(model: Transformer, quant: QuantConfig) -> None:
+    """Swap the blocks' projections for [quant]'s training layers, over their own parameters (config.py)."""
+    if quant.method == "qat":
+        prepare_qat(model, quant.bits, quant.group_size, quant.activations)
+    elif quant.method == "bitnet":
+        bitnet_model(model)
+
+
+def baked(model: Transformer, quant: QuantConfig) -> Transformer:
+    """The model an export holds: [quant]'s quantized weights baked into plain linears (a gathered FSDP2 model,
+    plain again, is swapped first), so the exported model computes what training computed, activations aside."""
+    if quant.method == "none":
+        return model
+    if not any(isinstance(m, FakeQuantLinear | BitLinear) for m in model.modules()):
+        quantization_aware(model, quant)
+    return convert_qat(model) if quant.method == "qat" else convert_bitnet(model)
 
 
 def export_run(model: torch.nn.Module, tokenizer: Tokenizer | None, run_dir: Path) -> list[Path]:
@@ -151,5 +173,6 @@ def run_training(
         save_resolved(cfg, run_dir)
     last = trainer.fit(resume=resume)
     model = gather_model(trainer.model, lambda: Transformer(cfg.model))  # FSDP2: the shards gathered on rank 0
+    model = baked(model, cfg.quant)
     written = export_run(model, tokenizer, run_dir) if trainer.dist.is_main else []
     return TrainResult(step=trainer.step, metrics=last, written=written, dist=trainer.dist)
