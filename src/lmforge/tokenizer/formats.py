@@ -64,7 +64,7 @@ import binascii
 import json
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -129,18 +129,27 @@ class TokenizerFileError(LmforgeError):
 
 
 @cache
-def _unicode_to_bytes() -> dict[str, int]:
-    return {ch: b for b, ch in bytes_to_unicode().items()}
+def _byte_tables() -> tuple[dict[int, int], dict[int, int], re.Pattern[str]]:
+    """str.translate tables character -> byte and byte -> character, and a pattern matching a character outside
+    the alphabet: each conversion below is then one pass in C."""
+    alphabet = bytes_to_unicode()
+    outside = re.compile("[^" + "".join(re.escape(ch) for ch in alphabet.values()) + "]")
+    return {ord(ch): b for b, ch in alphabet.items()}, {b: ord(ch) for b, ch in alphabet.items()}, outside
 
 
 def _str_to_token(text: str, where: str) -> bytes:
-    table = _unicode_to_bytes()
-    try:
-        return bytes(table[ch] for ch in text)
-    except KeyError as e:
+    to_bytes, _, outside = _byte_tables()
+    bad = outside.search(text)
+    if bad is not None:
         raise TokenizerFileError(
-            f"{where}: token {text!r} is not in the byte-level alphabet (character {e.args[0]!r})"
-        ) from None
+            f"{where}: token {text!r} is not in the byte-level alphabet (character {bad.group()!r})"
+        )
+    return text.translate(to_bytes).encode("latin-1")
+
+
+def _token_to_str(token: bytes) -> str:
+    """A token's text in the byte-level alphabet (the inverse of `_str_to_token`)."""
+    return token.decode("latin-1").translate(_byte_tables()[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,19 +441,23 @@ def _byte_level_vocab(entries: Iterable[tuple[str, Any, Any]], specials: dict[st
     return vocab
 
 
-def _merge_ids(entries: Iterable[tuple[str, Any]], vocab: dict[int, bytes]) -> list[tuple[int, int]]:
-    """Merges from ``(where, merge)`` pairs, a merge "left right" or [left, right]: both parts and their
-    concatenation must be tokens of `vocab`."""
-    ids = {token: i for i, token in vocab.items()}
+def _merge_ids(merges: Sequence[Any], vocab: dict[int, bytes], where: Callable[[int], str]) -> list[tuple[int, int]]:
+    """Merges "left right" (or [left, right]) as id pairs: both parts and their concatenation must be tokens of
+    `vocab`; `where(n)` names merge n in an error. Looked up as text in the byte-level alphabet (a character per
+    byte, so the text of left + right is the concatenation of theirs): one dict lookup a part."""
+    ids = {_token_to_str(token): i for i, token in vocab.items()}
     out = []
-    for where, merge in entries:
+    for n, merge in enumerate(merges):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
-            raise TokenizerFileError(f"{where}: {merge!r} is not a pair of tokens")
-        left, right = (_str_to_token(p, where) for p in pair)
-        if left not in ids or right not in ids or left + right not in ids:
-            raise TokenizerFileError(f"{where}: {merge!r} uses or makes a token that is not in the vocab")
-        out.append((ids[left], ids[right]))
+            raise TokenizerFileError(f"{where(n)}: {merge!r} is not a pair of tokens")
+        left, right = pair
+        a, b = ids.get(left), ids.get(right)
+        if a is None or b is None or left + right not in ids:
+            for part in pair:
+                _str_to_token(part, where(n))  # a character outside the alphabet: that error
+            raise TokenizerFileError(f"{where(n)}: {merge!r} uses or makes a token that is not in the vocab")
+        out.append((a, b))
     return out
 
 
@@ -487,7 +500,7 @@ def tokenizer_from_hf(
             raise TokenizerFileError(f"{where}: {key}: expected a JSON {kind.__name__}, got {type(value).__name__}")
     specials = _added_tokens(((f"{where}: added_tokens[{n}]", e) for n, e in enumerate(added)), where)
     vocab = _byte_level_vocab(((f"{where}: model.vocab[{t!r}]", t, i) for t, i in vocab_json.items()), specials)
-    pairs = _merge_ids(((f"{where}: model.merges[{n}]", m) for n, m in enumerate(merges)), vocab)
+    pairs = _merge_ids(merges, vocab, lambda n: f"{where}: model.merges[{n}]")
     tok = _build(vocab, pairs, rule, specials, model.get("ignore_merges", False), f"{where}: model.vocab")
     return _set_config_attrs(tok, _attrs_from_config(config or {}, config_where))
 
@@ -623,7 +636,8 @@ def load_vocab_merges(directory: str | Path, pattern: str | SplitRule = GPT2_PAT
     specials = _added_tokens(_config_added_tokens(config, vocab_json, config_where), config_where)
     vocab = _byte_level_vocab(((f"{vocab_path}[{t!r}]", t, i) for t, i in vocab_json.items()), specials)
     rule = pattern if isinstance(pattern, SplitRule) else SplitRule(pattern)
-    tok = _build(vocab, _merge_ids(merges, vocab), rule, specials, False, str(vocab_path))
+    pairs = _merge_ids([m for _, m in merges], vocab, lambda n: merges[n][0])
+    tok = _build(vocab, pairs, rule, specials, False, str(vocab_path))
     return _set_config_attrs(tok, _attrs_from_config(config, config_where))
 
 

@@ -91,7 +91,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> Tokenizer | Sentenc
         if types[i] not in SPECIAL and not (types[i] == UNUSED and not set(t) <= alphabet)
     )
     vocab = _byte_level_vocab(entries, specials)
-    pairs = _merge_ids(((f"{where}: tokenizer.ggml.merges[{n}]", m) for n, m in enumerate(merges)), vocab)
+    pairs = _merge_ids(merges, vocab, lambda n: f"{where}: tokenizer.ggml.merges[{n}]")
     tok = _build(vocab, pairs, rule, specials, False, f"{where}: {key}")
     config = {"chat_template": meta.get("tokenizer.chat_template")}
     tok = _set_config_attrs(tok, _attrs_from_config(config | {a: tokens[i] for a, i in named.items()}, where))
