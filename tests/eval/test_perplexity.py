@@ -210,5 +210,7 @@ def test_cli_quantized_gives_the_dequantized_weights_figure(gguf_files, data):
     q8 = gguf_files[1]
     result = runner.invoke(app, ["eval", "ppl", str(q8), "--data", str(data), "--ctx", "32", "--quantized", "--json"])
     assert result.exit_code == 0, result.output
-    want = text_perplexity(*lmforge.load(q8), TEXT, n_ctx=32)  # the same Q8_0 values, dequantized to float32
-    assert json.loads(result.stdout) == pytest.approx(dataclasses.asdict(want), rel=1e-5)
+    want = text_perplexity(*lmforge.load(q8, dtype=torch.float32), TEXT, n_ctx=32)  # the Q8_0 values in float32
+    # the CLI runs the kernels: here every linear's 32 inputs are one Q8_0 block, one scale per row, so they take
+    # the int8 kernel (bfloat16 activations): the figure within bfloat16 rounding
+    assert json.loads(result.stdout) == pytest.approx(dataclasses.asdict(want), rel=1e-3)
