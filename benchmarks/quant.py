@@ -114,15 +114,14 @@ def prepare(work: Path, source: Path, rows: list[str], calib_samples: int) -> No
 # ----------------------------------------------------------------------------------------------------- one row
 
 
-def bits_per_weight(model) -> float:
+def block_bits_per_weight(model) -> float:
     from torch import nn
 
-    from lmforge.quant.modules import quantized_layers
+    from lmforge.quant.modules import bits_per_weight, quantized_layers
 
     layers = {n: m for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear)}
     layers.update(quantized_layers(model.blocks))
-    bits = sum(8 * (m.nbytes() if hasattr(m, "nbytes") else m.weight.nbytes) for m in layers.values())
-    return bits / sum(m.in_features * m.out_features for m in layers.values())
+    return bits_per_weight(layers.values())
 
 
 def file_bits_per_weight(path: Path) -> float:
@@ -175,7 +174,7 @@ def measure_lmforge(row: str, path: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.engine_tokens, ignore_eos=True))
     engine = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
-    return {"ppl": ppl, "bits": bits_per_weight(model), "size": disk_mb(path), "load": load, "rss": rss,
+    return {"ppl": ppl, "bits": block_bits_per_weight(model), "size": disk_mb(path), "load": load, "rss": rss,
             "peak": peak_mb() - base, "decode": speed, "compiled": compiled, "engine": engine}  # fmt: skip
 
 

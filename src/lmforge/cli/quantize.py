@@ -49,7 +49,7 @@ def quantize_command(
 
     import lmforge
     from lmforge.quant.methods import QuantizeOptions, quantize_model
-    from lmforge.quant.modules import quantized_layers
+    from lmforge.quant.modules import bits_per_weight, quantized_layers
 
     options = QuantizeOptions(method.lower(), bits, group_size, act_order, symmetric, calib_samples, calib_len,
                               threshold, alpha, activations)  # fmt: skip
@@ -77,7 +77,5 @@ def quantize_command(
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     summary = f"wrote {out} ({options.method}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"
     if names:
-        weights = sum(m.in_features * m.out_features for m in layers)
-        bits_per_weight = 8 * sum(m.nbytes() for m in layers) / weights
-        summary += f": {len(names)} layers at {bits_per_weight:.2f} bits per weight"
+        summary += f": {len(names)} layers at {bits_per_weight(layers):.2f} bits per weight"
     console.print(summary, highlight=False)

@@ -125,16 +125,13 @@ def quantize_model(model: nn.Module, options: QuantizeOptions, calibration: Tens
         raise QuantError(f"--method={options.method}: {need}")
     seq_len = options.window_len(model)
     windows = None if calibration is None else calibration_windows(calibration, options.samples, seq_len)
-    before = set(_quantized(model))
-    with torch.no_grad():
-        _run(model, options, windows, progress)
-    return sorted(set(_quantized(model)) - before)
-
-
-def _quantized(model: nn.Module) -> list[str]:
     from lmforge.quant.modules import quantized_layers
 
-    return list(quantized_layers(model))
+    before = set(quantized_layers(model))
+    with torch.no_grad():
+        _run(model, options, windows, progress)
+    return sorted(set(quantized_layers(model)) - before)
+
 
 
 def _run(model: nn.Module, o: QuantizeOptions, windows: Tensor | None, progress: bool) -> None:

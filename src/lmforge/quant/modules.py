@@ -14,6 +14,7 @@ so a quantized model saves as its state dict plus {name: {"type": type name, **s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from lmforge.quant.smoothquant import W8A8Linear
 from lmforge.quant.weight_only import QuantEmbedding, QuantLinear
 
 __all__ = [
-    "QUANTIZED_TYPES", "dense_state_dict", "dequantize_model", "layer_from_state", "layer_spec", "quantized_layers",
+    "QUANTIZED_TYPES", "bits_per_weight", "dense_state_dict", "dequantize_model", "layer_from_state", "layer_spec",
+    "quantized_layers",
 ]
 
 QUANTIZED_TYPES: dict[str, type[nn.Module]] = {
@@ -54,6 +56,14 @@ def layer_from_state(spec: dict[str, Any], state: dict[str, Tensor], where: str)
         return QUANTIZED_TYPES[kind].from_state(state, settings)
     except KeyError as e:
         raise QuantError(f"{where}: a {kind} needs {e.args[0]!r}, which the file does not hold") from None
+
+
+def bits_per_weight(layers: Iterable[nn.Module]) -> float:
+    """Bits a weight of `layers` (quantized layers and plain linears) takes as held: codes, scales and offsets of
+    a quantized one (`nbytes`), the weight tensor of a plain one; biases not counted."""
+    layers = list(layers)
+    held = sum(m.nbytes() if hasattr(m, "nbytes") else m.weight.nbytes for m in layers)
+    return 8 * held / sum(m.in_features * m.out_features for m in layers)
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
