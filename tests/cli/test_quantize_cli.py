@@ -3,8 +3,11 @@ method cannot take is refused before any work (nothing written)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 import lmforge
@@ -86,6 +89,10 @@ def test_gguf_types_write_a_gguf_file(tmp_path, model_dir, method):
     (["--method", "rtn", "--group-size", "32", "--calib", "CALIB"], "--method=rtn: takes no calibration text"),
     (["--method", "gptq", "--calib", "missing.txt"], "--calib=missing.txt: no such file"),
     (["--method", "q4_0", "--bits", "4"], "--bits=4: q4_0 takes no --bits (the format fixes them)"),
+    (["--method", "int8", "--format", "hf"], "--format=hf: the Hugging Face layouts (GPTQ, AWQ) hold rtn, gptq and"),
+    (["--method", "rtn", "--format", "gguf"], "--format=gguf: 'lmforge' or 'hf'"),
+    (["--method", "awq", "--bits", "8", "--group-size", "32", "--format", "hf", "--calib", "CALIB"],
+     "AWQ's GEMM layout holds 4-bit"),
 ])  # fmt: skip
 def test_bad_options_are_refused_before_any_work(tmp_path, model_dir, calib, extra, message):
     out = tmp_path / ("m.gguf" if "q4_0" in extra else "q")
@@ -93,6 +100,21 @@ def test_bad_options_are_refused_before_any_work(tmp_path, model_dir, calib, ext
     result = runner.invoke(app, ["quantize", str(model_dir), "--out", str(out), *extra])
     assert result.exit_code == 1 and message in " ".join(result.stderr.split()), result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("method", "extra"), [("rtn", []), ("gptq", CALIB), ("awq", CALIB)])
+def test_format_hf_writes_the_gptq_or_awq_checkpoint_layout(tmp_path, model_dir, calib, method, extra):
+    out = tmp_path / "q"
+    calibration = ["--calib", str(calib)] if extra else []
+    result = runner.invoke(app, ["quantize", str(model_dir), "--method", method, "--group-size", "32", "--format",
+                                 "hf", "--out", str(out), *extra, *calibration])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == ("awq" if method == "awq" else "gptq") and config["group_size"] == 32
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert {"model.layers.1.mlp.down_proj.qweight", "model.layers.1.mlp.down_proj.scales"} <= names
+    assert (out / "tokenizer.json").is_file()
 
 
 def test_the_output_kind_must_fit_the_method(tmp_path, model_dir):

@@ -42,12 +42,17 @@ def quantize_command(
     activations: Annotated[
         str, typer.Option(help="smoothquant: per_token (dynamic) or per_tensor (static, calibrated).")
     ] = "per_token",
+    layout: Annotated[
+        str, typer.Option("--format", help="rtn / gptq / awq: 'lmforge' (its own layout, read back bit for bit) or "
+                                           "'hf' (the GPTQ / AWQ checkpoint transformers, vLLM and TGI read).")
+    ] = "lmforge",
 ) -> None:
     """Quantize MODEL's projections and write the result: a model directory (`lmforge.load`, `lmforge generate`
     and `lmforge serve` run it quantized) or, for q8_0 / q4_0 / q4_1 / q4_k, a GGUF file llama.cpp runs."""
     import torch
 
     import lmforge
+    from lmforge.io.hf_gptq import check_exportable, save_hf_quantized
     from lmforge.quant.methods import QuantizeOptions, quantize_model
     from lmforge.quant.modules import bits_per_weight, quantized_layers
 
@@ -58,6 +63,11 @@ def quantize_command(
         raise fail(f"--out={out}: --method={method} writes {want}")
     if not out.parent.exists():
         raise fail(f"--out={out}: no such directory {out.parent}")
+    if layout not in ("lmforge", "hf"):
+        raise fail(f"--format={layout}: 'lmforge' or 'hf'")
+    if layout == "hf" and options.method not in ("rtn", "gptq", "awq"):
+        raise fail(f"--format=hf: the Hugging Face layouts (GPTQ, AWQ) hold rtn, gptq and awq, not --method={method}")
+    hf_format = {"hf": "awq" if options.method == "awq" else "gptq"}.get(layout)
     if calib is not None and not calib.is_file():
         raise fail(f"--calib={calib}: no such file")
     start = time.perf_counter()
@@ -65,12 +75,16 @@ def quantize_command(
     if tokenizer is None:
         raise fail(f"{model}: has no tokenizer (calibration and the written model need one)")
     options.check(net)  # every option against the method and this model, before the text is read or tokenized
+    if hf_format:
+        check_exportable(net, hf_format, options.bits or 4)
     ids = None
     if calib is not None:
         ids = torch.tensor(tokenizer.encode(calib.read_text(encoding="utf-8")), dtype=torch.long)
     names = quantize_model(net, options, ids)
     if options.gguf:
         lmforge.save(net, out, tokenizer, qtype=options.method)
+    elif hf_format:
+        save_hf_quantized(net, out, tokenizer, fmt=hf_format)
     else:
         lmforge.save(net, out, tokenizer)
     layers = quantized_layers(net).values()

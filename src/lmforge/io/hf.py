@@ -185,10 +185,10 @@ def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file(tensors, tmp, metadata={"format": "pt"})
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face checkpoint names."""
+def hf_state_dict(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights (or `state`, some of them) under Hugging Face checkpoint names."""
     cfg = model.config
-    ours = dict(model.state_dict())
+    ours = dict(model.state_dict()) if state is None else state
     out: dict[str, torch.Tensor] = {}
     for m in tensor_maps(cfg, list(ours)):
         for name, t in zip(m.theirs, m.save([ours[n] for n in m.ours]), strict=True):
