@@ -6,6 +6,9 @@ Gated (Shazeer 2020): y = W_down · (act(W_gate · x) ⊙ W_up · x)
     GeGLU:  act = GELU-tanh (Gemma), or exact GELU ("geglu_exact")
 
 GELU-tanh is the approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+Hook points (model/hookpoints.py, TransformerLens's names): "hook_pre" the pre-activation (W_up x + b_up, or
+W_gate x when gated), "hook_pre_linear" W_up x (gated only), "hook_post" the hidden layer W_down reads.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from lmforge.model.hookpoints import Tap
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swiglu": F.silu,
@@ -30,6 +35,8 @@ def is_gated(kind: str) -> bool:
 
 
 class MLP(nn.Module):
+    tap: Tap | None = None
+
     def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu", bias: bool = False) -> None:
         super().__init__()
         self.act = ACTIVATIONS[kind]
@@ -38,6 +45,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is None:
-            return self.down_proj(self.act(self.up_proj(x)))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        tap = self.tap
+        pre = self.up_proj(x) if self.gate_proj is None else self.gate_proj(x)
+        if tap is not None:
+            pre = tap("hook_pre", pre)
+        hidden = self.act(pre)
+        if self.gate_proj is not None:
+            linear = self.up_proj(x)
+            hidden = hidden * (linear if tap is None else tap("hook_pre_linear", linear))
+        if tap is not None:
+            hidden = tap("hook_post", hidden)
+        return self.down_proj(hidden)

@@ -5,6 +5,11 @@ per block (pre-norm; Gemma 2 adds the bracketed post-norms):
     h = h + [post_attn_norm](attn(attn_norm(h)))
     h = h + [post_mlp_norm](mlp(mlp_norm(h)))       mlp: dense MLP or mixture of experts
 logits = head(norm(h_L)) [soft-capped: c · tanh(logits / c)]
+
+Hook points (model/hookpoints.py; `lmforge.interp.hooks` names them as TransformerLens does): the model's
+"hook_embed" (token embeddings) and "hook_pos_embed" (learned or sinusoidal positions), and per block
+"hook_resid_pre" (its input h), "hook_attn_out" (what attention adds), "hook_resid_mid", "hook_mlp_out" and
+"hook_resid_post" (its output). Norms, attention and MLP have their own.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.model.attention import Attention, build_mask
 from lmforge.model.cache import AttentionInputs, Cache, KeyLayout
+from lmforge.model.hookpoints import Tap
 from lmforge.model.mlp import MLP
 from lmforge.model.norm import make_norm
 from lmforge.model.position import alibi_bias, rope_cos_sin, sinusoidal_embedding
@@ -42,6 +48,8 @@ def _make_mlp(cfg: ModelConfig, i: int, runtime: RuntimeOptions) -> nn.Module:
 
 
 class Block(nn.Module):
+    tap: Tap | None = None
+
     def __init__(self, cfg: ModelConfig, i: int, runtime: RuntimeOptions) -> None:
         super().__init__()
 
@@ -54,17 +62,28 @@ class Block(nn.Module):
         self.post_mlp_norm = norm() if cfg.post_norms else None
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        tap = self.tap
+        if tap is not None:
+            x = tap("hook_resid_pre", x)
         h = self.attn(self.attn_norm(x), inputs)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
+        if tap is not None:
+            h = tap("hook_attn_out", h)
         x = x + h
+        if tap is not None:
+            x = tap("hook_resid_mid", x)
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + h
+        if tap is None:
+            return x + h
+        return tap("hook_resid_post", x + tap("hook_mlp_out", h))
 
 
 class Transformer(nn.Module):
+    tap: Tap | None = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -127,14 +146,18 @@ class Transformer(nn.Module):
 
     def embed_tokens(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (scaled, for Gemma), plus learned or sinusoidal position embeddings."""
-        cfg = self.config
+        cfg, tap = self.config, self.tap
         x = self.embed(input_ids)
         if cfg.embed_scale:
             x = x * torch.tensor(cfg.d_model**0.5, dtype=x.dtype)
-        if cfg.position == "learned":
-            x = x + self.pos_embed(position_ids)
-        elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
+        if tap is not None:
+            x = tap("hook_embed", x)
+        if cfg.position in ("learned", "sinusoidal"):
+            if cfg.position == "learned":
+                pos = self.pos_embed(position_ids)
+            else:
+                pos = sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
+            x = x + (pos if tap is None else tap("hook_pos_embed", pos))
         return x
 
     def hidden_states(
