@@ -1,6 +1,6 @@
 """Training configuration: a TOML file plus dotted `--set` overrides, validated field by field.
 
-A run is described by one `TrainConfig`, made of seven frozen sections; each maps to one TOML table:
+A run is described by one `TrainConfig`, made of eight frozen sections; each maps to one TOML table:
 
     [model]      a `lmforge.config.ModelConfig`: `preset` (default "tiny", "none" for the bare ModelConfig
                  defaults) plus any ModelConfig field; nested tables [model.moe], [model.mla], [model.rope_scaling]
@@ -10,6 +10,7 @@ A run is described by one `TrainConfig`, made of seven frozen sections; each map
     [train]      the loop: steps, precision, compile, losses, eval / sample / log / checkpoint cadence, out_dir
     [dist]       torch.distributed backend, strategy (DDP, FSDP2, or DDP + ZeRO-1) and FSDP2's mixed precision
     [quant]      quantization-aware training: method "qat" (bits, group_size, activations) or "bitnet"
+    [distill]    knowledge distillation from a frozen teacher model (train/distill.py); no teacher: none
 
 Every field has a default, so an empty file (or no file) is a tiny CPU run. Example `run.toml`:
 
@@ -101,6 +102,7 @@ MAX_LR = 10.0  # a learning rate above it can only diverge
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names -> dtypes
 PRECISIONS = tuple(DTYPES)
 SCHEDULE_BY = ("step", "time")
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")  # train/distill.py: beta 0, beta 1, distill.beta
 QUANT_METHODS = ("none", "qat", "bitnet")  # what drives the lr schedule and ends the run: the step count, or the clock
 
 
@@ -317,6 +319,35 @@ class QuantConfig:
                   f"is an option of quant.method = 'qat', not {self.method!r}")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """[distill]: train the model (the student) on a frozen teacher's distributions (train/distill.py): per counted
+    token alpha T^2 D + (1 - alpha) CE, D the `loss` divergence at temperature T; `lmforge distill` sets it.
+
+    on_policy_fraction (GKD's lambda): the share of training rows replaced by the student's own continuation of
+    their first prompt_tokens tokens (needs data.tokenizer). Validation stays the student's plain cross entropy."""
+
+    teacher: str | None = None  # the teacher model: HF directory, GGUF file or lmforge run; none: no distillation
+    loss: str = "forward_kl"  # "forward_kl" KL(teacher || student), "reverse_kl" KL(student || teacher), "jsd"
+    beta: float = 0.5  # jsd only: the generalized JSD's beta in [0, 1] (0: forward KL, 1: reverse KL)
+    temperature: float = 1.0  # softmax temperature T of both distributions, > 0
+    alpha: float = 1.0  # weight of the divergence; 1 - alpha: of the hard-label cross entropy
+    on_policy_fraction: float = 0.0  # in [0, 1]
+    prompt_tokens: int = 32  # on-policy rows: tokens of the row kept as the prompt
+
+    def __post_init__(self) -> None:
+        check(self.teacher is None or bool(self.teacher), "distill.teacher", self.teacher, "must not be empty")
+        check_choice("distill.loss", self.loss, DISTILL_LOSSES)
+        check(is_finite(self.beta) and 0.0 <= self.beta <= 1.0, "distill.beta", self.beta, "must be in [0, 1]")
+        check(self.loss == "jsd" or self.beta == 0.5, "distill.beta", self.beta,
+              f"is an option of distill.loss = 'jsd', not {self.loss!r}")  # fmt: skip
+        check_finite("distill.temperature", self.temperature, above=0)
+        for name in ("alpha", "on_policy_fraction"):
+            value = getattr(self, name)
+            check(is_finite(value) and 0.0 <= value <= 1.0, f"distill.{name}", value, "must be in [0, 1]")
+        check_integer("distill.prompt_tokens", self.prompt_tokens, 1)
+
+
 def _tiny() -> ModelConfig:
     return PRESETS["tiny"]
 
@@ -332,6 +363,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:  # checks that span sections (or the trainer's keyword form does not have)
         self.schedule.build(self.train.max_steps)
@@ -351,6 +383,23 @@ class TrainConfig:
         )
         check(self.dist.backend != "nccl" or torch.cuda.is_available(), "dist.backend", self.dist.backend,
                "nccl needs CUDA, which is not available on this machine; use gloo or auto")  # fmt: skip
+        self._check_distill()
+
+    def _check_distill(self) -> None:
+        distill = self.distill
+        check(distill.teacher is not None or distill == DistillConfig(), "distill.teacher", distill.teacher,
+              "the [distill] options need a teacher model (distill.teacher, or `lmforge distill TEACHER`)")  # fmt: skip
+        if distill.on_policy_fraction > 0:
+            check(distill.prompt_tokens < self.data.seq_len, "distill.prompt_tokens", distill.prompt_tokens,
+                  f"must be < data.seq_len={self.data.seq_len} (on-policy rows continue the prompt to the row's "
+                  "length)")  # fmt: skip
+            check(self.data.tokenizer is not None, "distill.on_policy_fraction", distill.on_policy_fraction,
+                  "on-policy rows are generated by the student: set data.tokenizer")  # fmt: skip
+            check(not self.train.document_mask, "distill.on_policy_fraction", distill.on_policy_fraction,
+                  "generated rows are no packed documents: train.document_mask must be false")  # fmt: skip
+            check(self.dist.strategy != "fsdp", "distill.on_policy_fraction", distill.on_policy_fraction,
+                  "the student generates inside the objective, which FSDP2's sharded weights do not allow: "
+                  "use dist.strategy 'ddp' or 'zero1'")  # fmt: skip
 
     def lr_schedule(self) -> Schedule:
         return self.schedule.build(self.train.max_steps)

@@ -5,7 +5,10 @@
                     loaders (the global batch split over torchrun's ranks), the model's language-model objective
                     wrapped for dist.strategy, the optimizer over its parameters (sharded for zero1), the
                     schedule; [train] goes to the Trainer whole, the rest through `TrainConfig.trainer_options`;
-                    [quant] swaps the blocks' projections for QAT or BitNet layers first (`quantization_aware`)
+                    [quant] swaps the blocks' projections for QAT or BitNet layers first (`quantization_aware`);
+                    with a [distill] teacher the objective is `DistillationObjective` (train/distill.py) against
+                    that model (loaded as `initial_model` loads one), and on-policy rows are drawn by
+                    `OnPolicyBatches`
     export_run      the trained model -> run_dir/hf (Hugging Face) and run_dir/model.gguf (F16, when GGUF can
                     hold it); after [quant] training, with the quantized weights baked in (`baked`)
     run_training    both, with the resolved config saved and the run resumed from its newest checkpoint: what
@@ -39,6 +42,7 @@ from lmforge.quant.qat import FakeQuantLinear, convert_qat, prepare_qat
 from lmforge.train import distributed
 from lmforge.train.checkpoint import gather_model, latest_checkpoint, list_checkpoints, load_checkpoint
 from lmforge.train.config import CONFIG_FILE, QuantConfig, TrainConfig, load_train_config, save_resolved
+from lmforge.train.distill import DistillationObjective, OnPolicyBatches
 from lmforge.train.distributed import DistInfo
 from lmforge.train.objective import LanguageModelObjective
 from lmforge.train.optim import build_optimizer
@@ -98,13 +102,24 @@ def _wire(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool, model: 
     model = (Transformer(cfg.model) if model is None else model).to(info.device)
     quantization_aware(model, cfg.quant)
     strategy = cfg.dist.strategy
-    objective = distributed.parallelize(LanguageModelObjective.from_loop(model, loop), strategy, info,
+    objective = distributed.parallelize(_objective(cfg, model, tokenizer, info), strategy, info,
                                         **cfg.dist.parallel_options())  # fmt: skip
+    if cfg.distill.on_policy_fraction > 0:
+        train_data = OnPolicyBatches(train_data, cfg.distill.on_policy_fraction, data.seed)
     opt = cfg.optim
     optimizer = build_optimizer(opt.name, model, opt.lr, opt.weight_decay, **opt.optimizer_kwargs())
     optimizer = distributed.shard_optimizer(optimizer, strategy, info)
     return Trainer(model, optimizer, cfg.lr_schedule(), train_data, objective, loop, val_data=val_data,
                    tokenizer=tokenizer, progress=progress, dist=info, **cfg.trainer_options())  # fmt: skip
+
+
+def _objective(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer | None,
+               info: DistInfo) -> LanguageModelObjective:  # fmt: skip
+    """The language-model objective of [train], or with a [distill] teacher the distillation objective."""
+    if cfg.distill.teacher is None:
+        return LanguageModelObjective.from_loop(model, cfg.train)
+    teacher = initial_model(cfg.distill.teacher)[0].to(info.device)
+    return DistillationObjective.from_config(model, teacher, cfg.distill, cfg.train, tokenizer)
 
 
 def quantization_aware(model: Transformer, quant: QuantConfig) -> None:
