@@ -11,6 +11,9 @@
     serve.py      `lmforge serve` (engine/server.py: the OpenAI-compatible HTTP server)
     eval.py       `lmforge eval ppl` (eval/perplexity.py: llama.cpp's perplexity)
     quantize.py   `lmforge quantize` (quant/methods.py)
+    prune.py      `lmforge prune` (quant/pruning.py: magnitude, Wanda; unstructured and N:M)
+    merge.py      `lmforge merge` (merge/driver.py: mergekit's YAML, streamed tensor by tensor)
+    distill.py    `lmforge distill` (train/distill.py: a teacher's logits as the objective of the shared trainer)
 
 Every command is wrapped in `errors.reports_errors`: a user's mistake (a bad flag value, a missing path, a broken
 model or tokenizer file) prints one `error:` line naming the flag or the file, and exits 1. No library module
@@ -26,12 +29,15 @@ import typer
 from rich.console import Console
 
 import lmforge
+from lmforge.cli.distill import distill_command
 from lmforge.cli.errors import fail, reports_errors
 from lmforge.cli.eval import app as eval_app
 from lmforge.cli.export import export_command
 from lmforge.cli.finetune import finetune_command
 from lmforge.cli.generate import chat_command, generate_command
+from lmforge.cli.merge import merge_command
 from lmforge.cli.model import info_command, init_command
+from lmforge.cli.prune import prune_command
 from lmforge.cli.quantize import quantize_command
 from lmforge.cli.serve import serve_command
 from lmforge.cli.speedrun import speedrun_command
@@ -50,7 +56,8 @@ app.add_typer(eval_app, name="eval")
 for name, command in (("generate", generate_command), ("chat", chat_command), ("export", export_command),
                       ("train", train_command), ("speedrun", speedrun_command), ("info", info_command),
                       ("init", init_command), ("serve", serve_command), ("finetune", finetune_command),
-                      ("quantize", quantize_command)):  # fmt: skip
+                      ("quantize", quantize_command), ("prune", prune_command),
+                      ("merge", merge_command), ("distill", distill_command)):  # fmt: skip
     app.command(name)(reports_errors(command))
 
 
