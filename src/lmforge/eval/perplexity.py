@@ -17,6 +17,12 @@ and over the M scored tokens of all chunks
 the ± being the standard error of μ carried to PPL to first order, what llama.cpp prints as
 ``Final estimate: PPL = … +/- …`` (no ± when the variance is not positive, e.g. M = 1: NaN here).
 
+Bits per byte (`with_bits_per_byte`) rates the same scored tokens by the text they stand for, so that models with
+different tokenizers compare: with B the UTF-8 bytes of the M scored tokens (`tokenizer.token_to_bytes`; the first
+half of each chunk, which only gives context, is not counted, nor is the tail after the last whole chunk),
+
+    bits/byte = Σ nll_t / (B · ln 2)
+
 Numerics as llama.cpp's `log_softmax`: the max and exp(z - max) in float32, their sum in float64,
 nll = log Σ - (z[x] - max) in float64, and μ, ⟨nll²⟩ in float64.
 
@@ -27,6 +33,7 @@ scored positions f … n_ctx-2 through the head -> logits (B, n_ctx - f - 1, voc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +45,8 @@ from lmforge.tokenizer.base import BaseTokenizer
 from lmforge.utils.errors import LmforgeError
 
 __all__ = ["PerplexityInputError", "PerplexityResult", "check_settings", "chunk_bos", "chunk_ids", "perplexity",
-           "summarize", "text_perplexity", "token_nll", "tokenize", "too_short"]  # fmt: skip
+           "scored_bytes", "summarize", "text_perplexity", "token_nll", "tokenize", "too_short",
+           "with_bits_per_byte"]  # fmt: skip
 
 FLAGS = {"n_ctx": "--ctx", "batch_size": "--batch", "max_chunks": "--chunks"}  # the `lmforge eval ppl` flags
 
@@ -59,7 +67,8 @@ class PerplexityInputError(LmforgeError):
 @dataclass(frozen=True)
 class PerplexityResult:
     """`ppl` = exp(`nll`), `nll` the mean negative log-likelihood (nats per scored token), `stderr` llama.cpp's ±
-    on `ppl`, over `tokens_scored` tokens of `chunks` chunks of `n_ctx` tokens."""
+    on `ppl`, over `tokens_scored` tokens of `chunks` chunks of `n_ctx` tokens; `bits_per_byte` over the
+    `bytes_scored` UTF-8 bytes of those tokens, when a tokenizer was at hand (`with_bits_per_byte`), else None."""
 
     ppl: float
     nll: float
@@ -67,6 +76,8 @@ class PerplexityResult:
     tokens_scored: int
     chunks: int
     n_ctx: int
+    bytes_scored: int | None = None
+    bits_per_byte: float | None = None
 
 
 def chunk_bos(tokenizer: BaseTokenizer) -> int | None:
@@ -166,7 +177,24 @@ def perplexity(
     return summarize(torch.cat(nlls), len(chunks), n_ctx)
 
 
+def scored_bytes(tokenizer: BaseTokenizer, tokens: Sequence[int], n_ctx: int, max_chunks: int | None = None) -> int:
+    """The UTF-8 bytes of the tokens `perplexity` scores: ids n_ctx//2 + 1 … n_ctx - 1 of each whole chunk."""
+    scored = chunk_ids(tokens, n_ctx, max_chunks=max_chunks)[:, n_ctx // 2 + 1 :]
+    return sum(len(tokenizer.token_to_bytes(i)) for i in scored.flatten().tolist())
+
+
+def with_bits_per_byte(
+    result: PerplexityResult, tokenizer: BaseTokenizer, tokens: Sequence[int], max_chunks: int | None = None
+) -> PerplexityResult:
+    """`result` (of `perplexity` over `tokens`) with its bits per byte: Σ nll / (B · ln 2), B the scored bytes."""
+    n_bytes = scored_bytes(tokenizer, tokens, result.n_ctx, max_chunks)
+    bits = result.nll * result.tokens_scored / (n_bytes * math.log(2)) if n_bytes else math.nan
+    return dataclasses.replace(result, bytes_scored=n_bytes, bits_per_byte=bits)
+
+
 def text_perplexity(model: Transformer, tokenizer: BaseTokenizer, text: str, **options) -> PerplexityResult:
     """`perplexity` of `text` tokenized as llama.cpp does (`tokenize`), every chunk led by bos when the tokenizer
-    adds one; `options` as `perplexity`'s (n_ctx, batch_size, max_chunks, progress)."""
-    return perplexity(model, tokenize(tokenizer, text), bos_id=chunk_bos(tokenizer), **options)
+    adds one, with its bits per byte; `options` as `perplexity`'s (n_ctx, batch_size, max_chunks, progress)."""
+    tokens = tokenize(tokenizer, text)
+    result = perplexity(model, tokens, bos_id=chunk_bos(tokenizer), **options)
+    return with_bits_per_byte(result, tokenizer, tokens, options.get("max_chunks"))
