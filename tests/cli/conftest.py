@@ -1,4 +1,4 @@
-"""Shared by the CLI tests: a tiny model directory with a ChatML tokenizer."""
+"""Shared by the CLI tests: a tiny model directory with a ChatML tokenizer, and calibration text."""
 
 from __future__ import annotations
 
@@ -21,4 +21,12 @@ def model_dir(tmp_path_factory):
     model = Transformer(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=256))
     path = tmp_path_factory.mktemp("model")
     lmforge.save(model, path, tokenizer=tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """Calibration text for quantize and prune: a line of Hamlet, repeated."""
+    path = tmp_path_factory.mktemp("calib") / "text.txt"
+    path.write_text("Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune. " * 30)
     return path

@@ -19,13 +19,6 @@ CALIB = ["--calib-samples", "4", "--calib-len", "32"]
 PROJECTIONS = 2 * 7
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "text.txt"
-    path.write_text("Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune. " * 30)
-    return path
-
-
 def linears(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 

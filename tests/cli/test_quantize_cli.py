@@ -22,13 +22,6 @@ CALIB = ["--calib-samples", "4", "--calib-len", "32"]
 PROJECTIONS = 2 * 7
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "text.txt"
-    path.write_text("Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune. " * 30)
-    return path
-
-
 def logits(model, ids):
     with torch.no_grad():
         return model(ids)

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lmforge.interp.sae import SAEConfig, SAEConfigError, SAETrainer, SparseAutoencoder, sae_losses, topk_aux_loss
-
-sae_lens = pytest.importorskip("sae_lens")
-from sae_lens import (  # noqa: E402
+from sae_lens import (
     StandardTrainingSAE,
     StandardTrainingSAEConfig,
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
 )
-from sae_lens.config import SAETrainerConfig  # noqa: E402
-from sae_lens.saes.sae import TrainStepInput  # noqa: E402
-from sae_lens.training.sae_trainer import SAETrainer as TheirTrainer  # noqa: E402
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.training.sae_trainer import SAETrainer as TheirTrainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is many times faster than several contending ones on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from lmforge.interp.sae import SAEConfig, SAEConfigError, SAETrainer, SparseAutoencoder, sae_losses, topk_aux_loss
 
 D_IN, D_SAE, BATCH = 16, 48, 32
 TOL = dict(atol=1e-6, rtol=1e-6)

@@ -7,24 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE
+from sae_lens import TopKTrainingSAEConfig as TopKCfg
+from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import save_file
 
 from lmforge.interp.sae import SAEConfig, SparseAutoencoder
 from lmforge.interp.sae_files import SAEFileError, load_sae, save_sae
-
-sae_lens = pytest.importorskip("sae_lens")
-from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE  # noqa: E402
-from sae_lens import TopKTrainingSAEConfig as TopKCfg  # noqa: E402
-from sae_lens.saes.sae import SAEMetadata  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is many times faster than several contending ones on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -24,15 +24,6 @@ from lmforge.interp.sae_train import (
 from lmforge.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is many times faster than several contending ones on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model() -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=61, d_model=24, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=40, max_seq_len=32)
