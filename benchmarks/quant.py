@@ -17,15 +17,18 @@ Each row runs in a fresh process (its memory is its own):
                  rows: as stored in the file)
     size MB      the model directory or file on disk
     load s       `lmforge.load` (`llama_cpp.Llama`) wall time
-    RSS MB       resident memory after load and decoding, minus after the imports (torch alone is ~220 MB); peak:
-                 the most it reached, the perplexity and engine runs included
-    decode       tok/s at batch 1, greedy, `--new-tokens`, `generate(compile=True)` (compiled before timing;
-                 4-bit layers on torch's int4 CPU kernel, `use_kernel`)
+    RSS MB       resident memory after load and eager decoding, minus after the imports (torch alone is ~220 MB;
+                 compiling adds inductor's own ~150 MB); peak: the most it reached, the perplexity and engine runs
+                 included
+    decode       tok/s at batch 1, greedy, `--new-tokens`, eager and `generate(compile=True)` (the best of 3 after
+                 a warm-up; layers on torch's CPU kernels, `use_kernel`)
     engine@32    generated tok/s of 32 concurrent requests of `--engine-tokens` each through `LLM.generate` (eager
                  engine, continuous batching); llama.cpp's Python binding has no batched engine: "-"
 
 Ratios: each GGUF row's decode, load and RSS against llama.cpp's on the same file (targets: int4 / Q4_1 decode >=
-0.7x, Q8_0 >= 0.7x, load <= 2x, RSS growth <= 1.5x).
+0.7x, Q8_0 >= 0.7x, load <= 2x, RSS growth <= 1.5x). The decode ratios come from llama.cpp's process, which also
+loads the file in lmforge and times the three decoders in alternating rounds (this VM's speed drifts up to 2x
+between processes minutes apart).
 
     python benchmarks/quant.py [--only fp32 gptq q4_1 ...] [--chunks 8] [--calib-samples 32] [--work DIR]
     python benchmarks/quant.py --plot docs/images/quant_ppl_vs_bits.png --table TABLE.md   (from a printed table)
@@ -138,13 +141,31 @@ def held_out(tok) -> tuple[list[int], int | None]:
     return tokenize(tok, HELD_OUT.read_bytes().decode("utf-8")), chunk_bos(tok)
 
 
+def lmforge_decoder(model, tok, new_tokens: int, compile: bool):
+    """A function timing one greedy batch-1 generation of `new_tokens` (tok/s between the first and last token)."""
+    from lmforge.infer.generate import generate
+    from lmforge.infer.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+    def decode() -> float:
+        times = [time.perf_counter() for _ in generate(model, tok, PROMPT, params, compile=compile)]
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    return decode
+
+
+def best_of(decode, rounds: int = 3) -> float:
+    decode()  # warms up (compiles)
+    return max(decode() for _ in range(rounds))
+
+
 def measure_lmforge(row: str, path: Path, args: argparse.Namespace) -> dict:
     import torch
 
     import lmforge
     from lmforge.engine import LLM
     from lmforge.eval.perplexity import perplexity
-    from lmforge.infer.generate import generate
     from lmforge.infer.sampling import SamplingParams
     from lmforge.quant.weight_only import use_kernel
 
@@ -153,20 +174,13 @@ def measure_lmforge(row: str, path: Path, args: argparse.Namespace) -> dict:
     model, tok = lmforge.load(path, dtype=torch.bfloat16 if row == "bf16" else None)
     use_kernel(model)
     load = time.perf_counter() - start
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-
-    def decode(compile: bool) -> float:
-        times = [time.perf_counter() for _ in generate(model, tok, PROMPT, params, compile=compile)]
-        return (len(times) - 1) / (times[-1] - times[0])
-
-    compiled = True
+    eager = best_of(lmforge_decoder(model, tok, args.new_tokens, compile=False))
+    rss = rss_mb() - base  # load and eager generation (compiling would add inductor's own ~150 MB)
     try:
-        decode(True)  # compiles; not timed
-    except Exception as e:  # a layer torch.compile cannot take: the row decodes eagerly, and says so
-        print(f"{row}: compile failed ({type(e).__name__}: {str(e)[:120]}); decoding eagerly", file=sys.stderr)
-        compiled = False
-    speed = decode(compiled)
-    rss = rss_mb() - base
+        compiled = best_of(lmforge_decoder(model, tok, args.new_tokens, compile=True))
+    except Exception as e:  # a layer torch.compile cannot take: no compiled figure, and why
+        print(f"{row}: compile failed ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+        compiled = None
     ids, bos = held_out(tok)
     ppl = perplexity(model, ids, n_ctx=512, bos_id=bos, max_chunks=args.chunks).ppl
     prompts = [tok.encode(PROMPT)[: 8 + i % 8] for i in range(32)]
@@ -175,14 +189,18 @@ def measure_lmforge(row: str, path: Path, args: argparse.Namespace) -> dict:
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.engine_tokens, ignore_eos=True))
     engine = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
     return {"ppl": ppl, "bits": block_bits_per_weight(model), "size": disk_mb(path), "load": load, "rss": rss,
-            "peak": peak_mb() - base, "decode": speed, "compiled": compiled, "engine": engine}  # fmt: skip
+            "peak": peak_mb() - base, "eager": eager, "decode": compiled, "engine": engine}  # fmt: skip
 
 
 def measure_llama_cpp(path: Path, args: argparse.Namespace) -> dict:
+    """llama.cpp's row, and its decode against lmforge's (eager and compiled) on the same file in the same process,
+    in alternating rounds (the best of each): this machine's speed drifts between processes minutes apart."""
     import llama_cpp
     import torch
 
+    import lmforge
     from lmforge.eval.perplexity import chunk_ids
+    from lmforge.quant.weight_only import use_kernel
     from perplexity import LlamaCpp  # benchmarks/perplexity.py: llama.cpp's logits, scored by the same rule
 
     torch.set_num_threads(2)
@@ -190,15 +208,28 @@ def measure_llama_cpp(path: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
     load = time.perf_counter() - start
-    times = [time.perf_counter() for _ in llm(PROMPT, max_tokens=args.new_tokens, temperature=0.0, stream=True)]
-    speed, rss = (len(times) - 1) / (times[-1] - times[0]), rss_mb() - base
-    del llm
-    import lmforge
 
-    ids, bos = held_out(lmforge.load_tokenizer(path))
+    def decode() -> float:
+        times = [time.perf_counter() for _ in llm(PROMPT, max_tokens=args.new_tokens, temperature=0.0, stream=True)]
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    speed = best_of(decode)
+    rss = rss_mb() - base
+    model, tok = lmforge.load(path)
+    use_kernel(model)
+    runs = {"llama.cpp": decode, "eager": lmforge_decoder(model, tok, args.new_tokens, compile=False),
+            "compiled": lmforge_decoder(model, tok, args.new_tokens, compile=True)}  # fmt: skip
+    for run in runs.values():
+        run()  # warm-up (compiles)
+    paired = {name: 0.0 for name in runs}
+    for _ in range(3):
+        for name, run in runs.items():
+            paired[name] = max(paired[name], run())
+    llm.close()  # its memory, before llama.cpp's perplexity context
+    ids, bos = held_out(tok)
     ppl = LlamaCpp(path, 512).perplexity(chunk_ids(ids, 512, bos, args.chunks)).ppl
     return {"ppl": ppl, "bits": file_bits_per_weight(path), "size": disk_mb(path), "load": load, "rss": rss,
-            "peak": peak_mb() - base, "decode": speed, "compiled": True, "engine": None}  # fmt: skip
+            "peak": peak_mb() - base, "eager": None, "decode": speed, "engine": None, "paired": paired}  # fmt: skip
 
 
 def measure(row: str, args: argparse.Namespace) -> dict:
@@ -277,8 +308,8 @@ def main() -> None:
         results[row] = json.loads(lines[-1]) if done.returncode == 0 and lines else done.stderr.strip()[-300:]
         print(f"{row}: {results[row]}", file=sys.stderr)
     print(f"SmolLM2-135M-Instruct, {args.chunks} x 512-token chunks of {HELD_OUT.name}, {args.new_tokens} new tokens")
-    print("| row | ppl | bits/w | size MB | load s | RSS MB | peak MB | decode tok/s | engine@32 tok/s "
-          "| decode / load / RSS vs llama.cpp |")
+    print("| row | ppl | bits/w | size MB | load s | RSS MB | peak MB | decode tok/s eager / compiled "
+          "| engine@32 tok/s | decode eager / compiled, load, RSS vs llama.cpp |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row, r in results.items():
         if isinstance(r, str):
@@ -287,10 +318,20 @@ def main() -> None:
         ref = results.get(f"llama.cpp {row}")
         vs = "-"
         if isinstance(ref, dict):
-            vs = f"{r['decode'] / ref['decode']:.2f}x / {r['load'] / ref['load']:.1f}x / {r['rss'] / ref['rss']:.1f}x"
+            pair = ref["paired"]
+            speeds = "/".join(cell(pair[k] and pair[k] / pair["llama.cpp"], ".2f") for k in ("eager", "compiled"))
+            vs = f"{speeds}x, {r['load'] / ref['load']:.1f}x, {r['rss'] / ref['rss']:.2f}x"
         print(f"| {row} | {r['ppl']:.3f} | {r['bits']:.2f} | {r['size']:.0f} | {r['load']:.2f} | {r['rss']:.0f} | "
-              f"{r['peak']:.0f} | {r['decode']:.1f}{'' if r['compiled'] else ' (eager)'} | "
+              f"{r['peak']:.0f} | {cell(r['eager'], '.1f')} / {cell(r['decode'], '.1f')} | "
               f"{cell(r['engine'], '.1f')} | {vs} |")  # fmt: skip
+    paired = {row: r["paired"] for row, r in results.items() if isinstance(r, dict) and "paired" in r}
+    if paired:
+        print("\ndecode tok/s on the same file in one process, alternating rounds (best of 3):")
+        print("| file | llama.cpp | lmforge eager | lmforge compiled |")
+        print("|---|---|---|---|")
+        for row, p in paired.items():
+            name = row.removeprefix("llama.cpp ")
+            print(f"| {name} | {p['llama.cpp']:.1f} | {p['eager']:.1f} | {p['compiled']:.1f} |")
 
 
 if __name__ == "__main__":

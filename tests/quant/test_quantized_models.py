@@ -216,7 +216,7 @@ def test_broken_quantized_directories_name_what_is_wrong(tmp_path, tok):
 
 def test_per_row_int8_layers_run_torchs_int8_kernel():
     """absmax int8 with one scale per row (`int8`) on `_weight_int8pack_mm` (bfloat16 activations: the exact
-    path's result within bfloat16 rounding); 4-bit layers take the int4 kernel and grouped 8-bit ones the exact path."""
+    path's result within bfloat16 rounding); 4-bit layers and grouped 8-bit ones (two nibble planes) the int4 kernel."""
     from lmforge.quant.weight_only import use_kernel
 
     model = tiny()
@@ -224,8 +224,9 @@ def test_per_row_int8_layers_run_torchs_int8_kernel():
     rtn_quantize_model(model, bits=8, group_size=32, where="blocks.1.attn.*")
     rtn_quantize_model(model, bits=4, group_size=32, where="blocks.1.mlp.*")
     want = logits(model, IDS)
-    assert use_kernel(model) == 7 + 3
-    assert not model.blocks[1].attn.q_proj.kernel and model.blocks[0].attn.q_proj.kernel
+    assert use_kernel(model) == 7 + 4 + 3
+    assert model.blocks[0].attn.q_proj.kernel_planes == 0 and model.blocks[0].attn.q_proj.codes is not None
+    assert model.blocks[1].attn.q_proj.kernel_planes == 2 and model.blocks[1].mlp.up_proj.kernel_planes == 1
     layer = model.blocks[0].mlp.up_proj
     x = torch.randn(5, layer.in_features)
     exact = x @ layer.weight.t()

@@ -21,7 +21,7 @@ from lmforge.config import ModelConfig
 from lmforge.io.gguf_export import save_gguf
 from lmforge.io.gguf_quants import AFFINE, LAYOUTS, GGMLType, affine_blocks, dequantize
 from lmforge.model.transformer import Transformer
-from lmforge.quant.primitives import QuantError, quantize_asymmetric, quantize_symmetric
+from lmforge.quant.primitives import QuantError, pack_int4, quantize_asymmetric, quantize_symmetric
 from lmforge.quant.weight_only import QuantEmbedding, QuantLinear, use_kernel
 
 
@@ -49,7 +49,23 @@ def test_gguf_blocks_are_the_dequantized_weight_bit_for_bit(qtype):
     x = torch.randn(3, 512)
     assert torch.equal(layer(x), x @ want.t())
     bits = {GGMLType.Q8_0: 8, GGMLType.Q5_0: 8, GGMLType.Q6_K: 8}.get(qtype, 4)
-    assert layer.nbytes() == 8 * 512 * bits // 8 + layer.scale.numel() * 4 * (1 + (blocks.offset is not None))
+    # the file's float16 d (and m) fields are held in float16; the K-quants' d · sc products in float32
+    scale_bytes = 2 if qtype in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_0, GGMLType.Q4_1) else 4
+    assert layer.scale.element_size() == scale_bytes
+    assert layer.nbytes() == 8 * 512 * bits // 8 + layer.scale.numel() * scale_bytes * (1 + (blocks.offset is not None))
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_gguf_nibbles_pack_straight_into_the_layers_bytes(qtype):
+    """`affine_blocks(packed=True)` (the loader's) gives `pack_int4` of the codes, and the same layer."""
+    raw = random_blocks(qtype, 4, 512, seed=1)
+    codes, packed = affine_blocks(raw, qtype), affine_blocks(raw, qtype, packed=True)
+    assert packed.packed and packed.codes.shape == (4, 256)
+    assert torch.equal(torch.from_numpy(packed.codes), pack_int4(torch.from_numpy(codes.codes)).view(4, -1))
+    layer = QuantLinear(torch.from_numpy(packed.codes), torch.from_numpy(packed.scale),
+                        None if packed.offset is None else torch.from_numpy(packed.offset), bits=4,
+                        signed=packed.signed, group_size=packed.group_size, packed=True)  # fmt: skip
+    assert torch.equal(layer.weight, torch.from_numpy(dequantize(raw, qtype)))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -66,20 +82,65 @@ def test_primitives_codes_run_as_quantized(bits, symmetric):
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, q.dequantize(), bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K], ids=lambda t: t.name)
-def test_int4_kernel_matches_the_exact_path_to_bfloat16(qtype):
-    raw = random_blocks(qtype, 64, 256, seed=3)
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q5_0],
+                         ids=lambda t: t.name)  # fmt: skip
+@pytest.mark.parametrize("rows", [48, 64, 80])  # whole and partial tiles of the kernel's layout (32 or 64 rows)
+def test_int4_kernel_matches_the_exact_path_to_bfloat16(qtype, rows):
+    """4-bit blocks as one plane of nibbles, 8-bit ones (Q8_0, Q5_0) as two; the codes dropped for the kernel come
+    back exactly (state dict, weight, switched off)."""
+    raw = random_blocks(qtype, rows, 256, seed=3)
     blocks = affine_blocks(raw, qtype)
     layer = QuantLinear(torch.from_numpy(blocks.codes), torch.from_numpy(blocks.scale),
-                        None if blocks.offset is None else torch.from_numpy(blocks.offset), torch.randn(64),
-                        bits=4, signed=blocks.signed, group_size=blocks.group_size)  # fmt: skip
+                        None if blocks.offset is None else torch.from_numpy(blocks.offset), torch.randn(rows),
+                        bits=blocks.bits, signed=blocks.signed, group_size=blocks.group_size)  # fmt: skip
     x = torch.randn(4, 7, 256)
-    exact = layer(x)
+    exact, state, weight = layer(x), dict(layer.state_dict()), layer.weight
     assert layer.kernel_ready and not layer.kernel
     layer.set_kernel(True)
+    assert layer.kernel and layer.codes is None and layer.kernel_planes == blocks.bits // 4
     fast = layer(x)
     assert fast.shape == exact.shape and fast.dtype == torch.float32
     assert ((fast - exact).norm() / exact.norm()).item() < 2e-2  # bfloat16 activations and scales
+    assert layer.nbytes() == sum(t.nbytes for k, t in state.items() if k != "bias")
+    kept = layer.state_dict()
+    assert kept.keys() == state.keys() and all(torch.equal(kept[k], state[k]) for k in state)
+    assert torch.equal(layer.weight, weight)
+    layer.set_kernel(False)
+    assert not layer.kernel and torch.equal(layer.codes, state["codes"]) and torch.equal(layer(x), exact)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kernel_takes_primitives_codes_with_zero_points(bits, symmetric):
+    """Group-wise int4 / int8 codes, signed or unsigned with zero points (8-bit unsigned: the high plane's 128 s)."""
+    torch.manual_seed(1)
+    w = torch.randn(64, 256)
+    q = (quantize_symmetric if symmetric else quantize_asymmetric)(w, bits, group_size=64)
+    offset = None if symmetric else -q.scale * q.zero_point.float()
+    layer = QuantLinear(q.codes(), q.scale, offset, bits=bits, signed=symmetric, group_size=64)
+    x = torch.randn(5, 256)
+    exact = layer(x)
+    layer.set_kernel(True)
+    assert ((layer(x) - exact).norm() / exact.norm()).item() < 2e-2
+    assert torch.equal(layer.unpacked(), q.codes().to(layer.unpacked().dtype))
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [48, 64, 208])  # a tail only; one block; three blocks and a tail of 16
+def test_the_embedding_reads_its_rows_from_the_kernels_layout(qtype, rows):
+    """A quantized token table on the kernel (its tied head) looks its rows up in the kernel's layout: every row is
+    the one its codes gave, and the codes come back for saving."""
+    raw = random_blocks(qtype, rows, 128, seed=5)
+    blocks = affine_blocks(raw, qtype)
+    table = QuantEmbedding(torch.from_numpy(blocks.codes), torch.from_numpy(blocks.scale),
+                           None if blocks.offset is None else torch.from_numpy(blocks.offset), bits=blocks.bits,
+                           signed=blocks.signed, group_size=32)  # fmt: skip
+    ids, h = torch.arange(rows).flip(0).view(2, -1), torch.randn(1, 3, 128)
+    looked_up, logits, codes = table(ids), table.project(h), table.codes.clone()
+    table.set_kernel(True)
+    assert table.kernel and table.codes is None and torch.equal(table(ids), looked_up)
+    assert ((table.project(h) - logits).norm() / logits.norm()).item() < 2e-2
+    assert torch.equal(table.state_dict()["codes"], codes)
 
 
 def test_bad_layouts_are_refused():
@@ -134,8 +195,8 @@ def test_smollm2_q4_1_kept_quantized():
     layers = [m for m in kept.modules() if type(m) is QuantLinear]
     assert len(layers) == 30 * 7 and {(m.bits, m.signed, m.group_size) for m in layers} == {(4, False, 32)}
     floats = sum(m.weight.numel() * 4 for m in layers)
-    # 4-bit codes + a float32 scale and offset per 32 weights: 6 bits (the file's float16 ones make 5)
-    assert sum(m.nbytes() for m in layers) / floats == pytest.approx(6 / 32)
+    # 4-bit codes + the file's float16 scale and offset per 32 weights: 5 bits, as llama.cpp holds them
+    assert sum(m.nbytes() for m in layers) / floats == pytest.approx(5 / 32)
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         assert torch.equal(kept(ids), plain(ids))

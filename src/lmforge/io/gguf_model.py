@@ -38,6 +38,7 @@ from lmforge.io.gguf import GGUFError, GGUFFile
 from lmforge.io.gguf_quants import AFFINE, PLAIN_DTYPES, AffineBlocks, affine_blocks
 from lmforge.model.transformer import Transformer
 from lmforge.quant.weight_only import QuantEmbedding, QuantLinear
+from lmforge.utils.memory import release_freed_memory
 
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _BLOCK_NAMES = {
@@ -223,7 +224,8 @@ def load_gguf_model(
         kind = type(model.get_submodule(module)) if quantized and ours.endswith(".weight") else None
         if info.ggml_type in AFFINE and kind in (nn.Linear, nn.Embedding):
             layer = QuantLinear if kind is nn.Linear else QuantEmbedding
-            kept[module] = _quantized(layer, affine_blocks(gguf.raw(name), info.ggml_type), permuted and rows)
+            blocks = affine_blocks(gguf.raw(name), info.ggml_type, packed=True)
+            kept[module] = _quantized(layer, blocks, permuted and rows)
             continue
         t = gguf.tensor(name)
         if permuted:
@@ -243,6 +245,7 @@ def load_gguf_model(
             raise GGUFError(f"{gguf.path}: no tensor for {left[0]} ({len(left)} in all)")
     if quantized:
         gguf.close()  # nothing refers to the map: its pages leave the process's memory
+        release_freed_memory()  # the unpacked blocks, freed between the kept codes
     return model.eval()
 
 
@@ -253,4 +256,5 @@ def _quantized(layer: type[QuantLinear], blocks: AffineBlocks, permuted_heads: i
     if permuted_heads:
         tensors = [None if t is None else unpermute_rope_rows(t, permuted_heads) for t in tensors]
     codes, scale, offset = tensors
-    return layer(codes, scale, offset, bits=blocks.bits, signed=blocks.signed, group_size=blocks.group_size)
+    return layer(codes, scale, offset, bits=blocks.bits, signed=blocks.signed, group_size=blocks.group_size,
+                 packed=blocks.packed)  # fmt: skip

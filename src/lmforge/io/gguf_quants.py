@@ -593,8 +593,10 @@ def quantize(x: np.ndarray, qtype: GGMLType | str) -> np.ndarray:
 @dataclass(frozen=True)
 class AffineBlocks:
     """Rows of a block-quantized tensor as w[r, i] = scale[r, i // group_size] · codes[r, i] + offset[...]:
-    codes (rows, cols) int8 (4-bit types: -8..7 when `signed`, else 0..15), scale and offset (rows, cols /
-    group_size) float32 (offset None: none)."""
+    codes (rows, cols) int8 (4-bit types: -8..7 when `signed`, else 0..15), or for 4-bit types with `packed`
+    (rows, cols / 2) uint8 bytes in `quant.primitives.pack_int4`'s order (the first of each pair in the high nibble,
+    a signed code as its two's-complement nibble); scale and offset (rows, cols / group_size) float32 (offset None:
+    none)."""
 
     codes: np.ndarray
     scale: np.ndarray
@@ -602,34 +604,49 @@ class AffineBlocks:
     group_size: int
     bits: int
     signed: bool
+    packed: bool = False
 
 
 def _nibble_codes(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
 
 
-def affine_blocks(data: np.ndarray, qtype: GGMLType | str) -> AffineBlocks:
+def _paired_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Bytes (..., 16) whose low nibbles are codes 0..15 of a run of 32 and whose high nibbles are codes 16..31 (the
+    Q4_0 / Q4_1 block, a Q4_K sub-block pair) -> those codes packed two per byte in order, the first of a pair in
+    the high nibble (..., 16): bytes 0..7 from the low nibbles, 8..15 from the high ones."""
+    even, odd = qs[..., 0::2], qs[..., 1::2]
+    return np.concatenate([(even << 4) | (odd & 0x0F), (even & 0xF0) | (odd >> 4)], axis=-1)
+
+
+def affine_blocks(data: np.ndarray, qtype: GGMLType | str, *, packed: bool = False) -> AffineBlocks:
     """The codes, scales and offsets of stored bytes (rows, row_bytes) of a Q8_0, Q5_0, Q4_0, Q4_1, Q4_K or Q6_K
-    tensor."""
+    tensor; with `packed`, the 4-bit types' codes two per byte (`AffineBlocks`), straight from the blocks' nibbles."""
     qtype = GGMLType.parse(qtype)
     if qtype not in AFFINE:
         raise NotImplementedError(f"{qtype.name} is not kept quantized; supported: {', '.join(t.name for t in AFFINE)}")
     raw = np.ascontiguousarray(data).view(np.uint8)
     rows = raw.shape[0] if raw.ndim > 1 else 1
     b = raw.reshape(-1).view(LAYOUTS[qtype])
+    packed = packed and qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)
     if qtype == GGMLType.Q8_0:
         codes, scale, offset, group, bits, signed = b["qs"], _scale(b["d"]), None, QK, 8, True
-    elif qtype == GGMLType.Q4_0:
-        codes, scale, offset = _nibble_codes(b["qs"]).view(np.int8) - np.int8(8), _scale(b["d"]), None
-        group, bits, signed = QK, 4, True
+    elif qtype == GGMLType.Q4_0:  # code - 8: as a nibble, the code with its top bit flipped
+        if packed:
+            codes = _paired_nibbles(b["qs"]) ^ np.uint8(0x88)
+        else:
+            codes = _nibble_codes(b["qs"]).view(np.int8) - np.int8(8)
+        scale, offset, group, bits, signed = _scale(b["d"]), None, QK, 4, True
     elif qtype == GGMLType.Q4_1:
-        codes, scale, offset, group, bits, signed = _nibble_codes(b["qs"]), _scale(b["d"]), _scale(b["m"]), QK, 4, False
+        codes = _paired_nibbles(b["qs"]) if packed else _nibble_codes(b["qs"])
+        scale, offset, group, bits, signed = _scale(b["d"]), _scale(b["m"]), QK, 4, False
     elif qtype == GGMLType.Q5_0:  # 5-bit codes held in 8 (Q4_K's fallback for rows that are not 256-multiples)
         codes, scale, offset = _q5_codes(b).view(np.int8) - np.int8(16), _scale(b["d"]), None
         group, bits, signed = QK, 8, True
     elif qtype == GGMLType.Q4_K:
         sc, mn = _k_scales_mins(b["scales"])
-        codes, group, bits, signed = _four_bit_k_codes(b["qs"]), 32, 4, False
+        codes = _paired_nibbles(b["qs"].reshape(-1, 4, 32)) if packed else _four_bit_k_codes(b["qs"])
+        group, bits, signed = 32, 4, False
         scale, offset = _scale(b["d"]) * sc.astype(_F32), -(_scale(b["dmin"]) * mn.astype(_F32))
     else:  # Q6_K
         n = b.shape[0]
@@ -639,7 +656,8 @@ def affine_blocks(data: np.ndarray, qtype: GGMLType | str) -> AffineBlocks:
         codes = (low | (high << 4)).view(np.int8) - np.int8(32)
         scale, offset, group, bits, signed = _scale(b["d"]) * b["scales"].astype(_F32), None, 16, 8, True
     shaped = [None if t is None else np.ascontiguousarray(t).reshape(rows, -1) for t in (codes, scale, offset)]
-    return AffineBlocks(shaped[0].astype(np.int8, copy=False), shaped[1], shaped[2], group, bits, signed)
+    codes = shaped[0] if packed else shaped[0].astype(np.int8, copy=False)
+    return AffineBlocks(codes, shaped[1], shaped[2], group, bits, signed, packed)
 
 
 AFFINE = frozenset({GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K})

@@ -13,11 +13,13 @@ import torch
 
 from lmforge.model.runtime import RuntimeOptions
 from lmforge.model.transformer import Transformer
+from lmforge.utils.memory import paused_gc
 
 if TYPE_CHECKING:
     from lmforge.tokenizer import BaseTokenizer
 
 
+@paused_gc()  # ~1e5 small objects of a tokenizer: utils/memory.py
 def load_model(
     path: str | Path, dtype: torch.dtype | None = None, **overrides: Any
 ) -> tuple[Transformer, BaseTokenizer | None]:
@@ -66,6 +68,7 @@ def _set_runtime(model: Transformer, options: dict[str, Any]) -> None:
         setattr(model.runtime, name, getattr(checked, name))
 
 
+@paused_gc()
 def load_tokenizer(path: str | Path, **kwargs: Any) -> BaseTokenizer:
     """A tokenizer from a directory (tokenizer.json, or vocab.json + merges.txt), a `.tiktoken` file or a
     GGUF file.

@@ -81,6 +81,16 @@ class Block(nn.Module):
         return tap("hook_resid_post", x + tap("hook_mlp_out", h))
 
 
+def _embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    """nn.Embedding(num, dim); on the meta device (a loader's model, its tensors assigned after) without the
+    embedding's own N(0, 1) draw, which on meta runs through torch's reference ops and imports torch._dynamo (~1 s
+    of every load)."""
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        return nn.Embedding(num, dim, padding_idx=padding_idx)
+    return nn.Embedding(num, dim, padding_idx=padding_idx, _weight=weight)
+
+
 class Transformer(nn.Module):
     tap: Tap | None = None
 
@@ -88,8 +98,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.runtime = RuntimeOptions()  # how to compute (backend, MLA absorb, MoE path, checkpointing): shared
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.embed = _embedding(cfg.vocab_size, cfg.d_model, cfg.pad_token_id)
+        self.pos_embed = _embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, i, self.runtime) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

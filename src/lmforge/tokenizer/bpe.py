@@ -266,14 +266,16 @@ class Tokenizer(BaseTokenizer):
         self._byte_ids = [self._bytes_to_id.get(bytes([i])) for i in range(256)]
         self._ranks: dict[tuple[int, int], int] = {}
         self._merged: list[int] = []
-        for rank, (a, b) in enumerate(self.merges):
-            if a not in self.vocab or b not in self.vocab:
+        vocab, bytes_to_id, ranks, merged = self.vocab, self._bytes_to_id, self._ranks, self._merged
+        for rank, pair in enumerate(self.merges):
+            a, b = pair
+            if a not in vocab or b not in vocab:
                 raise ValueError(f"merge {rank} ({a}, {b}) uses an id that is not in the vocabulary")
-            z = self._bytes_to_id.get(self.vocab[a] + self.vocab[b])
+            z = bytes_to_id.get(vocab[a] + vocab[b])
             if z is None:
-                raise ValueError(f"merge {rank} ({a}, {b}): {self.vocab[a] + self.vocab[b]!r} is not in the vocabulary")
-            self._ranks.setdefault((a, b), rank)
-            self._merged.append(z)
+                raise ValueError(f"merge {rank} ({a}, {b}): {vocab[a] + vocab[b]!r} is not in the vocabulary")
+            ranks.setdefault(pair, rank)
+            merged.append(z)
         self._split = self.split_rule.split
         self._decoder = dict(self.vocab) | {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self._special_by_id = {i: s for s, i in self.special_tokens.items()}

@@ -67,7 +67,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.pretokenize import (
@@ -415,28 +415,33 @@ def _added_tokens(entries: Iterable[tuple[str, Any]], warn_at: str) -> dict[str,
     return specials
 
 
-def _byte_level_vocab(entries: Iterable[tuple[str, Any, Any]], specials: dict[str, int]) -> dict[int, bytes]:
-    """The vocabulary from ``(where, token text, id)`` triples: ids valid and unique, tokens in the byte-level
-    alphabet and unique. An entry repeating an added token (same text and id, as GPT-2's <|endoftext|>) is skipped;
-    a different token on an added token's id is refused."""
+def _byte_level_vocab(
+    entries: Iterable[tuple[Any, Any, Any]], specials: dict[str, int], where: Callable[[Any], str]
+) -> dict[int, bytes]:
+    """The vocabulary from ``(key, token text, id)`` triples, `where(key)` naming an entry in an error: ids valid
+    and unique, tokens in the byte-level alphabet and unique. An entry repeating an added token (same text and id, as
+    GPT-2's <|endoftext|>) is skipped; a different token on an added token's id is refused."""
     added_by_id = {i: s for s, i in specials.items()}
+    to_bytes, _, outside = _byte_tables()
     vocab: dict[int, bytes] = {}
-    owner: dict[int, str] = {}
     seen: set[bytes] = set()
-    for where, text, raw_id in entries:
-        tid = _token_id(raw_id, where)
+    for key, text, tid in entries:
+        if type(tid) is not int or tid < 0:
+            _token_id(tid, where(key))
         if not isinstance(text, str) or not text:
-            raise TokenizerFileError(f"{where}: expected a non-empty token string, got {text!r}")
+            raise TokenizerFileError(f"{where(key)}: expected a non-empty token string, got {text!r}")
         if tid in added_by_id:
             if added_by_id[tid] != text:
-                raise TokenizerFileError(f"{where}: id {tid} is the id of added token {added_by_id[tid]!r}")
+                raise TokenizerFileError(f"{where(key)}: id {tid} is the id of added token {added_by_id[tid]!r}")
             continue
-        if tid in owner:
-            raise TokenizerFileError(f"{where}: id {tid} is also the id of {owner[tid]!r}")
-        token = _str_to_token(text, where)
+        if tid in vocab:
+            raise TokenizerFileError(f"{where(key)}: id {tid} is also the id of {_token_to_str(vocab[tid])!r}")
+        if outside.search(text) is not None:
+            _str_to_token(text, where(key))  # that error
+        token = text.translate(to_bytes).encode("latin-1")
         if token in seen:
-            raise TokenizerFileError(f"{where}: token {text!r} appears twice in the vocabulary")
-        vocab[tid], owner[tid] = token, text
+            raise TokenizerFileError(f"{where(key)}: token {text!r} appears twice in the vocabulary")
+        vocab[tid] = token
         seen.add(token)
     return vocab
 
@@ -444,21 +449,33 @@ def _byte_level_vocab(entries: Iterable[tuple[str, Any, Any]], specials: dict[st
 def _merge_ids(merges: Sequence[Any], vocab: dict[int, bytes], where: Callable[[int], str]) -> list[tuple[int, int]]:
     """Merges "left right" (or [left, right]) as id pairs: both parts and their concatenation must be tokens of
     `vocab`; `where(n)` names merge n in an error. Looked up as text in the byte-level alphabet (a character per
-    byte, so the text of left + right is the concatenation of theirs): one dict lookup a part."""
-    ids = {_token_to_str(token): i for i, token in vocab.items()}
+    byte, so the text of left + right is the concatenation of theirs): one dict lookup a part; a merge whose parts
+    are both found is well formed (every key is a non-empty string), any other gets the check that names its
+    problem."""
+    to_str = _byte_tables()[1]
+    ids = {token.decode("latin-1").translate(to_str): i for i, token in vocab.items()}
     out = []
     for n, merge in enumerate(merges):
         pair = merge.split(" ") if isinstance(merge, str) else merge
-        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
-            raise TokenizerFileError(f"{where(n)}: {merge!r} is not a pair of tokens")
-        left, right = pair
-        a, b = ids.get(left), ids.get(right)
-        if a is None or b is None or left + right not in ids:
-            for part in pair:
-                _str_to_token(part, where(n))  # a character outside the alphabet: that error
-            raise TokenizerFileError(f"{where(n)}: {merge!r} uses or makes a token that is not in the vocab")
-        out.append((a, b))
+        try:
+            left, right = pair
+            a, b = ids.get(left), ids.get(right)
+            if a is not None and b is not None and left + right in ids:
+                out.append((a, b))
+                continue
+        except (TypeError, ValueError):  # not a pair, or unhashable parts: named below
+            pass
+        _bad_merge(merge, pair, where(n))
     return out
+
+
+def _bad_merge(merge: Any, pair: Any, where: str) -> NoReturn:
+    """The error for a merge `_merge_ids` could not look up."""
+    if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+        raise TokenizerFileError(f"{where}: {merge!r} is not a pair of tokens")
+    for part in pair:
+        _str_to_token(part, where)  # a character outside the alphabet: that error
+    raise TokenizerFileError(f"{where}: {merge!r} uses or makes a token that is not in the vocab")
 
 
 def _build(
@@ -499,7 +516,8 @@ def tokenizer_from_hf(
         if not isinstance(value, kind):
             raise TokenizerFileError(f"{where}: {key}: expected a JSON {kind.__name__}, got {type(value).__name__}")
     specials = _added_tokens(((f"{where}: added_tokens[{n}]", e) for n, e in enumerate(added)), where)
-    vocab = _byte_level_vocab(((f"{where}: model.vocab[{t!r}]", t, i) for t, i in vocab_json.items()), specials)
+    entries = ((t, t, i) for t, i in vocab_json.items())
+    vocab = _byte_level_vocab(entries, specials, lambda t: f"{where}: model.vocab[{t!r}]")
     pairs = _merge_ids(merges, vocab, lambda n: f"{where}: model.merges[{n}]")
     tok = _build(vocab, pairs, rule, specials, model.get("ignore_merges", False), f"{where}: model.vocab")
     return _set_config_attrs(tok, _attrs_from_config(config or {}, config_where))
@@ -634,7 +652,7 @@ def load_vocab_merges(directory: str | Path, pattern: str | SplitRule = GPT2_PAT
     merges = _merges_txt(directory / "merges.txt")
     config, config_where = _read_config(directory)
     specials = _added_tokens(_config_added_tokens(config, vocab_json, config_where), config_where)
-    vocab = _byte_level_vocab(((f"{vocab_path}[{t!r}]", t, i) for t, i in vocab_json.items()), specials)
+    vocab = _byte_level_vocab(((t, t, i) for t, i in vocab_json.items()), specials, lambda t: f"{vocab_path}[{t!r}]")
     rule = pattern if isinstance(pattern, SplitRule) else SplitRule(pattern)
     pairs = _merge_ids([m for _, m in merges], vocab, lambda n: merges[n][0])
     tok = _build(vocab, pairs, rule, specials, False, str(vocab_path))

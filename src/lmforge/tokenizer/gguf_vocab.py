@@ -86,11 +86,11 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> Tokenizer | Sentenc
     added = ((f"{where}: {key}[{i}]", {"id": i, "content": t}) for i, t in enumerate(tokens) if t and types[i] in SPECIAL)  # noqa: E501
     specials = _added_tokens(added, where)
     entries = (
-        (f"{where}: {key}[{i}]", t, i)
+        (i, t, i)
         for i, t in enumerate(tokens)
         if types[i] not in SPECIAL and not (types[i] == UNUSED and not set(t) <= alphabet)
     )
-    vocab = _byte_level_vocab(entries, specials)
+    vocab = _byte_level_vocab(entries, specials, lambda i: f"{where}: {key}[{i}]")
     pairs = _merge_ids(merges, vocab, lambda n: f"{where}: tokenizer.ggml.merges[{n}]")
     tok = _build(vocab, pairs, rule, specials, False, f"{where}: {key}")
     config = {"chat_template": meta.get("tokenizer.chat_template")}
