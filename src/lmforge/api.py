@@ -21,7 +21,8 @@ def load(
 
     `path` is a Hugging Face model directory (config.json + safetensors, and tokenizer files when
     it has them; the tokenizer is None when it has none), a directory `lmforge quantize` wrote (its quantized
-    layers kept: `lmforge.io.quantized`), or a GGUF file (llama.cpp). A GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K /
+    layers kept: `lmforge.io.quantized`), a Hugging Face GPTQ / AWQ checkpoint (its block linears kept quantized:
+    `lmforge.io.hf_gptq`), or a GGUF file (llama.cpp). A GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K /
     Q6_K matrices stay quantized (`lmforge.quant.weight_only`: the same logits as the dequantized model, bit for
     bit; `use_kernel(model)` runs the 4-bit ones on torch's int4 CPU kernel) unless a float `dtype` is asked for,
     which dequantizes every weight into it. `quantized=False` dequantizes a quantized model into `dtype` (default

@@ -3,7 +3,8 @@
 The oracle for the layout is transformers itself, loading the directory through its GPTQ / AWQ quantizers
 (gptqmodel's CPU kernels, test-only): its dequantized weights equal lmforge's (with the scales rounded to float16,
 as the format stores them) within float16 rounding, and its logits equal lmforge's within the kernel's half-precision
-arithmetic. The packing is also checked against a word-by-word unpacking written here from the format's definition.
+arithmetic, and `lmforge.load` reads the same weights back. The packing is also checked against a word-by-word
+unpacking written here from the format's definition.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from hf_reference import hf_and_lmforge, hf_config
-from lmforge.io.hf_gptq import AWQ_ORDER, awq_tensors, gptq_tensors, save_hf_quantized
+from lmforge.io.hf_gptq import AWQ_ORDER, awq_layer, awq_tensors, gptq_layer, gptq_tensors, save_hf_quantized
 from lmforge.quant.modules import dequantize_model, quantized_layers
 from lmforge.quant.primitives import QuantError
 from lmforge.quant.rtn import rtn_quantize_model
@@ -165,10 +166,15 @@ def test_transformers_loads_the_checkpoint_with_the_same_weights_and_logits(tmp_
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu", dtype=torch.float32,
                                                                quantization_config=backend)  # fmt: skip
     ids = torch.randint(0, hf_config(arch).vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    import lmforge
+
+    read = lmforge.load(tmp_path / "out")[0]  # lmforge reading the directory back: the weights gptqmodel reads
     for i, block in enumerate(model.blocks):
         for name, layer in [("mlp.down_proj", block.mlp.down_proj), ("self_attn.k_proj", block.attn.k_proj)]:
             w = _their_weight(theirs.model.layers[i].get_submodule(name), fmt)
             assert torch.equal(w.float().t(), layer.dequantize().half().float())  # s (u - z) in float16
+            ours = read.get_submodule(f"blocks.{i}.{name.replace('self_attn', 'attn')}")
+            assert torch.equal(w.float().t(), ours.dequantize().half().float())
     with torch.no_grad():
         ref = theirs(ids).logits.float()
         names = set(quantized_layers(model))
@@ -185,3 +191,85 @@ def test_one_group_per_row_is_written_as_group_size_minus_one(tmp_path):
     save_hf_quantized(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["group_size"] == -1
     assert not gptq_tensors(model.blocks[0].mlp.down_proj)["g_idx"].any()
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gptq_words_read_back_into_the_same_layer(bits, signed):
+    layer = _layer(bits, signed, out=32)
+    for v2 in (False, True):
+        back = gptq_layer(gptq_tensors(layer, v2=v2), bits, v2=v2)
+        assert back.signed == signed and back.group_size == layer.group_size
+        assert torch.equal(back.unpacked(), layer.unpacked())
+        assert torch.equal(back.dequantize(), _with_fp16_scales(layer).dequantize())
+
+
+def test_awq_words_read_back_into_the_same_layer():
+    layer = _layer(4, False, out=32)
+    back = awq_layer(awq_tensors(layer))
+    assert torch.equal(back.unpacked(), layer.unpacked())
+    assert torch.equal(back.dequantize(), _with_fp16_scales(layer).dequantize())
+
+
+def _with_fp16_scales(layer: QuantLinear) -> QuantLinear:
+    copy = QuantLinear(layer.codes, layer.scale, layer.offset, bits=layer.bits, signed=layer.signed,
+                       group_size=layer.group_size, packed=True)  # fmt: skip
+    with torch.no_grad():
+        _fp16_scales(copy)
+    return copy
+
+
+@pytest.mark.parametrize(("fmt", "arch", "bits", "group"), [("gptq", "llama", 4, 32), ("gptq", "qwen2", 8, None),
+                                                            ("awq", "qwen2", 4, 32)])  # fmt: skip
+def test_lmforge_loads_a_gptq_or_awq_directory(tmp_path, fmt, arch, bits, group):
+    """`lmforge.load` of a GPTQ / AWQ directory: every block linear quantized as written (scales in float16), the
+    written model's logits exactly (qwen2: q/k/v biases, stored in float16; 8 bits in one group per row)."""
+    import lmforge
+
+    model = _quantized(arch, tmp_path / "base", bits=bits, group_size=group, symmetric=fmt == "gptq" and bits == 4)
+    save_hf_quantized(model, tmp_path / "out", fmt=fmt)
+    _fp16_scales(model)
+    for layer in quantized_layers(model).values():
+        if layer.bias is not None:
+            layer.bias.data = layer.bias.data.half().float()
+    read, _ = lmforge.load(tmp_path / "out")
+    assert set(quantized_layers(read)) == set(quantized_layers(model))
+    for name, layer in quantized_layers(model).items():
+        theirs = read.get_submodule(name)
+        assert (theirs.bits, theirs.signed, theirs.group_size) == (layer.bits, layer.signed, layer.group_size)
+        assert torch.equal(theirs.dequantize(), layer.dequantize())
+    ids = torch.randint(0, hf_config(arch).vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(read(ids), model(ids))
+
+
+def test_unreadable_gptq_directories_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import lmforge
+    from lmforge.io.hf import ModelFilesError
+
+    model = _quantized("llama", tmp_path / "base", bits=4, group_size=32)
+    save_hf_quantized(model, tmp_path / "out")
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    for key, value, match in [("bits", 3, "bits is 3"), ("checkpoint_format", "marlin", "format is 'marlin'")]:
+        bad = {**config, "quantization_config": {**config["quantization_config"], key: value}}
+        config_path.write_text(json.dumps(bad))
+        with pytest.raises(ModelFilesError, match=match):
+            lmforge.load(tmp_path / "out")
+    config_path.write_text(json.dumps(config))
+    weights = tmp_path / "out" / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    tensors[name] = tensors[name].flip(0).contiguous()  # act-order: groups permuted over the columns
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelFilesError, match="g_idx is not i // 32"):
+        lmforge.load(tmp_path / "out")
+    del tensors["model.layers.0.mlp.down_proj.qzeros"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelFilesError, match=r"missing tensor 'model\.layers\.0\.mlp\.down_proj\.qzeros'"):
+        lmforge.load(tmp_path / "out")

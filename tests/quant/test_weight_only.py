@@ -219,3 +219,19 @@ def test_quantized_model_through_generate_and_the_engine(tmp_path, tok, compile)
     want = [[e.token_id for e in generate(model, tok, p, params, compile=compile)] for p in prompts]
     outs = LLM(model, tok, block_size=8, compile=compile).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == want
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_kernel_weight_packs_in_blocks_of_rows(monkeypatch, bits):
+    """Packing a few blocks of rows at a time (small int32 buffers) gives the layout torch packs whole."""
+    import lmforge.quant.weight_only as weight_only
+
+    torch.manual_seed(2)
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (208, 128))
+    layer = QuantLinear(q, torch.rand(208, 4) + 0.1, bits=bits, group_size=32)
+    whole = QuantLinear(q, layer.scale, bits=bits, group_size=32)
+    whole.set_kernel(True)
+    monkeypatch.setattr(weight_only, "_ROWS_AT_ONCE", 64)
+    layer.set_kernel(True)
+    assert torch.equal(layer.kernel_weight, whole.kernel_weight)
+    assert torch.equal(layer.unpacked(), whole.unpacked())

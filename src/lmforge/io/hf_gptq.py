@@ -21,6 +21,13 @@ config.json gets a `quantization_config` transformers knows: {"quant_method": "g
 "sym", "desc_act": false, "checkpoint_format": "gptq" or "gptq_v2"} or {"quant_method": "awq", "bits": 4, "group_size",
 "zero_point": true, "version": "gemm"}. Every other tensor is written as `save_hf` writes it.
 
+Reading (`load_hf_quantized`, what `lmforge.load` does with such a directory, whoever wrote it: AutoGPTQ,
+gptqmodel, AutoAWQ, lmforge) unpacks the same words back into `QuantLinear` layers, W = s (u - z) with s in float16
+as stored: a symmetric GPTQ layer (every z = 2^(b-1)) as signed codes q = u - z, any other as unsigned codes with the
+offset m = -s z. v1 zero points are read as (stored + 1) mod 2^b, as gptqmodel reads them. Act-order checkpoints
+whose g_idx is not i // G (groups permuted over the columns), AWQ's GEMV / Marlin layouts and other bit widths are
+refused, naming the key.
+
 The layers come from lmforge's `QuantLinear` (W = s q + m, quant/weight_only.py): signed codes (symmetric) are
 u = q + 2^(b-1) with z = 2^(b-1); unsigned codes with an offset m = -s z (what GPTQ, AWQ and RTN write:
 `QuantLinear.from_codes`) have the integer z = -m / s back exactly, checked (a GGUF Q4_1 / Q4_K layer's offset is
@@ -36,14 +43,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmforge.io.hf import SHARD_BYTES, hf_config, hf_state_dict, write_model_directory
-from lmforge.io.hf_arch import tensor_maps
+from lmforge.io.hf import (
+    SHARD_BYTES,
+    ModelFilesError,
+    fill_float_tensors,
+    hf_config,
+    hf_state_dict,
+    open_weights,
+    read_config,
+    stored_names,
+    write_model_directory,
+)  # fmt: skip
+from lmforge.io.hf_arch import config_from_hf, tensor_maps
 from lmforge.model.transformer import Transformer
 from lmforge.quant.modules import quantized_layers
 from lmforge.quant.primitives import QuantError
 from lmforge.quant.weight_only import QuantLinear
 
-__all__ = ["AWQ_ORDER", "HF_FORMATS", "awq_tensors", "check_exportable", "gptq_tensors", "save_hf_quantized"]
+__all__ = [
+    "AWQ_ORDER", "HF_FORMATS", "awq_layer", "awq_tensors", "check_exportable", "gptq_layer", "gptq_tensors",
+    "is_hf_quantized_directory", "load_hf_quantized", "save_hf_quantized",
+]  # fmt: skip
 
 HF_FORMATS = ("gptq", "awq")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # which output column the k-th nibble of an AWQ word holds (of 8)
@@ -186,3 +206,111 @@ def save_hf_quantized(model: Transformer, path: str | Path, tokenizer: Any | Non
                  "checkpoint_format": "gptq_v2" if v2 else "gptq"}  # fmt: skip
     config["quantization_config"] = quant
     write_model_directory(path, tensors, config, shard_bytes=shard_bytes, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def _unpack_rows(words: Tensor, bits: int) -> Tensor:
+    """The inverse of `_pack_rows`: (rows / p, cols) int32 words -> (rows, cols) int32 codes."""
+    p = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(p, dtype=torch.int64) * bits).view(1, p, 1)
+    return ((w[:, None, :] >> shifts) & (2**bits - 1)).reshape(-1, words.shape[1]).to(torch.int32)
+
+
+def _layer(u: Tensor, z: Tensor, scales: Tensor, bias: Tensor | None, bits: int, where: str) -> QuantLinear:
+    """A QuantLinear of W = s (u - z): u (out, in), z and s (out, groups)."""
+    out, inp = u.shape
+    if z.shape != scales.shape or inp % scales.shape[1] or scales.shape[0] != out:
+        raise QuantError(f"{where}: scales {tuple(scales.shape)} and zero points {tuple(z.shape)} do not fit the "
+                         f"({out}, {inp}) weight")  # fmt: skip
+    group, s = inp // scales.shape[1], scales.float()
+    half = 2 ** (bits - 1)
+    if bool((z == half).all()):  # symmetric: signed codes, no offset
+        return QuantLinear.from_codes((u - half).to(torch.int8), s, None, bias, bits=bits, group_size=group)
+    return QuantLinear.from_codes(u.to(torch.uint8), s, z, bias, bits=bits, group_size=group)
+
+
+def gptq_layer(t: dict[str, Tensor], bits: int, *, v2: bool, where: str = "layer") -> QuantLinear:
+    """The QuantLinear a GPTQ layer's qweight, qzeros, scales (and g_idx, bias) hold (module docstring)."""
+    u = _unpack_rows(t["qweight"], bits).t()  # (out, in)
+    stored = _unpack_rows(t["qzeros"].t().contiguous(), bits)  # (out, groups)
+    z = stored if v2 else (stored + 1) & (2**bits - 1)
+    scales = t["scales"].t()
+    if "g_idx" in t:
+        group = u.shape[1] // max(1, scales.shape[1])
+        if not torch.equal(t["g_idx"].to(torch.int64), torch.arange(u.shape[1]) // group):
+            raise QuantError(f"{where}: g_idx is not i // {group} (act-order with permuted groups): not supported")
+    return _layer(u, z[: u.shape[0]], scales, t.get("bias"), bits, where)
+
+
+def awq_layer(t: dict[str, Tensor], where: str = "layer") -> QuantLinear:
+    """The QuantLinear an AWQ (GEMM) layer's qweight, qzeros, scales (and bias) hold (module docstring)."""
+    order = torch.tensor(AWQ_ORDER)
+
+    def from_output(words: Tensor) -> Tensor:  # (n, out / 8) words -> (out, n) codes
+        x = _unpack_rows(words.t().contiguous(), 4)
+        u = torch.empty_like(x)
+        u.view(-1, 8, x.shape[1])[:, order] = x.view(-1, 8, x.shape[1])
+        return u
+
+    return _layer(from_output(t["qweight"]), from_output(t["qzeros"]), t["scales"].t(), t.get("bias"), 4, where)
+
+
+def is_hf_quantized_directory(path: str | Path) -> bool:
+    """Whether `path` is a model directory whose config.json's quantization_config is GPTQ's or AWQ's."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    quant = read_config(path).get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") in HF_FORMATS
+
+
+def _read_settings(quant: dict[str, Any], where: str) -> tuple[str, int, bool]:
+    """(format, bits, v2) from a GPTQ / AWQ quantization_config, or a ModelFilesError naming the key."""
+    fmt, bits = quant.get("quant_method"), quant.get("bits")
+    if fmt == "awq":
+        if bits != 4 or str(quant.get("version", "gemm")).lower() != "gemm":
+            raise ModelFilesError(f"{where}: AWQ bits={bits!r} version={quant.get('version')!r}: lmforge reads 4-bit "
+                                  "GEMM checkpoints")  # fmt: skip
+        return fmt, 4, False
+    if bits not in (4, 8):
+        raise ModelFilesError(f"{where}.bits is {bits!r}: lmforge reads 4- and 8-bit GPTQ checkpoints")
+    version = quant.get("checkpoint_format", "gptq")
+    if version not in ("gptq", "gptq_v2"):
+        raise ModelFilesError(f"{where}.checkpoint_format is {version!r}: lmforge reads 'gptq' and 'gptq_v2'")
+    return fmt, bits, version == "gptq_v2"
+
+
+def load_hf_quantized(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> Transformer:
+    """The model in a Hugging Face GPTQ or AWQ directory (eval mode): every block linear a `QuantLinear` holding the
+    checkpoint's codes, zero points and float16 scales; `dtype` casts the other float tensors."""
+    path = Path(path)
+    config = read_config(path)
+    where = f"{path / 'config.json'}: quantization_config"
+    fmt, bits, v2 = _read_settings(config.get("quantization_config") or {}, where)
+    cfg = config_from_hf(config, where=str(path / "config.json")).replace(**overrides)
+    sources = open_weights(path)
+    stored = stored_names(cfg, sources)  # canonical name -> name in the file
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    used: set[str] = set()
+    keys = ("qweight", "qzeros", "scales") + (("g_idx",) if fmt == "gptq" else ())
+    for name, old in [(n, m) for n, m in model.blocks.named_modules(prefix="blocks") if isinstance(m, torch.nn.Linear)]:
+        hf = _hf_module(model, name)
+        wanted = [f"{hf}.{k}" for k in keys] + ([f"{hf}.bias"] if f"{hf}.bias" in stored else [])
+        if missing := [n for n in wanted if n not in stored and not n.endswith("g_idx")]:
+            raise ModelFilesError(f"{path}: missing tensor {missing[0]!r} (a {fmt} checkpoint's layer {name})")
+        tensors = {n.rpartition(".")[2]: sources[stored[n]].get(stored[n]) for n in wanted if n in stored}
+        try:
+            layer = gptq_layer(tensors, bits, v2=v2, where=hf) if fmt == "gptq" else awq_layer(tensors, hf)
+        except (QuantError, RuntimeError) as e:
+            raise ModelFilesError(f"{path}: {e}") from None
+        if (layer.out_features, layer.in_features) != tuple(old.weight.shape):
+            raise ModelFilesError(f"{path}: layer {hf} is ({layer.out_features}, {layer.in_features}) (out, in); "
+                                  f"the config needs {tuple(old.weight.shape)}")  # fmt: skip
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer)
+        used.update(n for n in wanted if n in stored)
+    return fill_float_tensors(model, path, sources, dtype, used=used)

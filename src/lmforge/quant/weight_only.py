@@ -208,7 +208,7 @@ class QuantLinear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes of the quantized weight as held: codes (or the kernel's repacked ones in their place), scales and
-        offsets (not the bias)."""
+        offsets; not the bias, nor a kernel's bfloat16 (scale, zero) pairs beside them (4 bytes a group and plane)."""
         codes = self.kernel_weight if self.codes is None else self.codes
         return sum(t.numel() * t.element_size() for t in (codes, self.scale, self.offset) if t is not None)
 
@@ -247,26 +247,35 @@ class QuantLinear(nn.Module):
             return
         q, s = self.unpacked(), self.scale.float()
         base = torch.zeros_like(s) if self.offset is None else self.offset.float()
+        planes = 1 if self.bits == 4 else 2
         if self.bits == 4:  # one plane: q' = q + 8 (signed) or q
-            planes = q.to(torch.int32)
-            if self.signed:
-                planes += 8
             scales, zeros = s, base if self.signed else base + 8 * s
         else:  # two planes, side by side: the low nibble, and the high one (q >> 4 is arithmetic)
-            planes = torch.empty(self.out_features, 2 * self.in_features, dtype=torch.int32)
-            low, high = planes.split(self.in_features, dim=1)
+            scales = torch.cat([s, 16 * s], dim=1)
+            zeros = torch.cat([base + 8 * s, torch.zeros_like(s) if self.signed else 128 * s], dim=1)
+        self.row_orders = _row_block_orders(self.out_features, planes * self.in_features)
+        step = self.out_features if self.row_orders is None else _ROWS_AT_ONCE  # blocks of rows pack on their own
+        packed = [self._pack_planes(q[i : i + step]) for i in range(0, self.out_features, step)]
+        self.kernel_weight = packed[0] if len(packed) == 1 else torch.cat(packed)
+        self.kernel_scales = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.kernel_planes = planes
+        if self.row_orders is not None:
+            self.codes = None
+
+    def _pack_planes(self, q: Tensor) -> Tensor:
+        """Rows of codes q (rows, in) as the int4 kernel's packed nibble planes (module docstring)."""
+        if self.bits == 4:
+            nibbles = q.to(torch.int32)
+            if self.signed:
+                nibbles += 8
+        else:
+            nibbles = torch.empty(q.shape[0], 2 * self.in_features, dtype=torch.int32)
+            low, high = nibbles.split(self.in_features, dim=1)
             torch.bitwise_and(q, 15, out=low)
             torch.bitwise_right_shift(q, 4, out=high)
             if self.signed:
                 high += 8
-            scales = torch.cat([s, 16 * s], dim=1)
-            zeros = torch.cat([base + 8 * s, torch.zeros_like(s) if self.signed else 128 * s], dim=1)
-        self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes, 1)
-        self.kernel_scales = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
-        self.kernel_planes = 1 if self.bits == 4 else 2
-        self.row_orders = _row_block_orders(self.out_features, self.kernel_planes * self.in_features)
-        if self.row_orders is not None:
-            self.codes = None
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -337,7 +346,7 @@ def _kernel_nibble_order(rows: int, cols: int) -> Tensor:
 
 
 _ROW_BLOCK = 64  # rows the kernel's layout tiles together (64 with AVX-512, 32 otherwise: both divide 64)
-_ROWS_AT_ONCE = 4096  # rows read back per step when saving a layer's codes
+_ROWS_AT_ONCE = 4096  # rows packed / read back per step (a multiple of _ROW_BLOCK): small int32 buffers
 
 
 @functools.lru_cache(maxsize=32)
