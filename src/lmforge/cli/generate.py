@@ -71,13 +71,13 @@ def load_model_for_cli(
 
     import lmforge
     from lmforge.finetune.lora import merge_and_unload
-    from lmforge.io.quantized import is_quantized_directory
+    from lmforge.io.hf import quant_method
     from lmforge.quant.modules import quantized_layers
     from lmforge.quant.weight_only import use_kernel
 
     if dtype is not None and dtype not in DTYPES:
         raise fail(f"--dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    stored_quantized = path.suffix == ".gguf" or is_quantized_directory(path)
+    stored_quantized = path.suffix == ".gguf" or quant_method(path) is not None  # lmforge's, GPTQ's, AWQ's
     if quantized and not stored_quantized:
         raise fail(f"--quantized: {path} is not a GGUF file (it keeps a GGUF file's quantized weights; a model "
                    "`lmforge quantize` wrote runs quantized without it)")  # fmt: skip

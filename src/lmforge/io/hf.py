@@ -101,6 +101,16 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def quant_method(path: str | Path) -> str | None:
+    """The `quantization_config.quant_method` of a model directory's config.json ("lmforge", "gptq", "awq", ...),
+    or None (no config.json, or a float model)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return None
+    quant = read_config(path).get("quantization_config")
+    return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
 def open_weights(path: Path) -> dict[str, SafetensorsFile]:
     """Checkpoint tensor name -> the file holding it (every header validated by SafetensorsFile)."""
     index = path / INDEX

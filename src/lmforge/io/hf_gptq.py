@@ -62,7 +62,7 @@ from lmforge.quant.weight_only import QuantLinear
 
 __all__ = [
     "AWQ_ORDER", "HF_FORMATS", "awq_layer", "awq_tensors", "check_exportable", "gptq_layer", "gptq_tensors",
-    "is_hf_quantized_directory", "load_hf_quantized", "save_hf_quantized",
+    "load_hf_quantized", "save_hf_quantized",
 ]  # fmt: skip
 
 HF_FORMATS = ("gptq", "awq")
@@ -256,15 +256,6 @@ def awq_layer(t: dict[str, Tensor], where: str = "layer") -> QuantLinear:
         return u
 
     return _layer(from_output(t["qweight"]), from_output(t["qzeros"]), t["scales"].t(), t.get("bias"), 4, where)
-
-
-def is_hf_quantized_directory(path: str | Path) -> bool:
-    """Whether `path` is a model directory whose config.json's quantization_config is GPTQ's or AWQ's."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return False
-    quant = read_config(path).get("quantization_config")
-    return isinstance(quant, dict) and quant.get("quant_method") in HF_FORMATS
 
 
 def _read_settings(quant: dict[str, Any], where: str) -> tuple[str, int, bool]:

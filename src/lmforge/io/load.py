@@ -42,11 +42,13 @@ def load_model(
         keep = dtype is None if quantized is None else quantized  # quantized unless a float dtype is asked for
         model = load_gguf_model(gguf, dtype=dtype, quantized=keep, **overrides)
     else:
-        from lmforge.io.hf_gptq import is_hf_quantized_directory, load_hf_quantized
-        from lmforge.io.quantized import is_quantized_directory, load_quantized
+        from lmforge.io.hf import quant_method
+        from lmforge.io.hf_gptq import HF_FORMATS, load_hf_quantized
+        from lmforge.io.quantized import QUANT_METHOD, load_quantized
 
-        if is_quantized_directory(path) or is_hf_quantized_directory(path):
-            reader = load_quantized if is_quantized_directory(path) else load_hf_quantized
+        method = quant_method(path)
+        if method == QUANT_METHOD or method in HF_FORMATS:
+            reader = load_quantized if method == QUANT_METHOD else load_hf_quantized
             model = reader(path, dtype=dtype, **overrides)
             if quantized is False:
                 from lmforge.quant.modules import dequantize_model

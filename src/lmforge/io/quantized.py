@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-from lmforge.io.hf import KEEP_FP32, SHARD_BYTES, hf_config, open_weights, read_config, write_model_directory
+from lmforge.io.hf import (
+    KEEP_FP32,
+    SHARD_BYTES,
+    hf_config,
+    open_weights,
+    quant_method,
+    read_config,
+    write_model_directory,
+)  # fmt: skip
 from lmforge.io.hf_arch import ModelFilesError, config_from_hf
 from lmforge.model.transformer import Transformer
 from lmforge.quant.modules import layer_from_state, layer_spec, quantized_layers
@@ -36,11 +44,7 @@ FORMAT_VERSION = 1
 
 def is_quantized_directory(path: str | Path) -> bool:
     """Whether `path` is a model directory in this layout (its config.json's quantization_config says so)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return False
-    quant = read_config(path).get("quantization_config")
-    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+    return quant_method(path) == QUANT_METHOD
 
 
 def save_quantized(model: Transformer, path: str | Path, tokenizer: Any | None = None, *,
